@@ -1,0 +1,92 @@
+"""Front-end (a): an original single-file SD3 checkpoint (Stability's ``sd3_medium.safetensors``).
+
+Keys are grouped by prefix into components; each component's config is inferred from its
+keys (depth, dual layers, qk-norm ...), its names are translated to diffusers names, and the
+shared back-end converts them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+from percov2_jax.convert import components as component_kinds
+from percov2_jax.convert import core, sd3_transformer, sd3_vae
+from percov2_jax.convert.safetensors_io import SafetensorsFile
+
+# prefix -> component name; the text encoders are recognised so they can be named in errors.
+PREFIXES = {
+    sd3_transformer.PREFIX: "transformer",
+    sd3_vae.PREFIX: "vae",
+    "text_encoders.clip_l.": "clip_l",
+    "text_encoders.clip_g.": "clip_g",
+    "text_encoders.t5xxl.": "t5",
+}
+CONVERTIBLE = ("transformer", "vae")
+
+
+def split_components(keys: Sequence[str]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    unknown = []
+    for key in keys:
+        prefix = next((p for p in PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            unknown.append(key)
+        else:
+            groups.setdefault(PREFIXES[prefix], []).append(key)
+    if unknown:
+        shown = unknown[:20] + ([f"... and {len(unknown) - 20} more"] if len(unknown) > 20 else [])
+        raise core.ConversionError(f"{len(unknown)} keys belong to no known SD3 component: {shown}")
+    return groups
+
+
+def load_single_file(
+    path: str | os.PathLike,
+    *,
+    components: Sequence[str] | None = None,
+    config_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    mesh=None,
+    progress: bool = False,
+) -> dict[str, tuple[Any, dict]]:
+    """Convert an original SD3 single file: ``{"transformer": (module, params), "vae": (module, params)}``.
+
+    ``components`` selects components (default: every component in the file; a file
+    that bundles text encoders raises until their converter exists, unless you select only
+    ``("transformer", "vae")``). ``config_overrides[name]`` sets config fields the weights do not
+    determine (e.g. ``attention_head_dim`` of a model without qk-norm, ``norm_num_groups``);
+    ``options[name]`` are Flax module attributes (``dtype``, ``scan_layers`` ...).
+    """
+    reader = SafetensorsFile(path)
+    groups = split_components(reader.keys())
+    wanted = list(components) if components is not None else list(groups)
+    absent = [c for c in wanted if c not in groups]
+    if absent:
+        raise core.ConversionError(f"{path}: components {absent} not in the file (it has {sorted(groups)})")
+    unsupported = [c for c in wanted if c not in CONVERTIBLE]
+    if unsupported:
+        raise core.ConversionError(
+            f"{path}: converting {unsupported} is not implemented yet; pass components={CONVERTIBLE} "
+            "to convert only the transformer and the VAE")
+    config_overrides = config_overrides or {}
+    options = options or {}
+    out = {}
+    for name in wanted:
+        prefix = next(p for p, n in PREFIXES.items() if n == name)
+        shapes = {k[len(prefix):]: reader.shape(k) for k in groups[name]}
+
+        def load(key, prefix=prefix):
+            return reader.get(prefix + key)
+
+        if name == "transformer":
+            config = {"_class_name": "SD3Transformer2DModel",
+                      **sd3_transformer.infer_config(shapes, load, config_overrides.get(name))}
+            sources = sd3_transformer.original_to_diffusers(shapes, load)
+        else:
+            config = {"_class_name": "AutoencoderKL", **sd3_vae.infer_config(shapes, config_overrides.get(name))}
+            sources = sd3_vae.original_to_diffusers(shapes, load)
+        module, kind = component_kinds.build_module(config, **options.get(name, {}))
+        params = component_kinds.convert(module, kind, sources, mesh=mesh, progress=progress,
+                                    what=f"{kind.class_name} from {path}")
+        out[name] = (module, params)
+    return out

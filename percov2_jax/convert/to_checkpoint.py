@@ -1,0 +1,76 @@
+"""Convert an SD3 release (diffusers pipeline/component folder or original single file) into a
+percov2-jax orbax checkpoint. Used by ``tools/convert_sd3.py`` and ``percov2 convert``."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from percov2_jax import checkpoints
+from percov2_jax.convert.core import ConversionError
+from percov2_jax.convert.diffusers_folder import load_diffusers_component
+from percov2_jax.convert.single_file import load_single_file
+
+# diffusers pipeline subfolders that hold model weights, by component name.
+PIPELINE_COMPONENTS = {
+    "transformer": "transformer", "vae": "vae",
+    "text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5",
+}
+CONVERTIBLE = ("transformer", "vae")
+
+
+def _pipeline_components(folder: str) -> dict[str, str]:
+    """Component name -> subfolder for a diffusers pipeline folder (weights only)."""
+    found = {}
+    for sub, name in PIPELINE_COMPONENTS.items():
+        if os.path.isfile(os.path.join(folder, sub, "config.json")):
+            found[name] = os.path.join(folder, sub)
+    return found
+
+
+def convert_to_checkpoint(
+    src: str, dst: str, *, dtype: str = "float32", scan_layers: bool = False,
+    components: Sequence[str] | None = None, config_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    overwrite: bool = False, progress: bool = True,
+) -> dict[str, Any]:
+    """Convert ``src`` and write ``dst``; returns a summary ``{name: {"params": n, "config": {...}}}``.
+
+    ``src``: a ``.safetensors`` single file, a diffusers pipeline folder (``transformer/``,
+    ``vae/`` ...) or one component folder (``config.json`` + weights).
+    """
+    param_dtype = jnp.dtype(dtype)
+    options = {"transformer": {"param_dtype": param_dtype, "scan_layers": scan_layers}, "vae": {"param_dtype": param_dtype}}
+    if os.path.isfile(src):
+        if not src.endswith(".safetensors"):
+            raise ConversionError(f"{src}: single-file checkpoints must be .safetensors")
+        converted = load_single_file(src, components=components, config_overrides=config_overrides,
+                                     options=options, progress=progress)
+    elif os.path.isfile(os.path.join(src, "config.json")):
+        with open(os.path.join(src, "config.json")) as f:
+            class_name = json.load(f).get("_class_name")
+        name = {"SD3Transformer2DModel": "transformer", "AutoencoderKL": "vae"}.get(class_name)
+        if name is None:
+            raise ConversionError(f"{src}: component class {class_name!r} cannot be converted")
+        converted = {name: load_diffusers_component(src, progress=progress, **options[name])}
+    elif os.path.isdir(src):
+        found = _pipeline_components(src)
+        if not found:
+            raise ConversionError(f"{src}: neither a diffusers pipeline folder nor a component folder")
+        wanted = list(components) if components is not None else list(found)
+        absent = [c for c in wanted if c not in found]
+        if absent:
+            raise ConversionError(f"{src}: components {absent} not found (it has {sorted(found)})")
+        unsupported = [c for c in wanted if c not in CONVERTIBLE]
+        if unsupported:
+            raise ConversionError(f"{src}: converting {unsupported} is not implemented yet; "
+                                  f"pass --components {','.join(CONVERTIBLE)}")
+        converted = {c: load_diffusers_component(found[c], progress=progress, **options[c]) for c in wanted}
+    else:
+        raise ConversionError(f"{src}: no such file or folder")
+    checkpoints.save(dst, converted, overwrite=overwrite)
+    return {name: {"params": sum(int(x.size) for x in jax.tree.leaves(params)), "config": module.config.to_dict()}
+            for name, (module, params) in converted.items()}

@@ -1,0 +1,119 @@
+"""Joint (MM-DiT) attention and the feed-forward block (diffusers ``Attention`` with
+``JointAttnProcessor2_0``, and ``FeedForward(activation_fn="gelu-approximate")``)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from percov2_jax.models.layers import Dtype, RMSNorm, dense
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None) -> jax.Array:
+    """Softmax attention ``[B, Lq, N, Hd] x [B, Lk, N, Hd] -> [B, Lq, N, Hd]``, scale ``1/sqrt(Hd)``.
+
+    Goes through ``jax.nn.dot_product_attention`` (so cuDNN/TPU kernels can be chosen), except
+    for float64 inputs: that function computes its softmax in float32, so float64 (used for
+    exactness checks against the reference) takes a plain einsum path.
+    """
+    if q.dtype == jnp.float64:
+        logits = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+        return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(logits, axis=-1), v)
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def _heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """``[B, L, N*Hd]`` to ``[B, L, N, Hd]``."""
+    b, l, d = x.shape
+    x = x.reshape(b, l, num_heads, d // num_heads)
+    return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_heads", None))
+
+
+class Attention(nn.Module):
+    """Multi-head attention over image tokens, optionally joint with context tokens.
+
+    With ``joint=True`` the context stream has its own ``add_{q,k,v}_proj`` and the
+    sequences are concatenated **[image, context]** before one softmax attention; the
+    context output goes through ``to_add_out`` unless ``context_pre_only``.
+
+    Inputs ``[B, L_img, D]`` and ``[B, L_ctx, D]``; returns ``(img_out, ctx_out or None)``.
+    ``implementation`` is passed to ``jax.nn.dot_product_attention`` (None, "xla", "cudnn").
+    """
+
+    dim: int
+    num_heads: int
+    head_dim: int
+    joint: bool = False
+    context_pre_only: bool = False
+    qk_norm: str | None = None
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array | None = None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        inner = self.num_heads * self.head_dim
+        if self.qk_norm not in (None, "rms_norm"):
+            raise ValueError(f"qk_norm must be None or 'rms_norm', got {self.qk_norm!r}")
+
+        def project(prefix_q, prefix_k, prefix_v, x, norm_q, norm_k):
+            q = _heads(dense(inner, ("embed", "heads"), name=prefix_q, **kw)(x), self.num_heads)
+            k = _heads(dense(inner, ("embed", "heads"), name=prefix_k, **kw)(x), self.num_heads)
+            v = _heads(dense(inner, ("embed", "heads"), name=prefix_v, **kw)(x), self.num_heads)
+            if self.qk_norm == "rms_norm":
+                q = RMSNorm(self.head_dim, name=norm_q, **kw)(q)
+                k = RMSNorm(self.head_dim, name=norm_k, **kw)(k)
+            return q, k, v
+
+        q, k, v = project("to_q", "to_k", "to_v", hidden_states, "norm_q", "norm_k")
+        n_img = hidden_states.shape[1]
+        if self.joint:
+            if encoder_hidden_states is None:
+                raise ValueError("joint attention needs encoder_hidden_states")
+            cq, ck, cv = project("add_q_proj", "add_k_proj", "add_v_proj", encoder_hidden_states,
+                                 "norm_added_q", "norm_added_k")
+            q = jnp.concatenate([q, cq], axis=1)
+            k = jnp.concatenate([k, ck], axis=1)
+            v = jnp.concatenate([v, cv], axis=1)
+
+        out = dot_product_attention(q, k, v, self.implementation)
+        b, l = out.shape[:2]
+        out = out.reshape(b, l, inner)
+        img = dense(self.dim, ("heads", "embed"), name="to_out_0", **kw)(out[:, :n_img])
+        ctx = None
+        if self.joint:
+            ctx = out[:, n_img:]
+            if not self.context_pre_only:
+                ctx = dense(self.dim, ("heads", "embed"), name="to_add_out", **kw)(ctx)
+        return img, ctx
+
+
+class GELUProjection(nn.Module):
+    """diffusers ``GELU(approximate="tanh")``: ``gelu_tanh(proj(x))``."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = dense(self.features, ("embed", "mlp"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_mlp"))
+        return jax.nn.gelu(x, approximate=True)
+
+
+class FeedForward(nn.Module):
+    """``net_2(gelu_tanh(net_0.proj(x)))`` with hidden width ``4 * dim``: ``[B, L, D] -> [B, L, D]``."""
+
+    dim: int
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = GELUProjection(self.dim * self.mult, name="net_0", **kw)(x)
+        return dense(self.dim, ("mlp", "embed"), name="net_2", **kw)(x)

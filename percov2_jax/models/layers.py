@@ -1,0 +1,135 @@
+"""Small Flax building blocks shared by the MM-DiT and the VAE.
+
+Every parameter gets logical axis names (see ``percov2_jax.sharding``). Normalisations
+compute their statistics in at least float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+
+def _boxed(init, axes: Axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    name: str,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    use_bias: bool = True,
+) -> nn.Dense:
+    """Linear layer; kernel ``[in, out]`` with logical axes ``axes``, bias ``[out]``."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=_boxed(nn.initializers.lecun_normal(), axes),
+        bias_init=_boxed(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    kernel_size: int | Sequence[int],
+    *,
+    name: str,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    strides: int = 1,
+    padding: Any = "SAME",
+    axes: Axes = (None, None, "conv_in", "conv_out"),
+) -> nn.Conv:
+    """NHWC convolution; kernel ``[kh, kw, in, out]`` (HWIO)."""
+    if isinstance(kernel_size, int):
+        kernel_size = (kernel_size, kernel_size)
+    return nn.Conv(
+        features,
+        tuple(kernel_size),
+        strides=(strides, strides),
+        padding=padding,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=_boxed(nn.initializers.lecun_normal(), axes),
+        bias_init=_boxed(nn.initializers.zeros_init(), (axes[-1],)),
+        name=name,
+    )
+
+
+def group_norm(num_groups: int, *, name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm over NHWC channels (two-pass variance, as PyTorch)."""
+    return nn.GroupNorm(
+        num_groups=num_groups,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=_boxed(nn.initializers.ones_init(), ("norm",)),
+        bias_init=_boxed(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+def _stats_dtype(dtype) -> Any:
+    """Normalisation statistics run in at least float32 (float64 stays float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm over the last axis without affine parameters, statistics in >= float32."""
+    x32 = x.astype(_stats_dtype(x.dtype))
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    centered = x32 - mean
+    var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+    return (centered / jnp.sqrt(var + eps)).astype(x.dtype)  # 1/sqrt rounds as torch's rsqrt
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a learned ``scale`` (diffusers ``RMSNorm`` weight)."""
+
+    dim: int
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str = "head_dim"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", _boxed(nn.initializers.ones_init(), (self.axis_name,)), (self.dim,), self.param_dtype)
+        stats = _stats_dtype(x.dtype)
+        # The mean square is taken in float32 for every input dtype, as diffusers does.
+        var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+        y = x.astype(stats) * (1.0 / jnp.sqrt(var + self.eps)).astype(stats)  # torch's rsqrt rounding
+        return (y * scale.astype(stats)).astype(self.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x * (1 + scale) + shift`` with per-sample ``[B, D]`` shift/scale over ``[B, L, D]``."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+# Rematerialisation policies by name, for ``nn.remat`` over transformer blocks.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the block
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
