@@ -135,11 +135,12 @@ def plan(
         if index is not None and not 0 <= index < target_shapes[path][0]:
             mismatched.append(f"{src.key}: layer index {index} outside the stacked {'/'.join(path)} {list(target_shapes[path])}")
             continue
+        seen = filled.setdefault(path, set())
         if tuple(got) != tuple(want):
             mismatched.append(f"{src.key}: checkpoint shape {list(src.shape)} -> {list(got)} after {transform.name}, "
                               f"but {'/'.join(path)} expects {list(want)}")
+            seen.add(index)  # reported as mis-shaped, not again as missing
             continue
-        seen = filled.setdefault(path, set())
         if index in seen:
             duplicates.append(f"{src.key} (writes {'/'.join(path)}{'' if index is None else f'[{index}]'} twice)")
             continue

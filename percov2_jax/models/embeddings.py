@@ -116,9 +116,9 @@ class TwoLayerEmbedder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = dense(self.features, ("cond_in", "embed"), name="linear_1", **kw)(x)
+        x = dense(self.features, ("cond_in", "mlp"), name="linear_1", **kw)(x)
         x = nn.silu(x)
-        return dense(self.features, ("embed", "embed"), name="linear_2", **kw)(x)
+        return dense(self.features, ("mlp", "embed"), name="linear_2", **kw)(x)
 
 
 class CombinedTimestepTextProjEmbeddings(nn.Module):

@@ -1,0 +1,259 @@
+"""The converter: both front-ends agree, strictness (every bad key is named), sharded folders,
+half-precision upcasts, the ``tools/convert_sd3.py`` tool and ``percov2_jax.checkpoints``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from percov2_jax import checkpoints
+from percov2_jax.convert import CheckpointFormatError, ConversionError, load_diffusers_component, load_single_file
+from percov2_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
+from percov2_jax.convert.to_checkpoint import convert_to_checkpoint
+from torch_reference import SD3_VARIANTS, max_rel_error, nhwc, sd3_to_original, tiny_sd3, tiny_vae, vae_to_original
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _numpy_state(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def _assert_same_tree(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A diffusers-format SD3 pipeline folder with tiny random transformer and VAE."""
+    root = tmp_path_factory.mktemp("pipeline")
+    transformer, vae = tiny_sd3("sd3_medium", seed=31), tiny_vae(seed=32)
+    transformer.save_pretrained(root / "transformer")
+    vae.save_pretrained(root / "vae")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    return dict(root=root, transformer=transformer, vae=vae)
+
+
+# ------------------------------------------------------------------ front-ends agree ---------
+
+@pytest.mark.parametrize("variant", list(SD3_VARIANTS))
+def test_single_file_and_diffusers_folder_agree(variant, tmp_path):
+    transformer, vae = tiny_sd3(variant, seed=41), tiny_vae(seed=42)
+    transformer.save_pretrained(tmp_path / "transformer")
+    vae.save_pretrained(tmp_path / "vae")
+    original = {**sd3_to_original(_numpy_state(transformer), transformer.config.num_layers),
+                **vae_to_original(_numpy_state(vae), len(vae.config.block_out_channels))}
+    write_safetensors(tmp_path / "sd3_single.safetensors", original)
+
+    # Weights do not reveal head_dim without qk-norm, nor the VAE's group count or tiling size: give them.
+    overrides = {"vae": {"norm_num_groups": 4, "sample_size": 32}}
+    if transformer.config.qk_norm is None:
+        overrides["transformer"] = {"attention_head_dim": 8}
+    single = load_single_file(tmp_path / "sd3_single.safetensors", config_overrides=overrides)
+    assert sorted(single) == ["transformer", "vae"]
+    for name in ("transformer", "vae"):
+        module, params = load_diffusers_component(tmp_path / name)
+        s_module, s_params = single[name]
+        # Config inferred from the keys (depth, dual layers, qk-norm, sample_size ...) is diffusers' config.
+        assert s_module.config == module.config, name
+        _assert_same_tree(s_params, params)
+
+
+def test_single_file_with_text_encoders_is_not_silently_partial(pipeline, tmp_path):
+    original = sd3_to_original(_numpy_state(pipeline["transformer"]), 3)
+    original["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = np.ones(4, np.float32)
+    write_safetensors(tmp_path / "bundle.safetensors", original)
+    with pytest.raises(ConversionError, match=r"converting \['clip_l'\] is not implemented"):
+        load_single_file(tmp_path / "bundle.safetensors")
+    out = load_single_file(tmp_path / "bundle.safetensors", components=("transformer",),
+                           config_overrides={"transformer": {"attention_head_dim": 8}})
+    assert list(out) == ["transformer"]
+    original["cond_stage_model.foo"] = np.ones(2, np.float32)
+    write_safetensors(tmp_path / "unknown.safetensors", original)
+    with pytest.raises(ConversionError, match="cond_stage_model.foo"):
+        load_single_file(tmp_path / "unknown.safetensors")
+
+
+# ------------------------------------------------------------------ strictness ---------------
+
+def _folder_with(tmp_path, pipeline, edit):
+    folder = tmp_path / "transformer"
+    shutil.copytree(pipeline["root"] / "transformer", folder)
+    state = dict(SafetensorsFile(folder / WEIGHTS).items())
+    edit(state)
+    write_safetensors(folder / WEIGHTS, state)
+    return folder
+
+
+def test_missing_extra_and_misshaped_keys_are_all_named(pipeline, tmp_path):
+    def edit(state):
+        del state["transformer_blocks.1.attn.to_k.weight"]
+        state["transformer_blocks.0.attn.to_z.weight"] = np.zeros((16, 16), np.float32)
+        state["context_embedder.weight"] = np.zeros((16, 11), np.float32)
+
+    folder = _folder_with(tmp_path, pipeline, edit)
+    with pytest.raises(ConversionError) as info:
+        load_diffusers_component(folder)
+    msg = str(info.value)
+    assert "1 unknown checkpoint keys" in msg and "transformer_blocks.0.attn.to_z.weight" in msg
+    assert "1 missing parameters" in msg and "transformer_blocks_1/attn/to_k/kernel" in msg
+    assert "1 shape mismatches" in msg and "context_embedder.weight: checkpoint shape [16, 11]" in msg
+
+
+def test_missing_stacked_layer_is_named(pipeline, tmp_path):
+    folder = _folder_with(tmp_path, pipeline, lambda s: s.pop("transformer_blocks.0.ff.net.2.bias"))
+    with pytest.raises(ConversionError, match=r"transformer_blocks_0_to_1/ff/net_2/bias layers \[0\] of 2"):
+        load_diffusers_component(folder, scan_layers=True)
+
+
+def test_truncated_and_corrupt_files(pipeline, tmp_path):
+    folder = tmp_path / "transformer"
+    shutil.copytree(pipeline["root"] / "transformer", folder)
+    path = folder / WEIGHTS
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(CheckpointFormatError, match="file is truncated"):
+        load_diffusers_component(folder)
+    path.write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(CheckpointFormatError, match="corrupt safetensors header"):
+        load_diffusers_component(folder)
+    path.write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointFormatError, match="truncated"):
+        load_diffusers_component(folder)
+
+
+def test_folder_errors(tmp_path, pipeline):
+    with pytest.raises(ConversionError, match="no config.json"):
+        load_diffusers_component(tmp_path)
+    folder = tmp_path / "t"
+    shutil.copytree(pipeline["root"] / "transformer", folder)
+    os.remove(folder / WEIGHTS)
+    with pytest.raises(ConversionError, match="no diffusion_pytorch_model.safetensors"):
+        load_diffusers_component(folder)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(ConversionError, match="unsupported component class 'UNet2DConditionModel'"):
+        load_diffusers_component(folder)
+
+
+# ------------------------------------------------------------------ formats ------------------
+
+def test_sharded_folder_equals_single_file(pipeline, tmp_path):
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    shutil.copy(pipeline["root"] / "transformer" / "config.json", folder)
+    state = dict(SafetensorsFile(pipeline["root"] / "transformer" / WEIGHTS).items())
+    keys = sorted(state)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    weight_map = {}
+    for name, part in shards.items():
+        write_safetensors(folder / name, {k: state[k] for k in part})
+        weight_map.update({k: name for k in part})
+    (folder / f"{WEIGHTS}.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _, sharded = load_diffusers_component(folder)
+    _, single = load_diffusers_component(pipeline["root"] / "transformer")
+    _assert_same_tree(sharded, single)
+    os.remove(folder / "diffusion_pytorch_model-00002-of-00002.safetensors")
+    with pytest.raises(ConversionError, match="shard files that do not exist"):
+        load_diffusers_component(folder)
+
+
+@pytest.mark.parametrize("torch_dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoints_upcast_exactly(pipeline, tmp_path, torch_dtype):
+    import copy
+
+    half = copy.deepcopy(pipeline["transformer"]).to(torch_dtype)
+    half.save_pretrained(tmp_path / "half")
+    stored = SafetensorsFile(tmp_path / "half" / WEIGHTS)
+    assert stored.dtype("proj_out.weight") == (np.float16 if torch_dtype == torch.float16 else ml_dtypes.bfloat16)
+    _, params = load_diffusers_component(tmp_path / "half")
+    kernel = np.asarray(params["proj_out"]["kernel"])
+    assert kernel.dtype == np.float32
+    np.testing.assert_array_equal(kernel, half.proj_out.weight.detach().float().numpy().T)
+    _, bf16_params = load_diffusers_component(tmp_path / "half", param_dtype=jnp.bfloat16)
+    assert bf16_params["proj_out"]["kernel"].dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------ tool and checkpoints -----
+
+def _sd3_reference(transformer):
+    rng = np.random.RandomState(7)
+    x = dict(latents=rng.randn(1, 8, 12, 16).astype(np.float32), context=rng.randn(1, 3, 12).astype(np.float32),
+             pooled=rng.randn(1, 10).astype(np.float32), timestep=np.array([500.0], np.float32))
+    with torch.no_grad():
+        ref = transformer(torch.from_numpy(x["latents"].transpose(0, 3, 1, 2).copy()), torch.from_numpy(x["context"]),
+                          torch.from_numpy(x["pooled"]), torch.from_numpy(x["timestep"])).sample
+    return x, nhwc(ref)
+
+
+def test_convert_tool_end_to_end(pipeline, tmp_path):
+    dst = tmp_path / "sd3_flax"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_sd3.py"), "--input",
+                             str(pipeline["root"]), "--output", str(dst)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformer:" in result.stdout and "wrote" in result.stdout
+    loaded = checkpoints.load(dst)
+    assert sorted(loaded) == ["transformer", "vae"]
+    module, params = loaded["transformer"]
+    x, ref = _sd3_reference(pipeline["transformer"])
+    out = module.apply({"params": params}, x["latents"], x["context"], x["pooled"], x["timestep"])
+    assert max_rel_error(out, ref) <= 1e-5
+    vae_module, vae_params = loaded["vae"]
+    images = np.random.RandomState(3).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref_mean = pipeline["vae"].encode(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).latent_dist.mean
+    mean, _ = vae_module.apply({"params": vae_params}, images, method="encode")
+    assert max_rel_error(mean, nhwc(ref_mean)) <= 1e-5
+
+
+def test_checkpoint_layout_and_dtype_options(pipeline, tmp_path):
+    dst = tmp_path / "bf16_scanned"
+    summary = convert_to_checkpoint(str(pipeline["root"]), str(dst), dtype="bfloat16", scan_layers=True, progress=False)
+    assert summary["transformer"]["params"] == sum(p.numel() for p in pipeline["transformer"].parameters()) + \
+        pipeline["transformer"].pos_embed.pos_embed.numel()
+    module, params = checkpoints.load(dst, components=("transformer",))["transformer"]
+    assert module.scan_layers and "transformer_blocks_0_to_1" in params
+    assert params["proj_out"]["kernel"].dtype == jnp.bfloat16
+    # Asking for the other layout converts it on load.
+    loop_module, loop_params = checkpoints.load(dst, components=("transformer",),
+                                                options={"transformer": {"scan_layers": False}})["transformer"]
+    assert not loop_module.scan_layers and "transformer_blocks_1" in loop_params
+    _assert_same_tree(loop_params["transformer_blocks_1"],
+                      jax.tree.map(lambda a: a[1], params["transformer_blocks_0_to_1"]))
+    with pytest.raises(FileExistsError):
+        convert_to_checkpoint(str(pipeline["root"]), str(dst), progress=False)
+
+
+def test_checkpoint_load_errors(tmp_path, pipeline):
+    with pytest.raises(checkpoints.CheckpointError, match="no such checkpoint directory"):
+        checkpoints.load(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoints.CheckpointError, match="not a percov2-jax checkpoint"):
+        checkpoints.load(tmp_path / "empty")
+    dst = tmp_path / "ok"
+    convert_to_checkpoint(str(pipeline["root"] / "vae"), str(dst), progress=False)
+    with pytest.raises(checkpoints.CheckpointError, match=r"components \['transformer'\] not in the checkpoint"):
+        checkpoints.load(dst, components=("transformer",))
+
+
+def test_pipeline_with_text_encoders_needs_explicit_components(pipeline, tmp_path):
+    root = tmp_path / "pipe"
+    shutil.copytree(pipeline["root"], root)
+    (root / "text_encoder").mkdir()
+    (root / "text_encoder" / "config.json").write_text("{}")
+    with pytest.raises(ConversionError, match=r"converting \['clip_l'\] is not implemented yet"):
+        convert_to_checkpoint(str(root), str(tmp_path / "out"), progress=False)
+    summary = convert_to_checkpoint(str(root), str(tmp_path / "out"), components=("transformer", "vae"), progress=False)
+    assert sorted(summary) == ["transformer", "vae"]
