@@ -10,11 +10,9 @@ SRC is a diffusers pipeline folder, one diffusers component folder, or an origin
 
 from __future__ import annotations
 
-import json
+from absl import app, flags, logging
 
-from absl import app, flags
-
-from percov2_jax.convert.to_checkpoint import convert_to_checkpoint
+from percov2_jax.convert.to_checkpoint import convert_to_checkpoint, describe, parse_overrides
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "diffusers pipeline/component folder or single .safetensors file", required=True)
@@ -27,29 +25,17 @@ flags.DEFINE_multi_string("override", [], "config field the weights do not deter
 flags.DEFINE_bool("overwrite", False, "replace an existing output directory")
 
 
-def parse_overrides(items: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        component, dot, field = key.partition(".")
-        if not sep or not dot:
-            raise app.UsageError(f"--override must look like component.field=value, got {item!r}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        out.setdefault(component, {})[field] = parsed
-    return out
-
-
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:  # orbax logs every file at INFO
+        logging.set_verbosity(logging.WARNING)
+    try:
+        overrides = parse_overrides(FLAGS.override)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     summary = convert_to_checkpoint(FLAGS.input, FLAGS.output, dtype=FLAGS.dtype, scan_layers=FLAGS.scan_layers,
-                                    components=FLAGS.components, config_overrides=parse_overrides(FLAGS.override),
-                                    overwrite=FLAGS.overwrite)
-    for name, info in summary.items():
-        print(f"{name}: {info['params']:,} parameters")
-    print(f"wrote {FLAGS.output}")
+                                    components=FLAGS.components, config_overrides=overrides, overwrite=FLAGS.overwrite)
+    print(describe(summary, FLAGS.output))
 
 
 if __name__ == "__main__":

@@ -74,3 +74,27 @@ def convert_to_checkpoint(
     checkpoints.save(dst, converted, overwrite=overwrite)
     return {name: {"params": sum(int(x.size) for x in jax.tree.leaves(params)), "config": module.config.to_dict()}
             for name, (module, params) in converted.items()}
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["transformer.attention_head_dim=64", ...]`` -> ``{"transformer": {"attention_head_dim": 64}}``.
+
+    Values are parsed as JSON when they parse, else kept as strings.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        component, dot, field = key.partition(".")
+        if not sep or not dot or not field:
+            raise ValueError(f"an override must look like component.field=value, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(component, {})[field] = parsed
+    return out
+
+
+def describe(summary: Mapping[str, Any], dst: str) -> str:
+    lines = [f"{name}: {info['params']:,} parameters" for name, info in summary.items()]
+    return "\n".join(lines + [f"wrote {dst}"])
