@@ -6,7 +6,8 @@ compute their statistics in at least float32 whatever the compute dtype.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -133,3 +134,19 @@ def remat_policy(name: str):
     if name not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(REMAT_POLICIES)}")
     return REMAT_POLICIES[name]
+
+
+def config_from_dict(cls, d: Mapping[str, Any], class_name: str):
+    """A config dataclass from a diffusers config.json dict: ``_``-keys ignored, unknown keys raise."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in d.items() if not k.startswith("_")}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ValueError(f"unknown {class_name} config fields: {unknown}")
+    return cls(**kwargs)
+
+
+def config_to_dict(config, class_name: str) -> dict[str, Any]:
+    """The diffusers config.json dict (tuples as lists) with ``_class_name``."""
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {"_class_name": class_name, **d}

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from percov2_jax.models.attention import Attention, FeedForward
 from percov2_jax.models.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
-from percov2_jax.models.layers import Dtype, dense, layer_norm, modulate, remat_policy
+from percov2_jax.models.layers import Dtype, config_from_dict, config_to_dict, dense, layer_norm, modulate, remat_policy
 from percov2_jax.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
 
 
@@ -74,17 +74,10 @@ class SD3TransformerConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SD3TransformerConfig":
         """From a diffusers config.json dict; ``_``-prefixed keys are ignored, unknown keys raise."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(kwargs) - fields)
-        if unknown:
-            raise ValueError(f"unknown SD3Transformer2DModel config fields: {unknown}")
-        return cls(**kwargs)
+        return config_from_dict(cls, d, "SD3Transformer2DModel")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["dual_attention_layers"] = list(self.dual_attention_layers)
-        return {"_class_name": "SD3Transformer2DModel", **d}
+        return config_to_dict(self, "SD3Transformer2DModel")
 
 
 @dataclasses.dataclass(frozen=True)

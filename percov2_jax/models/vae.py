@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from percov2_jax.models.attention import dot_product_attention
-from percov2_jax.models.layers import Dtype, conv, dense, group_norm
+from percov2_jax.models.layers import Dtype, config_from_dict, config_to_dict, conv, dense, group_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +73,11 @@ class AutoencoderKLConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AutoencoderKLConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if not k.startswith("_")}
-        unknown = sorted(set(kwargs) - fields)
-        if unknown:
-            raise ValueError(f"unknown AutoencoderKL config fields: {unknown}")
-        return cls(**kwargs)
+        """From a diffusers config.json dict; ``_``-prefixed keys are ignored, unknown keys raise."""
+        return config_from_dict(cls, d, "AutoencoderKL")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {"_class_name": "AutoencoderKL", **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
+        return config_to_dict(self, "AutoencoderKL")
 
 
 class ResnetBlock2D(nn.Module):
@@ -168,13 +163,14 @@ class MidBlock2D(nn.Module):
         return ResnetBlock2D(self.channels, self.groups, name="resnets_1", **kw)(x)
 
 
-class DownEncoderBlock2D(nn.Module):
-    """``num_layers`` resnets, then an optional stride-2 downsampler."""
+class ResnetStage2D(nn.Module):
+    """diffusers ``DownEncoderBlock2D`` / ``UpDecoderBlock2D``: ``num_layers`` resnets, then an
+    optional resampler: ``"down"`` (stride-2, named ``downsamplers_0``) or ``"up"`` (x2, ``upsamplers_0``)."""
 
     out_channels: int
     num_layers: int
     groups: int
-    add_downsample: bool
+    resample: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -183,27 +179,9 @@ class DownEncoderBlock2D(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, self.groups, name=f"resnets_{j}", **kw)(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample2D(self.out_channels, name="downsamplers_0", **kw)(x)
-        return x
-
-
-class UpDecoderBlock2D(nn.Module):
-    """``num_layers`` resnets, then an optional x2 upsampler."""
-
-    out_channels: int
-    num_layers: int
-    groups: int
-    add_upsample: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for j in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, name=f"resnets_{j}", **kw)(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
         return x
 
@@ -221,8 +199,8 @@ class Encoder(nn.Module):
         n = len(cfg.block_out_channels)
         x = conv(cfg.block_out_channels[0], 3, padding=((1, 1), (1, 1)), name="conv_in", **kw)(x)
         for i, channels in enumerate(cfg.block_out_channels):
-            x = DownEncoderBlock2D(channels, cfg.layers_per_block, cfg.norm_num_groups, add_downsample=i < n - 1,
-                                   name=f"down_blocks_{i}", **kw)(x)
+            x = ResnetStage2D(channels, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < n - 1 else None,
+                              name=f"down_blocks_{i}", **kw)(x)
         x = MidBlock2D(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
         x = nn.silu(group_norm(cfg.norm_num_groups, name="conv_norm_out", **kw)(x))
         return conv(2 * cfg.latent_channels, 3, padding=((1, 1), (1, 1)), name="conv_out", **kw)(x)
@@ -242,8 +220,8 @@ class Decoder(nn.Module):
         x = conv(channels[0], 3, padding=((1, 1), (1, 1)), name="conv_in", **kw)(z)
         x = MidBlock2D(channels[0], cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
         for i, ch in enumerate(channels):
-            x = UpDecoderBlock2D(ch, cfg.layers_per_block + 1, cfg.norm_num_groups, add_upsample=i < len(channels) - 1,
-                                 name=f"up_blocks_{i}", **kw)(x)
+            x = ResnetStage2D(ch, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < len(channels) - 1 else None,
+                              name=f"up_blocks_{i}", **kw)(x)
         x = nn.silu(group_norm(cfg.norm_num_groups, name="conv_norm_out", **kw)(x))
         return conv(cfg.out_channels, 3, padding=((1, 1), (1, 1)), name="conv_out", **kw)(x)
 
