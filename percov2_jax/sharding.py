@@ -35,6 +35,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("patch_out", None),  # proj_out's p*p*C_out outputs
     ("pos", None),  # the flattened position table
     ("layers", None),  # the stacked axis of scanned blocks
+    # Text encoders.
+    ("vocab", "tensor"),  # token tables (49408 CLIP, 32128 T5 rows)
+    ("proj", None),  # CLIP's text projection output
+    ("rel_buckets", None),  # T5's relative-position bucket table
     # Convolutional (VAE) weights: small, replicated.
     ("conv_in", None),
     ("conv_out", None),

@@ -71,15 +71,20 @@ def test_single_file_and_diffusers_folder_agree(variant, tmp_path):
         _assert_same_tree(s_params, params)
 
 
-def test_single_file_with_text_encoders_is_not_silently_partial(pipeline, tmp_path):
+def test_single_file_component_selection_and_unknown_prefixes(pipeline, tmp_path):
     original = sd3_to_original(_numpy_state(pipeline["transformer"]), 3)
+    # A bundled text encoder that is incomplete is converted (by default) and named in the error.
     original["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = np.ones(4, np.float32)
     write_safetensors(tmp_path / "bundle.safetensors", original)
-    with pytest.raises(ConversionError, match=r"converting \['clip_l'\] is not implemented"):
+    with pytest.raises(ConversionError, match="cannot infer the head count"):
         load_single_file(tmp_path / "bundle.safetensors")
+    with pytest.raises(ConversionError, match="text_model.embeddings.token_embedding.weight"):
+        load_single_file(tmp_path / "bundle.safetensors", config_overrides={"transformer": {"attention_head_dim": 8}})
     out = load_single_file(tmp_path / "bundle.safetensors", components=("transformer",),
                            config_overrides={"transformer": {"attention_head_dim": 8}})
     assert list(out) == ["transformer"]
+    with pytest.raises(ConversionError, match=r"components \['vae'\] not in the file"):
+        load_single_file(tmp_path / "bundle.safetensors", components=("vae",))
     original["cond_stage_model.foo"] = np.ones(2, np.float32)
     write_safetensors(tmp_path / "unknown.safetensors", original)
     with pytest.raises(ConversionError, match="cond_stage_model.foo"):
@@ -248,12 +253,12 @@ def test_checkpoint_load_errors(tmp_path, pipeline):
         checkpoints.load(dst, components=("transformer",))
 
 
-def test_pipeline_with_text_encoders_needs_explicit_components(pipeline, tmp_path):
+def test_pipeline_with_a_broken_text_encoder(pipeline, tmp_path):
     root = tmp_path / "pipe"
     shutil.copytree(pipeline["root"], root)
     (root / "text_encoder").mkdir()
-    (root / "text_encoder" / "config.json").write_text("{}")
-    with pytest.raises(ConversionError, match=r"converting \['clip_l'\] is not implemented yet"):
+    (root / "text_encoder" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    with pytest.raises(ConversionError, match=r"architectures \['BertModel'\] include none"):
         convert_to_checkpoint(str(root), str(tmp_path / "out"), progress=False)
     summary = convert_to_checkpoint(str(root), str(tmp_path / "out"), components=("transformer", "vae"), progress=False)
     assert sorted(summary) == ["transformer", "vae"]

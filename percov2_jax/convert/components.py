@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from percov2_jax import sharding as sharding_lib
-from percov2_jax.convert import core, sd3_transformer, sd3_vae
-from percov2_jax.models import mmdit, vae
+from percov2_jax.convert import core, sd3_transformer, sd3_vae, text_encoders
+from percov2_jax.models import clip, mmdit, t5, vae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,12 @@ KINDS: dict[str, ComponentKind] = {
         lambda m: lambda path: mmdit.locate_block(path, m.config, m.scan_layers)),
     "AutoencoderKL": ComponentKind(
         "AutoencoderKL", vae.AutoencoderKLConfig, vae.AutoencoderKL, sd3_vae.RULES, vae.example_inputs,
+        lambda m: lambda path: (path, None)),
+    "CLIPTextModelWithProjection": ComponentKind(
+        "CLIPTextModelWithProjection", clip.CLIPTextConfig, clip.CLIPTextModelWithProjection, text_encoders.CLIP_RULES,
+        clip.example_inputs, lambda m: lambda path: (path, None)),
+    "T5EncoderModel": ComponentKind(
+        "T5EncoderModel", t5.T5EncoderConfig, t5.T5EncoderModel, text_encoders.T5_RULES, t5.example_inputs,
         lambda m: lambda path: (path, None)),
 }
 

@@ -13,8 +13,8 @@ from percov2_jax.convert.safetensors_io import SafetensorsFile
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
 
-def _weight_files(folder: str, variant: str | None) -> list[str]:
-    stem = WEIGHTS_NAME + (f".{variant}" if variant else "")
+def _weight_files(folder: str, variant: str | None, weights_name: str) -> list[str]:
+    stem = weights_name + (f".{variant}" if variant else "")
     single = os.path.join(folder, f"{stem}.safetensors")
     index = os.path.join(folder, f"{stem}.safetensors.index.json")
     if os.path.exists(index):
@@ -36,12 +36,13 @@ def _weight_files(folder: str, variant: str | None) -> list[str]:
         + ("; pass variant=... for variant files" if variant is None else ""))
 
 
-def read_sources(folder: str, variant: str | None = None) -> list[core.SourceTensor]:
-    """Every tensor of a diffusers component folder as lazy ``SourceTensor``s (headers only)."""
+def read_sources(folder: str, variant: str | None = None, weights_name: str = WEIGHTS_NAME) -> list[core.SourceTensor]:
+    """Every tensor of a diffusers (``diffusion_pytorch_model``) or transformers (``model``) folder
+    as lazy ``SourceTensor``s, sharded or not (headers only)."""
     sources: dict[str, core.SourceTensor] = {}
     where: dict[str, str] = {}
     duplicated = []
-    for path in _weight_files(folder, variant):
+    for path in _weight_files(folder, variant, weights_name):
         reader = SafetensorsFile(path)
         for key in reader.keys():
             if key in sources:

@@ -133,6 +133,10 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np
     ln_q = [k for k in shapes if k.endswith("attn.ln_q.weight")]
     head_dim = shapes[ln_q[0]][0] if ln_q else 64
     head_dim = overrides.get("attention_head_dim", head_dim)
+    if inner % head_dim or inner < head_dim:
+        raise ConversionError(
+            f"cannot infer the head count: width {inner} is not a multiple of attention_head_dim={head_dim} "
+            "(64 unless the checkpoint has qk-norm); pass config_overrides={'transformer': {'attention_head_dim': ...}}")
     num_positions = shapes["pos_embed"][1]
     max_size = math.isqrt(num_positions)
     if max_size * max_size != num_positions:

@@ -11,18 +11,11 @@ import os
 from typing import Any, Mapping, Sequence
 
 from percov2_jax.convert import components as component_kinds
-from percov2_jax.convert import core, sd3_transformer, sd3_vae
+from percov2_jax.convert import core, sd3_transformer, sd3_vae, text_encoders
 from percov2_jax.convert.safetensors_io import SafetensorsFile
 
-# prefix -> component name; the text encoders are recognised so they can be named in errors.
-PREFIXES = {
-    sd3_transformer.PREFIX: "transformer",
-    sd3_vae.PREFIX: "vae",
-    "text_encoders.clip_l.": "clip_l",
-    "text_encoders.clip_g.": "clip_g",
-    "text_encoders.t5xxl.": "t5",
-}
-CONVERTIBLE = ("transformer", "vae")
+# prefix -> component name.
+PREFIXES = {sd3_transformer.PREFIX: "transformer", sd3_vae.PREFIX: "vae", **text_encoders.SINGLE_FILE_PREFIXES}
 
 
 def split_components(keys: Sequence[str]) -> dict[str, list[str]]:
@@ -51,10 +44,10 @@ def load_single_file(
 ) -> dict[str, tuple[Any, dict]]:
     """Convert an original SD3 single file: ``{"transformer": (module, params), "vae": (module, params)}``.
 
-    ``components`` selects components (default: every component in the file; a file
-    that bundles text encoders raises until their converter exists, unless you select only
-    ``("transformer", "vae")``). ``config_overrides[name]`` sets config fields the weights do not
-    determine (e.g. ``attention_head_dim`` of a model without qk-norm, ``norm_num_groups``);
+    Components: ``"transformer"``, ``"vae"`` and, in files that bundle them, ``"clip_l"``,
+    ``"clip_g"``, ``"t5"``. ``components`` selects some (default: every one in the file).
+    ``config_overrides[name]`` sets config fields the weights do not determine (e.g.
+    ``attention_head_dim`` of a model without qk-norm, ``norm_num_groups``, CLIP's heads);
     ``options[name]`` are Flax module attributes (``dtype``, ``scan_layers`` ...).
     """
     reader = SafetensorsFile(path)
@@ -63,11 +56,6 @@ def load_single_file(
     absent = [c for c in wanted if c not in groups]
     if absent:
         raise core.ConversionError(f"{path}: components {absent} not in the file (it has {sorted(groups)})")
-    unsupported = [c for c in wanted if c not in CONVERTIBLE]
-    if unsupported:
-        raise core.ConversionError(
-            f"{path}: converting {unsupported} is not implemented yet; pass components={CONVERTIBLE} "
-            "to convert only the transformer and the VAE")
     config_overrides = config_overrides or {}
     options = options or {}
     out = {}
@@ -82,9 +70,15 @@ def load_single_file(
             config = {"_class_name": "SD3Transformer2DModel",
                       **sd3_transformer.infer_config(shapes, load, config_overrides.get(name))}
             sources = sd3_transformer.original_to_diffusers(shapes, load)
-        else:
+        elif name == "vae":
             config = {"_class_name": "AutoencoderKL", **sd3_vae.infer_config(shapes, config_overrides.get(name))}
             sources = sd3_vae.original_to_diffusers(shapes, load)
+        elif name == "t5":
+            config = text_encoders.infer_t5_config(shapes, config_overrides.get(name))
+            sources = text_encoders.single_file_sources(name, shapes, load)
+        else:
+            config = text_encoders.infer_clip_config(shapes, name, config_overrides.get(name))
+            sources = text_encoders.single_file_sources(name, shapes, load)
         module, kind = component_kinds.build_module(config, **options.get(name, {}))
         params = component_kinds.convert(module, kind, sources, mesh=mesh, progress=progress,
                                     what=f"{kind.class_name} from {path}")

@@ -14,13 +14,27 @@ from percov2_jax import checkpoints
 from percov2_jax.convert.core import ConversionError
 from percov2_jax.convert.diffusers_folder import load_diffusers_component
 from percov2_jax.convert.single_file import load_single_file
+from percov2_jax.convert.transformers_folder import load_transformers_component, transformers_config
 
 # diffusers pipeline subfolders that hold model weights, by component name.
 PIPELINE_COMPONENTS = {
     "transformer": "transformer", "vae": "vae",
     "text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5",
 }
-CONVERTIBLE = ("transformer", "vae")
+
+
+def _component_folder(folder: str):
+    """(component name, loader) for one diffusers or transformers component folder."""
+    with open(os.path.join(folder, "config.json")) as f:
+        raw = json.load(f)
+    name = {"SD3Transformer2DModel": "transformer", "AutoencoderKL": "vae"}.get(raw.get("_class_name"))
+    if name is not None:
+        return name, load_diffusers_component
+    class_name = transformers_config(folder)["_class_name"]  # raises for unsupported architectures
+    if class_name == "T5EncoderModel":
+        return "t5", load_transformers_component
+    # CLIP-L and bigG are told apart by width (768 vs 1280); the name only labels the component.
+    return ("clip_l" if raw.get("hidden_size", 0) <= 768 else "clip_g"), load_transformers_component
 
 
 def _pipeline_components(folder: str) -> dict[str, str]:
@@ -43,19 +57,16 @@ def convert_to_checkpoint(
     ``vae/`` ...) or one component folder (``config.json`` + weights).
     """
     param_dtype = jnp.dtype(dtype)
-    options = {"transformer": {"param_dtype": param_dtype, "scan_layers": scan_layers}, "vae": {"param_dtype": param_dtype}}
+    options = {name: {"param_dtype": param_dtype} for name in PIPELINE_COMPONENTS.values()}
+    options["transformer"]["scan_layers"] = scan_layers
     if os.path.isfile(src):
         if not src.endswith(".safetensors"):
             raise ConversionError(f"{src}: single-file checkpoints must be .safetensors")
         converted = load_single_file(src, components=components, config_overrides=config_overrides,
                                      options=options, progress=progress)
     elif os.path.isfile(os.path.join(src, "config.json")):
-        with open(os.path.join(src, "config.json")) as f:
-            class_name = json.load(f).get("_class_name")
-        name = {"SD3Transformer2DModel": "transformer", "AutoencoderKL": "vae"}.get(class_name)
-        if name is None:
-            raise ConversionError(f"{src}: component class {class_name!r} cannot be converted")
-        converted = {name: load_diffusers_component(src, progress=progress, **options[name])}
+        name, loader = _component_folder(src)
+        converted = {name: loader(src, progress=progress, **options[name])}
     elif os.path.isdir(src):
         found = _pipeline_components(src)
         if not found:
@@ -64,11 +75,10 @@ def convert_to_checkpoint(
         absent = [c for c in wanted if c not in found]
         if absent:
             raise ConversionError(f"{src}: components {absent} not found (it has {sorted(found)})")
-        unsupported = [c for c in wanted if c not in CONVERTIBLE]
-        if unsupported:
-            raise ConversionError(f"{src}: converting {unsupported} is not implemented yet; "
-                                  f"pass --components {','.join(CONVERTIBLE)}")
-        converted = {c: load_diffusers_component(found[c], progress=progress, **options[c]) for c in wanted}
+        converted = {}
+        for c in wanted:
+            _, loader = _component_folder(found[c])
+            converted[c] = loader(found[c], progress=progress, **options[c])
     else:
         raise ConversionError(f"{src}: no such file or folder")
     checkpoints.save(dst, converted, overwrite=overwrite)

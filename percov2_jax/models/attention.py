@@ -6,21 +6,36 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from percov2_jax.models.layers import Dtype, RMSNorm, dense
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None) -> jax.Array:
-    """Softmax attention ``[B, Lq, N, Hd] x [B, Lk, N, Hd] -> [B, Lq, N, Hd]``, scale ``1/sqrt(Hd)``.
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None, *,
+                          bias: jax.Array | None = None, mask: jax.Array | None = None, scale: float | None = None,
+                          is_causal: bool = False) -> jax.Array:
+    """Softmax attention ``[B, Lq, N, Hd] x [B, Lk, N, Hd] -> [B, Lq, N, Hd]``.
 
+    ``scale`` defaults to ``1/sqrt(Hd)``; ``bias`` is added to the logits (broadcast to
+    ``[B, N, Lq, Lk]``); ``mask`` (bool, True = attend) and ``is_causal`` restrict them.
     Goes through ``jax.nn.dot_product_attention`` (so cuDNN/TPU kernels can be chosen), except
     for float64 inputs: that function computes its softmax in float32, so float64 (used for
     exactness checks against the reference) takes a plain einsum path.
     """
-    if q.dtype == jnp.float64:
-        logits = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
-        return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(logits, axis=-1), v)
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    if q.dtype != jnp.float64:
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
+                                            implementation=implementation)
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    logits = jnp.einsum("bqnd,bknd->bnqk", q, k) * scale
+    if bias is not None:
+        logits = logits + bias
+    allowed = jnp.ones(logits.shape[-2:], bool)
+    if is_causal:
+        allowed = jnp.tril(allowed)
+    if mask is not None:
+        allowed = allowed & mask
+    logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
+    return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(logits, axis=-1), v)
 
 
 def _heads(x: jax.Array, num_heads: int) -> jax.Array:

@@ -104,7 +104,7 @@ class RMSNorm(nn.Module):
     eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    axis_name: str = "head_dim"
+    axis_name: str = "head_dim"  # logical name of the scale's axis
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -114,6 +114,44 @@ class RMSNorm(nn.Module):
         var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
         y = x.astype(stats) * (1.0 / jnp.sqrt(var + self.eps)).astype(stats)  # torch's rsqrt rounding
         return (y * scale.astype(stats)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with ``scale`` and ``bias`` (torch ``nn.LayerNorm``)."""
+
+    dim: int
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", _boxed(nn.initializers.ones_init(), ("norm",)), (self.dim,), self.param_dtype)
+        bias = self.param("bias", _boxed(nn.initializers.zeros_init(), ("norm",)), (self.dim,), self.param_dtype)
+        stats = _stats_dtype(x.dtype)
+        y = layer_norm(x.astype(stats), self.eps)
+        return (y * scale.astype(stats) + bias.astype(stats)).astype(self.dtype)
+
+
+def embed(num_embeddings: int, features: int, axes: tuple[str | None, str | None], *, name: str, dtype: Dtype,
+          param_dtype: Dtype) -> nn.Embed:
+    """Embedding table ``[num_embeddings, features]`` (torch ``nn.Embedding.weight``)."""
+    return nn.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype, name=name,
+                    embedding_init=_boxed(nn.initializers.normal(0.02), axes))
+
+
+def activation(name: str):
+    """transformers' ``ACT2FN`` names used by CLIP and T5."""
+    acts = {
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+    }
+    if name not in acts:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(acts)}")
+    return acts[name]
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:

@@ -1,0 +1,45 @@
+"""Front-end (c): a transformers model folder (``config.json`` + ``model*.safetensors``):
+SD3's ``text_encoder`` / ``text_encoder_2`` (CLIPTextModelWithProjection) and ``text_encoder_3``
+(T5EncoderModel)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from percov2_jax.convert import components as component_kinds
+from percov2_jax.convert import core
+from percov2_jax.convert.diffusers_folder import read_sources
+from percov2_jax.convert.text_encoders import tidy_sources
+
+ARCHITECTURES = ("CLIPTextModelWithProjection", "T5EncoderModel")
+
+
+def transformers_config(folder: str) -> dict[str, Any]:
+    """Our config dict (with ``_class_name``) for a transformers folder's ``config.json``."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise core.ConversionError(f"{folder}: no config.json (expected a transformers model folder)")
+    with open(config_path) as f:
+        raw = json.load(f)
+    archs = raw.get("architectures") or []
+    name = next((a for a in archs if a in ARCHITECTURES), None)
+    if name is None:
+        raise core.ConversionError(f"{folder}: architectures {archs} include none of {list(ARCHITECTURES)}")
+    return component_kinds.KINDS[name].config_cls.from_transformers(raw).to_dict()
+
+
+def load_transformers_component(path: str | os.PathLike, *, variant: str | None = None, mesh=None, shardings=None,
+                                progress: bool = False, **module_options) -> tuple[Any, dict]:
+    """Load a transformers ``CLIPTextModelWithProjection`` or ``T5EncoderModel`` folder as ``(module, params)``.
+
+    Same strictness and options as ``load_diffusers_component``.
+    """
+    folder = os.fspath(path)
+    config = transformers_config(folder)
+    module, kind = component_kinds.build_module(config, **module_options)
+    sources = tidy_sources(kind.class_name, read_sources(folder, variant, weights_name="model"))
+    params = component_kinds.convert(module, kind, sources, mesh=mesh, shardings=shardings, progress=progress,
+                                     what=f"{kind.class_name} at {folder}")
+    return module, params
