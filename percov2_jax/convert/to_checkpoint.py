@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -35,6 +36,16 @@ def _component_folder(folder: str):
         return "t5", load_transformers_component
     # CLIP-L and bigG are told apart by width (768 vs 1280); the name only labels the component.
     return ("clip_l" if raw.get("hidden_size", 0) <= 768 else "clip_g"), load_transformers_component
+
+
+def _copy_tokenizers(src: str, dst: str) -> None:
+    """Copy a pipeline's tokenizer folders to ``dst/tokenizers/{clip_l,clip_g,t5}`` (read by
+    ``conditioning.load_tokenizers``), so the checkpoint encodes captions on its own."""
+    from percov2_jax.conditioning import TOKENIZER_FOLDERS
+
+    for sub, name in TOKENIZER_FOLDERS.items():
+        if os.path.isdir(os.path.join(src, sub)):
+            shutil.copytree(os.path.join(src, sub), os.path.join(dst, "tokenizers", name), dirs_exist_ok=True)
 
 
 def _pipeline_components(folder: str) -> dict[str, str]:
@@ -82,6 +93,8 @@ def convert_to_checkpoint(
     else:
         raise ConversionError(f"{src}: no such file or folder")
     checkpoints.save(dst, converted, overwrite=overwrite)
+    if os.path.isdir(src) and not os.path.isfile(os.path.join(src, "config.json")):
+        _copy_tokenizers(src, dst)
     return {name: {"params": sum(int(x.size) for x in jax.tree.leaves(params)), "config": module.config.to_dict()}
             for name, (module, params) in converted.items()}
 

@@ -1,0 +1,1 @@
+"""Data: side stores and (later) input pipelines."""

@@ -1,0 +1,178 @@
+"""SD3 prompt embeddings equal diffusers' ``StableDiffusion3Pipeline.encode_prompt``.
+
+Reference: a diffusers SD3 pipeline of tiny random text encoders (CLIP-L-like, bigG-like, T5
+v1.1-like) with offline tokenizers (a byte-level CLIP BPE vocabulary and a Unigram T5 model
+trained here), saved to disk, converted with the tool, and loaded with
+``PromptEncoder.from_checkpoint``. Tolerance: max |ours - ref| <= 1e-5 * max |ref| (embeddings
+and pooled), with and without T5, for captions including the empty, non-ASCII and over-long ones.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from percov2_jax.conditioning import PromptEncoder, load_tokenizers
+from percov2_jax.convert.to_checkpoint import convert_to_checkpoint
+from torch_reference import max_rel_error, randomize_, tiny_vae
+
+TOL = 1e-5
+T5_LENGTH = 24
+CAPTIONS = ["a photo of a cat sitting on a mat", "", "café au lait – 東京 🚀",
+            "a very long caption " + "with many many words " * 20]
+
+
+def _bytes_to_unicode() -> list[str]:
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _clip_tokenizer(folder, pad_token):
+    """A byte-level CLIP BPE tokenizer with no merges: 256 characters, 256 end-of-word variants, BOS/EOS."""
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=pad_token,
+                        model_max_length=77)
+    return tok
+
+
+def _t5_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator([c for c in CAPTIONS if c] * 4 + ["a dog running in a park", "two people riding bikes"], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+
+
+@pytest.fixture(scope="module")
+def sd3_text(tmp_path_factory):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    root = tmp_path_factory.mktemp("sd3_text")
+    clip = dict(vocab_size=514, intermediate_size=37, num_hidden_layers=3, max_position_embeddings=77, bos_token_id=512)
+    text_encoder = randomize_(CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=32, projection_dim=32, num_attention_heads=4, hidden_act="quick_gelu", eos_token_id=2, **clip)), 81)
+    text_encoder_2 = randomize_(CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=40, projection_dim=24, num_attention_heads=5, hidden_act="gelu", eos_token_id=513, **clip)), 82)
+    text_encoder_3 = randomize_(T5EncoderModel(T5Config(vocab_size=150, d_model=80, d_kv=8, d_ff=50, num_layers=2,
+                                                        num_heads=4, feed_forward_proj="gated-gelu",
+                                                        relative_attention_num_buckets=8)), 83)
+    transformer = randomize_(SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2,
+                                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=80,
+                                                   caption_projection_dim=16, pooled_projection_dim=56, out_channels=16,
+                                                   pos_embed_max_size=8), 84)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(seed=85),
+        text_encoder=text_encoder, tokenizer=_clip_tokenizer(root / "vocab_l", "<|endoftext|>"),
+        text_encoder_2=text_encoder_2, tokenizer_2=_clip_tokenizer(root / "vocab_g", "!"),
+        text_encoder_3=text_encoder_3, tokenizer_3=_t5_tokenizer())
+    pipe.save_pretrained(root / "pipeline")
+    convert_to_checkpoint(str(root / "pipeline"), str(root / "ckpt"), progress=False)
+    return dict(pipe=pipe, root=root)
+
+
+def _reference(pipe, captions, use_t5=True):
+    saved = pipe.text_encoder_3
+    if not use_t5:
+        pipe.text_encoder_3 = None
+    try:
+        with torch.no_grad():
+            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(captions, None, None, device="cpu",
+                                                                 do_classifier_free_guidance=True,
+                                                                 max_sequence_length=T5_LENGTH)
+    finally:
+        pipe.text_encoder_3 = saved
+    return embeds.numpy(), pooled.numpy(), neg.numpy(), neg_pooled.numpy()
+
+
+@pytest.mark.parametrize("use_t5", [True, False])
+def test_prompt_embeddings_match_diffusers(sd3_text, use_t5):
+    encoder = PromptEncoder.from_checkpoint(sd3_text["root"] / "ckpt", use_t5=use_t5, max_sequence_length=T5_LENGTH,
+                                            joint_attention_dim=80)
+    ref_embeds, ref_pooled, ref_neg, ref_neg_pooled = _reference(sd3_text["pipe"], CAPTIONS, use_t5)
+    embeds, pooled = encoder(CAPTIONS)
+    assert embeds.shape == ref_embeds.shape == (4, 77 + T5_LENGTH, 80)
+    assert pooled.shape == ref_pooled.shape == (4, 56)
+    assert max_rel_error(embeds, ref_embeds) <= TOL
+    assert max_rel_error(pooled, ref_pooled) <= TOL
+    if not use_t5:
+        assert not np.asarray(embeds)[:, 77:].any()
+    neg, neg_pooled = encoder.unconditional(batch_size=4)
+    assert max_rel_error(neg, ref_neg) <= TOL
+    assert max_rel_error(neg_pooled, ref_neg_pooled) <= TOL
+
+
+def test_tokenizers_travel_with_the_checkpoint(sd3_text):
+    tokenizers = load_tokenizers(sd3_text["root"] / "ckpt")
+    assert sorted(tokenizers) == ["clip_g", "clip_l", "t5"]
+    assert tokenizers["clip_g"].pad_token == "!"
+    with pytest.raises(FileNotFoundError, match="no CLIP tokenizer folders"):
+        load_tokenizers(sd3_text["root"] / "vocab_l")
+
+
+def test_precomputed_text_store(sd3_text, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import ml_dtypes
+
+    from percov2_jax.data.text_store import TextEmbeddingStore, precompute_text_embeddings
+
+    encoder = PromptEncoder.from_checkpoint(sd3_text["root"] / "ckpt", max_sequence_length=T5_LENGTH,
+                                            joint_attention_dim=80)
+    captions = {f"img{i:03d}.jpg": c for i, c in enumerate(CAPTIONS + ["a red bus on a wet street"])}
+    for shard in range(2):  # two hosts, each its round-robin share
+        precompute_text_embeddings(encoder, captions, str(tmp_path / "store"), batch_size=2, shard_index=shard,
+                                   shard_count=2, progress=False)
+    store = TextEmbeddingStore(str(tmp_path / "store"))
+    assert len(store) == 5 and sorted(store.ids()) == sorted(captions)
+    # Recomputed at another batch size (another compiled kernel): equal to float32 rounding.
+    embeds, pooled = encoder(list(captions.values()))
+    for i, name in enumerate(captions):
+        record = store[name]
+        assert record["caption"] == captions[name] and record["prompt_embeds"].dtype == np.float32
+        assert max_rel_error(record["prompt_embeds"], embeds[i]) <= TOL
+        assert max_rel_error(record["pooled"], pooled[i]) <= TOL
+    assert len(store.as_grain_source()) == 5 and store.as_grain_source()[0]["id"] == store.ids()[0]
+    with pytest.raises(KeyError, match="img999"):
+        store["img999"]
+    os.remove(tmp_path / "store" / "text_embeddings-00001-of-00002.array_record")
+    with pytest.raises(ValueError, match="incomplete"):
+        TextEmbeddingStore(str(tmp_path / "store"))
+
+    # The command-line tool, bfloat16 storage, from a JSONL captions file.
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps({"image": k, "caption": v}) for k, v in captions.items()))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, "tools", "precompute_text.py"), "--checkpoint",
+                             str(sd3_text["root"] / "ckpt"), "--captions", str(tmp_path / "captions.jsonl"), "--output",
+                             str(tmp_path / "tool_store"), "--max_sequence_length", str(T5_LENGTH), "--dtype", "bfloat16",
+                             "--batch_size", "2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = TextEmbeddingStore(str(tmp_path / "tool_store"))["img001.jpg"]
+    assert record["prompt_embeds"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_allclose(record["prompt_embeds"].astype(np.float32), np.asarray(embeds[1]), rtol=1e-2, atol=1e-2)
