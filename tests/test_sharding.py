@@ -11,6 +11,8 @@ from flax import traverse_util
 from percov2_jax import sharding
 from percov2_jax.convert import components
 from percov2_jax.models import AutoencoderKLConfig, SD3TransformerConfig
+from percov2_jax.models.clip import CLIPTextConfig
+from percov2_jax.models.t5 import T5EncoderConfig
 
 CONFIGS = {
     "sd35_medium_scanned": ({"_class_name": "SD3Transformer2DModel", **SD3TransformerConfig(
@@ -23,6 +25,10 @@ CONFIGS = {
     "vae": (AutoencoderKLConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                                 up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=16,
                                 use_quant_conv=True).to_dict(), {}),
+    "clip_g": (CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=24, projection_dim=8, num_hidden_layers=2,
+                              num_attention_heads=2, hidden_act="gelu").to_dict(), {}),
+    "t5": (T5EncoderConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
+                           feed_forward_proj="gated-gelu").to_dict(), {}),
 }
 
 
@@ -38,6 +44,9 @@ def test_every_parameter_has_logical_axes(name):
     for path, box in flat.items():
         assert len(box.names) == len(box.value.shape), path
         assert set(box.names) - {None} <= known, (path, box.names)
+    if name == "t5":
+        assert flat[("encoder", "block_1", "layer_1", "DenseReluDense", "wi_0", "kernel")].names == ("embed", "mlp")
+        assert flat[("shared", "embedding")].names == ("vocab", "embed")
     if options.get("scan_layers"):
         assert flat[("transformer_blocks_0_to_1", "attn", "to_q", "kernel")].names == ("layers", "embed", "heads")
     # The rule table maps every name (no duplicates within a parameter).

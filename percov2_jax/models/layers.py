@@ -97,6 +97,12 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (centered / jnp.sqrt(var + eps)).astype(x.dtype)  # 1/sqrt rounds as torch's rsqrt
 
 
+def mean_square(x: jax.Array) -> jax.Array:
+    """RMSNorm's statistic over the last axis, taken in float32 for every input dtype, as diffusers'
+    ``RMSNorm`` and transformers' ``T5LayerNorm`` do (so float64 runs stay float32-accurate here)."""
+    return jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last axis with a learned ``scale`` (diffusers ``RMSNorm`` weight)."""
 
@@ -110,8 +116,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", _boxed(nn.initializers.ones_init(), (self.axis_name,)), (self.dim,), self.param_dtype)
         stats = _stats_dtype(x.dtype)
-        # The mean square is taken in float32 for every input dtype, as diffusers does.
-        var = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+        var = mean_square(x)
         y = x.astype(stats) * (1.0 / jnp.sqrt(var + self.eps)).astype(stats)  # torch's rsqrt rounding
         return (y * scale.astype(stats)).astype(self.dtype)
 
