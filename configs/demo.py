@@ -16,6 +16,7 @@ def get_config():
     c.seed = 0
     c.image = "astronaut"  # a photograph shipped with scikit-image (astronaut, coffee, chelsea, rocket)
     c.image_size = 128  # pixels per side (PerCoV2 evaluates at 512)
+    c.caption = "a woman in an orange space suit standing in front of an american flag"  # sent losslessly
     c.sigma = 0.6  # flow-matching noise level of the one denoising step shown (t = 1000 * sigma)
     c.context_length = 16  # caption tokens (SD3: 77 CLIP + 256 T5)
     c.transformer = ml_collections.ConfigDict(dict(

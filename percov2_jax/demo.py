@@ -118,6 +118,13 @@ def run(config, workdir: str) -> dict[str, float]:
     panel = np.concatenate([to_uint8(photo), to_uint8(image), to_uint8(nhwc(ref_image)),
                             np.clip(np.abs(np.asarray(image) - nhwc(ref_image))[0] * 1e4 * 255, 0, 255).astype(np.uint8)],
                            axis=1)
+    from percov2_jax import captions
+
+    sizes = {name: len(captions.get_coder(name).encode(config.caption)) for name in captions.CODERS}
+    print(f"\n   caption {config.caption!r} ({len(config.caption.encode())} UTF-8 bytes) as sent in the bitstream:")
+    print("   " + ", ".join(f"{name} {n} bytes" for name, n in sizes.items())
+          + f"  (zlib is the paper's coder; at {config.image_size}x{config.image_size} the best costs "
+          f"{8 * min(sizes.values()) / config.image_size ** 2:.4f} bpp)")
     out_png = os.path.join(workdir, "demo.png")
     Image.fromarray(panel).save(out_png)
     print(f"\n5. wrote {out_png}: photo | Flax | diffusers | |difference| x 1e4 (random weights: the "

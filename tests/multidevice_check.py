@@ -16,6 +16,7 @@ def main():
     ap.add_argument("--folder", required=True)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--inputs", required=True)
+    ap.add_argument("--t5", required=True)
     ap.add_argument("--num-processes", type=int, default=1)
     ap.add_argument("--process-id", type=int, default=0)
     ap.add_argument("--port", type=int, default=0)
@@ -30,7 +31,7 @@ def main():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from percov2_jax import checkpoints, sharding
-    from percov2_jax.convert import load_diffusers_component
+    from percov2_jax.convert import load_diffusers_component, load_transformers_component
 
     assert jax.device_count() == 8, jax.devices()
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
@@ -59,6 +60,18 @@ def main():
         print(f"process {args.process_id} {source}: relative error {err:.2e}", flush=True)
         if not err <= 1e-5:
             sys.exit(1)
+
+    # The T5 encoder shards the same way: vocab and heads/mlp over tensor, embed over fsdp.
+    module, params = load_transformers_component(args.t5, mesh=mesh)
+    assert tuple(params["shared"]["embedding"].sharding.spec) == ("tensor", "fsdp"), params["shared"]["embedding"].sharding
+    ids = global_array(data["t5_ids"])
+    with mesh, nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        out = jax.jit(lambda p, i: module.apply({"params": p}, i).last_hidden_state, out_shardings=replicated)(params, ids)
+    out = np.asarray(out.addressable_data(0))
+    err = np.abs(out - data["t5_reference"]).max() / np.abs(data["t5_reference"]).max()
+    print(f"process {args.process_id} t5: relative error {err:.2e}", flush=True)
+    if not err <= 1e-5:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
