@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from percov2_jax.models.attention import dot_product_attention
-from percov2_jax.models.layers import Dtype, LayerNorm, activation, config_from_dict, config_to_dict, dense, embed
+from percov2_jax.models.layers import (Dtype, LayerNorm, activation, config_from_dict, config_from_transformers,
+                                      config_to_dict, dense, embed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +47,7 @@ class CLIPTextConfig:
     @classmethod
     def from_transformers(cls, d: Mapping[str, Any]) -> "CLIPTextConfig":
         """From a transformers config.json dict (its other, generic fields are not architecture)."""
-        d = dict(d.get("text_config", d))
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        return config_from_transformers(cls, d.get("text_config", d))
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self, "CLIPTextModelWithProjection")

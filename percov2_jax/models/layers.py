@@ -189,6 +189,13 @@ def config_from_dict(cls, d: Mapping[str, Any], class_name: str):
     return cls(**kwargs)
 
 
+def config_from_transformers(cls, d: Mapping[str, Any]):
+    """A config dataclass from a transformers config.json dict: its own fields are read, the
+    many generic ``PretrainedConfig`` fields (ids2label, dropout flags ...) are not architecture."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
 def config_to_dict(config, class_name: str) -> dict[str, Any]:
     """The diffusers config.json dict (tuples as lists) with ``_class_name``."""
     d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from percov2_jax.models.attention import dot_product_attention
-from percov2_jax.models.layers import Dtype, RMSNorm, activation, config_from_dict, config_to_dict, dense, embed
+from percov2_jax.models.layers import (Dtype, RMSNorm, activation, config_from_dict, config_from_transformers,
+                                      config_to_dict, dense, embed)
 
 # feed_forward_proj -> (activation, gated); "gated-gelu" is T5 v1.1 (SD3's T5-XXL).
 _FEED_FORWARD = {"relu": ("relu", False), "gelu": ("gelu_new", False), "gated-gelu": ("gelu_new", True),
@@ -52,7 +53,7 @@ class T5EncoderConfig:
     @classmethod
     def from_transformers(cls, d: Mapping[str, Any]) -> "T5EncoderConfig":
         """From a transformers config.json dict (decoder and generic fields are not read)."""
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        return config_from_transformers(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self, "T5EncoderModel")
