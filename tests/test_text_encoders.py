@@ -75,11 +75,16 @@ def t5_case(request, tmp_path_factory):
     return dict(name=request.param, model=model, folder=folder)
 
 
-def _compare_clip(ours, ref, tol):
+def _compare_states(ours, ref, tol):
+    """Every hidden state and the last hidden state (CLIP and T5 outputs alike)."""
     assert len(ours.hidden_states) == len(ref.hidden_states)
     for o, r in zip(ours.hidden_states, ref.hidden_states):
         assert max_rel_error(o, r.numpy()) <= tol
     assert max_rel_error(ours.last_hidden_state, ref.last_hidden_state.numpy()) <= tol
+
+
+def _compare_clip(ours, ref, tol):
+    _compare_states(ours, ref, tol)
     assert max_rel_error(ours.text_embeds, ref.text_embeds.numpy()) <= tol
 
 
@@ -108,13 +113,6 @@ def test_clip_exact_in_float64(clip_case):
         _compare_clip(ours, ref, F64_TOL)
 
 
-def _compare_t5(ours, ref, tol):
-    assert len(ours.hidden_states) == len(ref.hidden_states)
-    for o, r in zip(ours.hidden_states, ref.hidden_states):
-        assert max_rel_error(o, r.numpy()) <= tol
-    assert max_rel_error(ours.last_hidden_state, ref.last_hidden_state.numpy()) <= tol
-
-
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_t5_parity_float32(t5_case, with_mask):
     ids = _ids(3, length=30)  # longer than max_distance / num_buckets: exercises the log buckets
@@ -124,7 +122,7 @@ def test_t5_parity_float32(t5_case, with_mask):
     with torch.no_grad():
         ref = t5_case["model"](torch.from_numpy(ids), attention_mask=None if mask is None else torch.from_numpy(mask),
                                output_hidden_states=True)
-    _compare_t5(ours, ref, F32_TOL)
+    _compare_states(ours, ref, F32_TOL)
 
 
 @pytest.fixture
@@ -148,7 +146,7 @@ def test_t5_exact_in_float64(t5_case, lift_t5_mean_square):
         ref = copy.deepcopy(t5_case["model"]).double()(torch.from_numpy(ids), output_hidden_states=True)
     with jax.enable_x64(True):
         module, params = load_transformers_component(t5_case["folder"], dtype=jnp.float64, param_dtype=jnp.float64)
-        _compare_t5(module.apply({"params": params}, ids), ref, F64_TOL)
+        _compare_states(module.apply({"params": params}, ids), ref, F64_TOL)
 
 
 def test_relative_position_buckets_match_transformers():
