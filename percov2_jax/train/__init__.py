@@ -1,0 +1,1 @@
+"""Stage-1 training: state, sharded step, input, checkpoints, logging and the loop."""
