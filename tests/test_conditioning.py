@@ -141,7 +141,7 @@ def test_precomputed_text_store(sd3_text, tmp_path):
 
     import ml_dtypes
 
-    from percov2_jax.data.text_store import TextEmbeddingStore, precompute_text_embeddings
+    from percov2_jax.data.text_store import EMPTY_PROMPT_ID, TextEmbeddingStore, precompute_text_embeddings
 
     encoder = PromptEncoder.from_checkpoint(sd3_text["root"] / "ckpt", max_sequence_length=T5_LENGTH,
                                             joint_attention_dim=80)
@@ -150,7 +150,9 @@ def test_precomputed_text_store(sd3_text, tmp_path):
         precompute_text_embeddings(encoder, captions, str(tmp_path / "store"), batch_size=2, shard_index=shard,
                                    shard_count=2, progress=False)
     store = TextEmbeddingStore(str(tmp_path / "store"))
-    assert len(store) == 5 and sorted(store.ids()) == sorted(captions)
+    # Every store also carries the empty prompt (dropped captions, CFG).
+    assert len(store) == 6 and sorted(store.ids()) == sorted([*captions, EMPTY_PROMPT_ID])
+    assert store[EMPTY_PROMPT_ID]["caption"] == ""
     # Recomputed at another batch size (another compiled kernel): equal to float32 rounding.
     embeds, pooled = encoder(list(captions.values()))
     for i, name in enumerate(captions):
@@ -158,7 +160,7 @@ def test_precomputed_text_store(sd3_text, tmp_path):
         assert record["caption"] == captions[name] and record["prompt_embeds"].dtype == np.float32
         assert max_rel_error(record["prompt_embeds"], embeds[i]) <= TOL
         assert max_rel_error(record["pooled"], pooled[i]) <= TOL
-    assert len(store.as_grain_source()) == 5 and store.as_grain_source()[0]["id"] == store.ids()[0]
+    assert len(store.as_grain_source()) == 6 and store.as_grain_source()[0]["id"] == store.ids()[0]
     with pytest.raises(KeyError, match="img999"):
         store["img999"]
     os.remove(tmp_path / "store" / "text_embeddings-00001-of-00002.array_record")

@@ -26,6 +26,9 @@ from percov2_jax.conditioning import PromptEncoder
 PATTERN = "text_embeddings-{index:05d}-of-{count:05d}.array_record"
 
 
+EMPTY_PROMPT_ID = "__empty_prompt__"
+
+
 def _shard_ids(ids: list[str], shard_index: int, shard_count: int) -> list[str]:
     return ids[shard_index::shard_count]
 
@@ -45,6 +48,8 @@ def precompute_text_embeddings(encoder: PromptEncoder, captions: Mapping[str, st
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} outside [0, {shard_count})")
     store_dtype = np.dtype(jax.numpy.dtype(dtype))
+    # Every store carries the empty prompt: the embedding used for dropped captions and CFG.
+    captions = {**captions, EMPTY_PROMPT_ID: ""}
     ids = _shard_ids(sorted(captions), shard_index, shard_count)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, PATTERN.format(index=shard_index, count=shard_count))

@@ -1,0 +1,107 @@
+"""The stage-1 config schema with its defaults; files in ``configs/`` start from ``base_config()``.
+
+Tags in comments: [paper] a PerCoV2 fact, [PerCo] taken from PerCo / PerCo (SD) (the paper does
+not state it for PerCoV2), [SD3] an SD3 convention, [ours] our default.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SD3_MEDIUM = dict(  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192, dual_attention_layers=(), qk_norm=None)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # [ours]
+    c.rate = "ultra-low"  # a name in percov2_jax.rates.RATES
+    c.image_size = 512  # [PerCo] 512x512 crops; any multiple of 64
+
+    c.model = ml_collections.ConfigDict()
+    c.model.transformer = dict(SD3_MEDIUM)  # [paper] "PerCoV2 (SD v3.0)": SD3-medium [inferred]
+    c.model.hyper_channels = 192  # [PerCo] ELIC-style hyper-encoder N
+    c.model.hyper_out_channels = 320  # [PerCo] M; also the token-feature channels concatenated to x_t
+    c.model.codebook_dim = 32  # [PerCo] low-dimensional code space
+    c.model.vq_decay = 0.8  # [PerCo (SD)] vector-quantize-pytorch default EMA decay
+    c.model.dead_code_threshold = 0.0  # [PerCo (SD)] no dead-code restart
+    c.model.learned_null_text = False  # [SD3] empty-prompt embedding for dropped captions; PerCo learned one
+    c.model.dtype = "bfloat16"  # [ours] compute dtype; params stay float32 masters
+    c.model.param_dtype = "float32"
+    c.model.scan_layers = True  # [ours] compile one block per homogeneous run
+    c.model.remat_policy = "dots_no_batch"  # [ours] a name in models.layers.REMAT_POLICIES
+    c.model.attention_implementation = ml_collections.FieldReference(None, field_type=str)  # None=XLA; "cudnn"
+
+    c.pretrained = ml_collections.ConfigDict()
+    c.pretrained.checkpoint = ""  # percov2-jax checkpoint from tools/convert_sd3.py (transformer, vae, text)
+
+    c.vae = ml_collections.ConfigDict()
+    c.vae.kind = "sd3"  # "sd3" (AutoencoderKL from pretrained.checkpoint) or "patch_pca" (tiny stand-in)
+    c.vae.sample_posterior = True  # [SD3] scripts sample z ~ q(z|x)
+
+    c.text = ml_collections.ConfigDict()
+    c.text.kind = "sd3"  # "sd3" | "precomputed" | "hashed" (see percov2_jax.train.text)
+    c.text.checkpoint = ml_collections.FieldReference("", field_type=str)  # defaults to pretrained.checkpoint
+    c.text.store = ""  # for "precomputed"
+    c.text.max_sequence_length = 256  # [SD3] diffusers default T5 length
+    c.text.use_t5 = True
+    c.text.length = 333  # sequence length for "hashed" and the learned null text: 77 + 256 [SD3]
+    c.text.caption_dropout = 0.1  # [paper] "drop z_g in 10% of training iterations"
+
+    c.flow = ml_collections.ConfigDict()
+    c.flow.timestep_scheme = "logit_normal"  # [SD3] not stated for PerCoV2
+    c.flow.logit_mean = 0.0  # [SD3]
+    c.flow.logit_std = 1.0  # [SD3]
+    c.flow.mode_scale = 1.29  # [SD3 scripts] for the "mode" scheme
+    c.flow.shift = 3.0  # [SD3] scheduler shift
+    c.flow.discrete_timesteps = True  # [SD3 scripts] index the 1000-entry shifted sigma table
+    c.flow.loss_weighting = "none"  # [SD3 scripts]
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-5  # [PerCo (SD)]
+    c.optim.warmup_steps = 0  # [PerCo (SD)] effectively none ("constant" ignores warm-up in diffusers)
+    c.optim.schedule = "constant"  # [PerCo (SD)]
+    c.optim.decay_steps = ml_collections.FieldReference(50_000)  # tied to train.num_steps below
+    c.optim.end_learning_rate_factor = 0.0
+    c.optim.b1 = 0.9  # [PerCo (SD)]
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 1e-2  # [PerCo (SD)]
+    c.optim.grad_clip = 1.0  # [PerCo (SD)]
+    c.optim.ema_decay = 0.0  # [PerCo (SD)] EMA off; e.g. 0.9999 to keep one
+    c.optim.trainable = "all"  # [PerCo (SD)] whole denoiser + hyper-encoder; "linear" is PerCo's recipe
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "builtin"  # "builtin" | "folder" | "tfds"
+    c.data.path = ""  # folder root, or TFDS name / prepared directory
+    c.data.captions = ""  # captions file for "folder"
+    c.data.split = "train"
+    c.data.tfds_data_dir = ""
+    c.data.image_key = "image"
+    c.data.caption_key = ""
+    c.data.random_crop = True  # [ours] PerCo (SD) center-crops; random crops are PerCo's
+    c.data.random_flip = True  # [PerCo (SD)]
+    c.data.worker_count = 0  # grain worker processes (0 = in the main process)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all remaining devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch_size = 160  # [PerCo (SD)] 8 GPUs x 20
+    c.train.num_steps = c.optim.get_ref("decay_steps")  # [PerCo (SD)] released models: 50k steps
+    c.train.log_every = 50
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpointing = True
+    c.train.image_every = 1000  # PNG grid of originals and reconstructions; 0 = never
+    c.train.max_minutes = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_steps = 20  # [PerCo] 20 steps at the lowest rates; PerCoV2 [unknown]
+    c.sample.guidance_scale = 3.0  # [PerCo] text-only CFG 3; PerCoV2 [unknown]
+    c.sample.num_images = 4
+    return c

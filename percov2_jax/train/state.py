@@ -1,0 +1,92 @@
+"""The train state and its sharding: built once abstractly, then created (or restored) directly
+on the mesh, so no host ever holds a full copy of the model."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import optax
+from flax import struct
+from flax.core import meta, unfreeze
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from percov2_jax import sharding as sharding_lib
+from percov2_jax.train.optimizer import make_optimizer
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during stage-1 training.
+
+    ``params`` float32 master weights; ``vq_stats`` the VQ codebook and EMA statistics;
+    ``ema_params`` an exponential moving average of ``params`` or ``None``.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    vq_stats: Any
+    ema_params: Any = None
+
+
+@struct.dataclass
+class StateSpec:
+    """Static companions of a ``TrainState``: its shardings, optimizer, mask and schedule."""
+
+    shardings: Any = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    mask: Any = struct.field(pytree_node=False)
+    schedule: Callable = struct.field(pytree_node=False)
+    abstract: Any = struct.field(pytree_node=False)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``(data, fsdp)``, the rest replicated."""
+    spec = nn.logical_to_mesh_axes(("activation_batch",), sharding_lib.LOGICAL_AXIS_RULES)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def build_state_spec(model: nn.Module, example_inputs: tuple, optim_cfg, mesh: Mesh, *, ema: bool) -> StateSpec:
+    """Abstract state, optimizer and shardings for ``model`` on ``mesh`` (no arrays allocated)."""
+    rngs = {"params": jax.random.key(0), "vq": jax.random.key(0)}
+    boxed = jax.eval_shape(lambda: model.init(rngs, *example_inputs))
+    specs = nn.get_partition_spec(boxed)
+    var_shardings = nn.logical_to_mesh_sharding(specs, mesh, sharding_lib.LOGICAL_AXIS_RULES)
+    abstract_vars = unfreeze(meta.unbox(boxed))
+    params = abstract_vars["params"]
+    param_shardings = unfreeze(var_shardings["params"])
+    tx, mask, schedule = make_optimizer(optim_cfg, params)
+    opt_abstract = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = optax.tree_utils.tree_map_params(
+        tx, lambda _, s: s, opt_abstract, param_shardings, transform_non_params=lambda _: replicated)
+    shardings = TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings,
+        vq_stats=unfreeze(var_shardings.get("vq_stats", {})), ema_params=param_shardings if ema else None)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jax.numpy.int32), params=params, opt_state=opt_abstract,
+                          vq_stats=abstract_vars.get("vq_stats", {}), ema_params=params if ema else None)
+    return StateSpec(shardings=shardings, tx=tx, mask=mask, schedule=schedule, abstract=abstract)
+
+
+def create_train_state(model: nn.Module, example_inputs: tuple, spec: StateSpec, seed: int,
+                       init_params: Callable[..., Any] | None = None, init_args: tuple = ()) -> TrainState:
+    """Initialise the state directly onto ``spec.shardings``.
+
+    ``init_params(params, *init_args) -> params`` may replace parts of the fresh parameters inside
+    the same jitted function (e.g. insert pretrained SD3 weights widened for the token channels);
+    ``init_args`` are passed as jit arguments (already placed arrays), never baked in as constants.
+    """
+
+    def init(key, *args):
+        k_params, k_vq = jax.random.split(key)
+        variables = unfreeze(meta.unbox(model.init({"params": k_params, "vq": k_vq}, *example_inputs)))
+        params = variables["params"]
+        if init_params is not None:
+            params = init_params(params, *args)
+        return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=spec.tx.init(params),
+                          vq_stats=variables.get("vq_stats", {}),
+                          ema_params=params if spec.shardings.ema_params is not None else None)
+
+    return jax.jit(init, out_shardings=spec.shardings)(jax.random.key(seed), *init_args)

@@ -1,0 +1,115 @@
+"""Caption conditioning for training: captions -> (encoder_hidden_states, pooled_projections).
+
+Three kinds, chosen by ``config.text.kind``:
+- ``sd3``: the frozen SD3 text encoders (CLIP-L, CLIP-G, T5-XXL) from a converted checkpoint,
+  via ``conditioning.PromptEncoder`` (equal to diffusers' ``encode_prompt``).
+- ``precomputed``: embeddings written by ``tools/precompute_text.py``, looked up by example id.
+- ``hashed``: a parameter-free bag-of-words stand-in for the tiny config (no text-encoder weights
+  can be downloaded): each word maps to a fixed pseudo-random vector seeded by its CRC32. It
+  carries which words a caption has, nothing more; it is not a language model.
+
+Dropped captions use ``null_embeddings()``: the embedding of the empty prompt (SD3's choice for
+CFG; the learned alternative lives in the model, ``PerCoV2Config.learned_null_text``).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Sequence
+
+import numpy as np
+
+
+class HashedTextEncoder:
+    """Captions -> ``([B, length, features], [B, pooled_features])`` float32 numpy arrays.
+
+    Token ``i`` of a caption is the unit-variance vector of its ``i``-th word (lower-cased,
+    ``[a-z0-9']+``); the pooled vector is the mean of the words' pooled vectors. The empty
+    caption gives zeros.
+    """
+
+    def __init__(self, length: int, features: int, pooled_features: int, seed: int = 0):
+        self.length, self.features, self.pooled_features, self.seed = length, features, pooled_features, seed
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _word(self, word: str) -> tuple[np.ndarray, np.ndarray]:
+        if word not in self._cache:
+            rng = np.random.default_rng([self.seed, zlib.crc32(word.encode("utf-8"))])
+            self._cache[word] = (rng.standard_normal(self.features).astype(np.float32),
+                                 rng.standard_normal(self.pooled_features).astype(np.float32))
+        return self._cache[word]
+
+    def __call__(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(captions, str):
+            raise TypeError("pass a sequence of captions, not one string")
+        seq = np.zeros((len(captions), self.length, self.features), np.float32)
+        pooled = np.zeros((len(captions), self.pooled_features), np.float32)
+        for i, caption in enumerate(captions):
+            words = re.findall(r"[a-z0-9']+", str(caption).lower())[: self.length]
+            for j, word in enumerate(words):
+                seq[i, j], p = self._word(word)
+                pooled[i] += p
+            if words:
+                pooled[i] /= np.sqrt(len(words))
+        return seq, pooled
+
+    def null_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        return self([""])
+
+
+class SD3TextEncoder:
+    """The SD3 text encoders from a checkpoint made by ``tools/convert_sd3.py`` (``sd3`` kind)."""
+
+    def __init__(self, checkpoint: str, max_sequence_length: int = 256, use_t5: bool = True):
+        from percov2_jax.conditioning import PromptEncoder
+
+        self.encoder = PromptEncoder.from_checkpoint(checkpoint, use_t5=use_t5, max_sequence_length=max_sequence_length)
+
+    def __call__(self, captions: Sequence[str]):
+        seq, pooled = self.encoder(list(captions))
+        return np.asarray(seq, np.float32), np.asarray(pooled, np.float32)
+
+    def null_embeddings(self):
+        return self([""])
+
+
+class PrecomputedText:
+    """Embeddings from a ``TextEmbeddingStore``, looked up by example id (``precomputed`` kind)."""
+
+    def __init__(self, directory: str):
+        from percov2_jax.data.text_store import EMPTY_PROMPT_ID, TextEmbeddingStore
+
+        empty_prompt_id = EMPTY_PROMPT_ID
+        self.store = TextEmbeddingStore(directory)
+        if empty_prompt_id not in self.store:
+            raise ValueError(f"text store {directory} has no entry {empty_prompt_id!r} for the empty prompt; "
+                             "rebuild it with tools/precompute_text.py, which adds it")
+        self.empty_prompt_id = empty_prompt_id
+
+    def lookup(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        missing = [i for i in ids if i not in self.store]
+        if missing:
+            raise KeyError(f"text store has no embeddings for ids {missing[:5]} ({len(missing)} missing)")
+        rows = [self.store[i] for i in ids]
+        return (np.stack([r["prompt_embeds"] for r in rows]).astype(np.float32),
+                np.stack([r["pooled"] for r in rows]).astype(np.float32))
+
+    def null_embeddings(self):
+        return self.lookup([self.empty_prompt_id])
+
+
+def build_text_conditioner(cfg, transformer_config):
+    """The conditioner for ``cfg`` (``config.text``)."""
+    if cfg.kind == "hashed":
+        return HashedTextEncoder(int(cfg.length), transformer_config.joint_attention_dim,
+                                 transformer_config.pooled_projection_dim, int(cfg.get("seed", 0)))
+    if cfg.kind == "sd3":
+        if not cfg.checkpoint:
+            raise ValueError("text.kind='sd3' needs text.checkpoint (a checkpoint made by tools/convert_sd3.py)")
+        return SD3TextEncoder(cfg.checkpoint, int(cfg.max_sequence_length), bool(cfg.use_t5))
+    if cfg.kind == "precomputed":
+        if not cfg.store:
+            raise ValueError("text.kind='precomputed' needs text.store (a directory from tools/precompute_text.py)")
+        return PrecomputedText(cfg.store)
+    raise ValueError(f"unknown text.kind {cfg.kind!r}; choose hashed, sd3 or precomputed")
