@@ -60,14 +60,31 @@ def build_state_spec(model: nn.Module, example_inputs: tuple, optim_cfg, mesh: M
     tx, mask, schedule = make_optimizer(optim_cfg, params)
     opt_abstract = jax.eval_shape(tx.init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shardings = optax.tree_utils.tree_map_params(
-        tx, lambda _, s: s, opt_abstract, param_shardings, transform_non_params=lambda _: replicated)
+    opt_shardings = _like_params(opt_abstract, params, param_shardings, replicated)
     shardings = TrainState(
         step=replicated, params=param_shardings, opt_state=opt_shardings,
         vq_stats=unfreeze(var_shardings.get("vq_stats", {})), ema_params=param_shardings if ema else None)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jax.numpy.int32), params=params, opt_state=opt_abstract,
                           vq_stats=abstract_vars.get("vq_stats", {}), ema_params=params if ema else None)
     return StateSpec(shardings=shardings, tx=tx, mask=mask, schedule=schedule, abstract=abstract)
+
+
+def _like_params(tree: Any, params: Any, param_shardings: Any, default: NamedSharding) -> Any:
+    """Shardings for an optimizer state: a leaf whose trailing dict keys name a parameter of the same
+    shape (Adam's ``mu``/``nu`` mirror the param tree) takes that parameter's sharding."""
+    flat = {tuple(k.key for k in path): (leaf.shape, shard) for (path, leaf), shard in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_shardings))}
+
+    def pick(path, leaf):
+        keys = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.insert(0, k.key)
+        match = flat.get(tuple(keys))
+        return match[1] if match is not None and match[0] == leaf.shape else default
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def create_train_state(model: nn.Module, example_inputs: tuple, spec: StateSpec, seed: int,

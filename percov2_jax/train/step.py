@@ -94,7 +94,7 @@ def make_train_step(model: nn.Module, latent_codec: nn.Module, spec: StateSpec, 
                                ema_params=ema)
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": spec.schedule(state.step),
                    "caption_dropped": jnp.mean(drop.astype(jnp.float32))}
-        metrics.update({f"vq/{k}": v for k, v in quantizer_metrics(q).items()})
+        metrics.update(q.metrics())
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -102,13 +102,6 @@ def make_train_step(model: nn.Module, latent_codec: nn.Module, spec: StateSpec, 
     batch_shardings = {"image": bs, "encoder_hidden_states": bs, "pooled_projections": bs}
     return jax.jit(loss_and_updates, in_shardings=(spec.shardings, batch_shardings, frozen_shardings, replicated),
                    out_shardings=(spec.shardings, replicated), donate_argnums=(0,))
-
-
-def quantizer_metrics(q) -> dict[str, jax.Array]:
-    """Scalar metrics of a ``QuantizerOutput``: codebook usage, perplexity, commitment loss."""
-    out = {"commit_loss": q.commit_loss}
-    out.update(dict(q.metrics))
-    return out
 
 
 def make_reconstruct_fn(model: nn.Module, latent_codec: nn.Module, *, num_steps: int, guidance_scale: float,

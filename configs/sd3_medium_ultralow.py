@@ -1,0 +1,20 @@
+"""PerCoV2 stage 1 on SD3-medium at the ultra-low rate: 8x8 tokens at 512^2, V = 256.
+
+  python -m percov2_jax.train --config configs/sd3_medium_ultralow.py --workdir gs://bucket/run \
+      --config.pretrained.checkpoint=/path/sd3_medium_flax --config.data.source=tfds \
+      --config.data.path=/path/open_images_prepared --config.mesh.fsdp=8
+
+Needs an SD3-medium checkpoint converted with tools/convert_sd3.py (transformer, VAE and the
+three text encoders). Paper facts and our defaults are tagged in percov2_jax/train/defaults.py;
+the ultra-low rate itself is inferred from the paper's figures (see percov2_jax/rates.py).
+"""
+
+from percov2_jax.train.defaults import base_config
+
+
+def get_config():
+    c = base_config()
+    c.rate = "ultra-low"
+    c.mesh.data = -1
+    c.mesh.fsdp = 1  # raise to shard params/optimizer state (e.g. 8 on a v4-32)
+    return c
