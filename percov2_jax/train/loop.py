@@ -131,3 +131,105 @@ class Trainer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def preview_images(source, count: int, image_size: int) -> tuple[np.ndarray, list[str]]:
+    """The first ``count`` examples of ``source``, center-cropped to ``image_size``, in [-1, 1]:
+    identical on every process, so the reconstruction grid is the same global computation."""
+    from PIL import Image
+
+    images, captions = [], []
+    for i in range(min(count, len(source))):
+        record = source[i]
+        image = Image.fromarray(np.asarray(record["image"], np.uint8))
+        scale = image_size / min(image.size)
+        w, h = max(image_size, round(image.size[0] * scale)), max(image_size, round(image.size[1] * scale))
+        image = image.resize((w, h), Image.BILINEAR)
+        left, top = (w - image_size) // 2, (h - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
+        images.append(np.asarray(image, np.float32) / 127.5 - 1.0)
+        captions.append(str(record.get("caption", "")))
+    return np.stack(images), captions
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Train to ``config.train.num_steps`` (resuming from ``workdir`` if it holds checkpoints),
+    logging, checkpointing and writing reconstruction grids. Returns the last logged metrics."""
+    from percov2_jax.train.flops import mmdit_forward_flops, model_flops_utilization, peak_flops_per_device
+    from percov2_jax.train.image_grid import reconstruction_grid, save_png
+    from percov2_jax.train.metrics import MetricWriter, ProgressBar, StepTimer
+
+    trainer = Trainer(config, workdir)
+    t = config.train
+    lead = jax.process_index() == 0
+    num_steps, start = int(t.num_steps), trainer.start_step
+    writer = MetricWriter(workdir, enabled=lead, purge_step=start or None)
+    bar = ProgressBar(num_steps, start, enabled=lead)
+    timer = StepTimer(int(t.global_batch_size))
+    replicated = NamedSharding(trainer.mesh, PartitionSpec())
+    preview, preview_captions = preview_images(trainer.source, int(config.sample.num_images), int(config.image_size))
+    preview_text = trainer.text.lookup if hasattr(trainer.text, "lookup") else None
+    reconstruct = None
+    if int(t.image_every) > 0 and preview_text is None:
+        reconstruct = make_reconstruct_fn(trainer.model, trainer.codec, num_steps=int(config.sample.num_steps),
+                                          guidance_scale=float(config.sample.guidance_scale), shift=float(config.flow.shift))
+        seq, pooled = trainer.text(preview_captions)
+        preview_inputs = jax.device_put((preview, seq, pooled), replicated)
+    tcfg = trainer.model.config.transformer
+    latent = int(config.image_size) // 8
+    train_flops = 3.0 * mmdit_forward_flops(tcfg, int(t.global_batch_size), latent, latent, trainer.text_length)
+    known_peak = all(peak_flops_per_device(d) for d in jax.devices())
+    deadline = time.time() + 60.0 * float(t.max_minutes) if float(t.max_minutes) > 0 else None
+    last: dict[str, float] = {}
+
+    def write_grid(step: int) -> None:
+        if reconstruct is None:
+            return
+        null = trainer.null_text
+        if null is None:
+            null = trainer.model.apply({"params": trainer.state.params}, 1, method="null_text_embeddings")
+        recon, _ = reconstruct(trainer.state.params, trainer.state.vq_stats, trainer.vae_params, *preview_inputs, null,
+                               jax.random.key(int(config.seed)))
+        grid = reconstruction_grid(preview, np.asarray(jax.device_get(recon)))
+        if lead:
+            save_png(os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), grid)
+            save_png(os.path.join(workdir, "reconstructions.png"), grid)
+            writer.write_images(step, {"reconstructions": grid})
+        timer.restart_window()
+
+    try:
+        step = start
+        while step < num_steps:
+            batch, _ = trainer.next_batch()
+            trainer.state, metrics = trainer.step_fn(trainer.state, batch, trainer.frozen(), trainer.base_key)
+            step += 1
+            log_now = step % int(t.log_every) == 0 or step == num_steps
+            timer.tick(metrics if (log_now or step == start + 1) else None)
+            if log_now:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                window = timer.window()
+                if window is not None:
+                    last["images_per_second"] = window.images_per_second
+                    if known_peak:
+                        last["mfu"] = model_flops_utilization(train_flops, window.seconds_per_step, jax.devices())
+                writer.write_scalars(step, last)
+                bar.update(step, loss=last["loss"], lr=last["learning_rate"],
+                           images_per_second=last.get("images_per_second"))
+                if not np.isfinite(last["loss"]):
+                    raise FloatingPointError(f"loss is {last['loss']} at step {step}")
+            else:
+                bar.update(step)
+            out_of_time = deadline is not None and time.time() > deadline
+            if step % int(t.checkpoint_every) == 0 or step == num_steps or out_of_time:
+                trainer.save()
+                timer.restart_window()
+            if int(t.image_every) > 0 and (step % int(t.image_every) == 0 or step == num_steps or out_of_time):
+                write_grid(step)
+            if out_of_time:
+                bar.write(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached")
+                break
+    finally:
+        bar.close()
+        writer.close()
+        trainer.close()
+    return last
