@@ -39,7 +39,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),  # token tables (49408 CLIP, 32128 T5 rows)
     ("proj", None),  # CLIP's text projection output
     ("rel_buckets", None),  # T5's relative-position bucket table
-    # Convolutional (VAE) weights: small, replicated.
+    # Vector quantizer: small, replicated (EMA statistics are updated from global batch sums).
+    ("vq_in", None),
+    ("code_dim", None),
+    ("codebook", None),
+    # Convolutional (VAE, hyper-encoder) weights: small, replicated.
     ("conv_in", None),
     ("conv_out", None),
     ("norm", None),
