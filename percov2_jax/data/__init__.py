@@ -1,1 +1,2 @@
-"""Data: side stores and (later) input pipelines."""
+"""Data: image sources (builtin photographs, folders, TFDS array_record), the grain input
+pipeline, and side stores (precomputed text embeddings)."""
