@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from percov2_jax import sharding as sharding_lib
 from percov2_jax.train import checkpointing, components
-from percov2_jax.train.state import batch_sharding, build_state_spec, create_train_state
+from percov2_jax.train.state import batch_sharding, build_state_spec, create_train_state, replicate
 from percov2_jax.train.step import StepConfig, make_reconstruct_fn, make_train_step
 from percov2_jax.train.text import build_text_conditioner
 
@@ -46,23 +46,23 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, process_
 class Trainer:
     """Holds one run's model, state, step function and I/O; ``run()`` trains to ``num_steps``."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, devices=None):
         from percov2_jax.data.pipeline import make_train_iterator
 
         self.config, self.workdir = config, workdir
         m = config.mesh
-        self.mesh = sharding_lib.make_mesh(int(m.data), int(m.fsdp), int(m.tensor))
+        self.mesh = sharding_lib.make_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
         self.rate = components.validate_config(config, mesh=self.mesh)
         self.model = components.build_model(config, self.rate)
         self.source = components.build_data_source(config)
         self.codec, vae_params = components.build_latent_codec(config, self.source, workdir, mesh=self.mesh)
         self.text = build_text_conditioner(config.text, self.model.config.transformer)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.vae_params = jax.device_put(vae_params, replicated) if config.vae.kind == "patch_pca" else vae_params
+        self.vae_params = replicate(vae_params, self.mesh) if config.vae.kind == "patch_pca" else vae_params
         if config.model.learned_null_text:
             self.null_text = None
         else:
-            self.null_text = jax.device_put(tuple(jnp.asarray(x) for x in self.text.null_embeddings()), replicated)
+            self.null_text = replicate(tuple(self.text.null_embeddings()), self.mesh)
         self.text_length = self._text_length()
         inputs = components.init_inputs(self.model, self.rate, self.text_length)
         self.spec = build_state_spec(self.model, inputs, config.optim, self.mesh, ema=float(config.optim.ema_decay) > 0)
@@ -71,7 +71,8 @@ class Trainer:
                             "null_text": None if self.null_text is None else (replicated, replicated)}
         self.step_fn = make_train_step(self.model, self.codec, self.spec, step_config(config), self.mesh,
                                        frozen_shardings)
-        self.base_key = jax.device_put(jax.random.key(int(config.seed) + 1), replicated)
+        # Raw key bits (a typed key cannot be built from host data across processes).
+        self.base_key = replicate(jax.random.key_data(jax.random.key(int(config.seed) + 1)), self.mesh)
         self.process_count = jax.process_count()
         d = config.data
         self.iterator = make_train_iterator(
@@ -155,6 +156,8 @@ def preview_images(source, count: int, image_size: int) -> tuple[np.ndarray, lis
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Train to ``config.train.num_steps`` (resuming from ``workdir`` if it holds checkpoints),
     logging, checkpointing and writing reconstruction grids. Returns the last logged metrics."""
+    from jax.experimental import multihost_utils
+
     from percov2_jax.train.flops import mmdit_forward_flops, model_flops_utilization, peak_flops_per_device
     from percov2_jax.train.image_grid import reconstruction_grid, save_png
     from percov2_jax.train.metrics import MetricWriter, ProgressBar, StepTimer
@@ -166,7 +169,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     writer = MetricWriter(workdir, enabled=lead, purge_step=start or None)
     bar = ProgressBar(num_steps, start, enabled=lead)
     timer = StepTimer(int(t.global_batch_size))
-    replicated = NamedSharding(trainer.mesh, PartitionSpec())
     preview, preview_captions = preview_images(trainer.source, int(config.sample.num_images), int(config.image_size))
     preview_text = trainer.text.lookup if hasattr(trainer.text, "lookup") else None
     reconstruct = None
@@ -174,7 +176,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         reconstruct = make_reconstruct_fn(trainer.model, trainer.codec, num_steps=int(config.sample.num_steps),
                                           guidance_scale=float(config.sample.guidance_scale), shift=float(config.flow.shift))
         seq, pooled = trainer.text(preview_captions)
-        preview_inputs = jax.device_put((preview, seq, pooled), replicated)
+        preview_inputs = replicate((preview, seq, pooled), trainer.mesh)
+        preview_key = replicate(jax.random.key_data(jax.random.key(int(config.seed))), trainer.mesh)
     tcfg = trainer.model.config.transformer
     latent = int(config.image_size) // 8
     train_flops = 3.0 * mmdit_forward_flops(tcfg, int(t.global_batch_size), latent, latent, trainer.text_length)
@@ -185,12 +188,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     def write_grid(step: int) -> None:
         if reconstruct is None:
             return
-        null = trainer.null_text
-        if null is None:
-            null = trainer.model.apply({"params": trainer.state.params}, 1, method="null_text_embeddings")
-        recon, _ = reconstruct(trainer.state.params, trainer.state.vq_stats, trainer.vae_params, *preview_inputs, null,
-                               jax.random.key(int(config.seed)))
-        grid = reconstruction_grid(preview, np.asarray(jax.device_get(recon)))
+        recon, _ = reconstruct(trainer.state.params, trainer.state.vq_stats, trainer.vae_params, *preview_inputs,
+                               trainer.null_text, preview_key)
+        recon = multihost_utils.process_allgather(recon, tiled=True)
+        grid = reconstruction_grid(preview, np.asarray(recon))
         if lead:
             save_png(os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), grid)
             save_png(os.path.join(workdir, "reconstructions.png"), grid)

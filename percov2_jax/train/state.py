@@ -42,6 +42,22 @@ class StateSpec:
     abstract: Any = struct.field(pytree_node=False)
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Host values (the same on every process) -> global arrays replicated over ``mesh``.
+
+    Works across processes, where ``jax.device_put`` cannot target non-addressable devices.
+    """
+    import numpy as np
+
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(x):
+        x = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over ``(data, fsdp)``, the rest replicated."""
     spec = nn.logical_to_mesh_axes(("activation_batch",), sharding_lib.LOGICAL_AXIS_RULES)

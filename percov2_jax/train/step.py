@@ -46,6 +46,7 @@ def _split(key, n):
 def make_train_step(model: nn.Module, latent_codec: nn.Module, spec: StateSpec, cfg: StepConfig, mesh: Mesh,
                     frozen_shardings: Any) -> Callable:
     """``step(state, batch, frozen, base_key) -> (state, metrics)``, jitted, the state donated.
+    ``base_key`` is raw key data (``jax.random.key_data``), uint32.
 
     ``batch``: ``image [B, H, W, 3]`` float32 in [-1, 1], ``encoder_hidden_states [B, L, D]``,
     ``pooled_projections [B, P]``, all split over the batch axes of ``mesh``.
@@ -55,7 +56,7 @@ def make_train_step(model: nn.Module, latent_codec: nn.Module, spec: StateSpec, 
     def loss_and_updates(state: TrainState, batch, frozen, base_key):
         images = batch["image"]
         b = images.shape[0]
-        k_vae, k_noise, k_sigma, k_drop, k_vq = _split(jax.random.fold_in(base_key, state.step), 5)
+        k_vae, k_noise, k_sigma, k_drop, k_vq = _split(jax.random.fold_in(jax.random.wrap_key_data(base_key), state.step), 5)
         latents = latent_codec.apply({"params": frozen["vae"]}, images, k_vae if cfg.sample_posterior else None,
                                      method="encode_to_latents")
         latents = jax.lax.stop_gradient(latents.astype(jnp.float32))
@@ -83,7 +84,7 @@ def make_train_step(model: nn.Module, latent_codec: nn.Module, spec: StateSpec, 
 
         (loss, (vq_stats, q)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         trained = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda g, m: g if m else None, grads, spec.mask))
-        grad_norm = optax.global_norm(trained)
+        grad_norm = optax.tree.norm(trained)
         updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
@@ -106,15 +107,21 @@ def make_train_step(model: nn.Module, latent_codec: nn.Module, spec: StateSpec, 
 
 def make_reconstruct_fn(model: nn.Module, latent_codec: nn.Module, *, num_steps: int, guidance_scale: float,
                         shift: float = 3.0) -> Callable:
-    """``reconstruct(params, vq_stats, vae_params, images, text, pooled, null_text, key) -> (recon, indices)``.
+    """``reconstruct(params, vq_stats, vae_params, images, text, pooled, null_text, key_data) -> (recon, indices)``.
+
+    ``null_text``: ``([1, L, D], [1, P])`` or None for the model's learned null text;
+    ``key_data``: raw key bits (``jax.random.key_data``) for the sampler's noise.
 
     Encodes images ``[B, H, W, 3]`` to tokens, decodes the tokens as the receiver would (index
     lookup), samples latents with the Euler sampler (CFG on the caption only: the token
     features are in both branches) and decodes them to ``[B, H, W, 3]`` in [-1, 1].
     """
 
-    def reconstruct(params, vq_stats, vae_params, images, text, pooled, null_text, key):
+    def reconstruct(params, vq_stats, vae_params, images, text, pooled, null_text, key_data):
         variables = {"params": params, "vq_stats": vq_stats}
+        key = jax.random.wrap_key_data(key_data)
+        if null_text is None:
+            null_text = model.apply({"params": params}, 1, method="null_text_embeddings")
         latents = latent_codec.apply({"params": vae_params}, images, None, method="encode_to_latents")
         q = model.apply(variables, latents.astype(jnp.float32), train=False, method="hyper_latent_tokens")
         features = model.apply(variables, q.indices, method="token_features")

@@ -1,0 +1,60 @@
+"""The shared training-test config and helpers (used in-process and by train_check.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_config():
+    """configs/tiny.py shrunk further: 64x64 crops (4x4 tokens), 2 MM-DiT layers, batch 8."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import tiny
+
+    c = tiny.get_config()
+    c.image_size = 64
+    c.model.transformer = dict(c.model.transformer, num_layers=2)
+    c.model.hyper_channels = 16
+    c.model.hyper_out_channels = 16
+    c.text.length = 8
+    c.train.global_batch_size = 8
+    c.train.num_steps = 1000
+    c.optim.warmup_steps = 5
+    c.train.async_checkpointing = False
+    c.vae.fit_images = 6
+    return c
+
+
+def run_steps(config, workdir: str, steps: int, devices=None):
+    """Train ``steps`` steps; returns (losses, params gathered to host numpy)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from percov2_jax.train.loop import Trainer
+
+    trainer = Trainer(config, workdir, devices=devices)
+    try:
+        history = trainer.train_steps(steps)
+        params = multihost_utils.process_allgather(trainer.state.params, tiled=True)
+    finally:
+        trainer.close()
+    return [h["loss"] for h in history], jax.tree.map(np.asarray, params)
+
+
+def flat(params) -> dict[str, np.ndarray]:
+    from flax import traverse_util
+
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def save_result(path: str, losses, params) -> None:
+    np.savez(path, losses=np.asarray(losses), **{"param:" + k: v for k, v in flat(params).items()})
+
+
+def load_result(path: str):
+    with np.load(path) as f:
+        return f["losses"], {k[6:]: f[k] for k in f.files if k.startswith("param:")}
