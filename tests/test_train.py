@@ -155,3 +155,37 @@ def test_loss_falls_on_builtin_photographs(tmp_path):
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert np.all(np.isfinite(losses))
     assert last < 0.8 * first, (first, last, losses)
+
+
+def test_subset_ema_and_learned_null_text(tmp_path):
+    """trainable='hyper_encoder' leaves the pretrained MM-DiT untouched (except the widened patch
+    embedding, which must learn), the learned null text trains, and the weight EMA follows
+    ema = d * ema + (1 - d) * params after the update."""
+    import jax
+
+    from percov2_jax.train.loop import Trainer
+
+    config = train_setup.test_config()
+    config.optim.trainable = "hyper_encoder"
+    config.optim.ema_decay = 0.75
+    config.model.learned_null_text = True
+    config.text.caption_dropout = 0.5
+    trainer = Trainer(config, str(tmp_path))
+    try:
+        before = train_setup.flat(jax.device_get(trainer.state.params))
+        trainer.train_steps(6)  # warm-up: the learning rate is 0 at step 0
+        after = train_setup.flat(jax.device_get(trainer.state.params))
+        ema_before = train_setup.flat(jax.device_get(trainer.state.ema_params))
+        trainer.train_steps(1)
+        after2 = train_setup.flat(jax.device_get(trainer.state.params))
+        ema_after = train_setup.flat(jax.device_get(trainer.state.ema_params))
+    finally:
+        trainer.close()
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert {k for k in changed if k.startswith("transformer/")} == {
+        "transformer/pos_embed/proj/kernel", "transformer/pos_embed/proj/bias"}
+    assert any(k.startswith("hyper_encoder/") for k in changed)
+    assert {"null_text/encoder_hidden_states", "null_text/pooled_projections"} <= changed
+    for k in ema_after:
+        np.testing.assert_allclose(ema_after[k], 0.75 * ema_before[k] + 0.25 * after2[k], rtol=1e-6, atol=1e-7,
+                                   err_msg=k)
