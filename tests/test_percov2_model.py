@@ -206,3 +206,25 @@ def test_config_validation_errors():
         components.validate_config(bad(**{"train.global_batch_size": 12}), process_count=1, mesh=FakeMesh())
     with pytest.raises(ValueError, match="caption_dropout"):
         components.validate_config(bad(**{"text.caption_dropout": 1.5}))
+
+
+def test_hashed_text_encoder():
+    """The tiny config's parameter-free text stand-in: deterministic, word order kept, the empty
+    caption is zeros, and the sd3 kind without a checkpoint fails loudly."""
+    import ml_collections
+
+    from percov2_jax.train.text import HashedTextEncoder, build_text_conditioner
+
+    enc = HashedTextEncoder(length=6, features=8, pooled_features=4, seed=3)
+    seq, pooled = enc(["a red bus", "bus red a", ""])
+    again, _ = HashedTextEncoder(6, 8, 4, seed=3)(["a red bus"])
+    assert seq.shape == (3, 6, 8) and pooled.shape == (3, 4)
+    np.testing.assert_array_equal(seq[0], again[0])
+    np.testing.assert_array_equal(seq[0, 0], seq[1, 2])  # the same word, the same vector
+    np.testing.assert_allclose(pooled[0], pooled[1], rtol=1e-6)  # the bag of words is the same
+    assert not np.any(seq[2]) and not np.any(pooled[2]) and not np.any(seq[0, 3:])
+    with pytest.raises(TypeError):
+        enc("one string")
+    cfg = ml_collections.ConfigDict(dict(kind="sd3", checkpoint="", max_sequence_length=256, use_t5=True))
+    with pytest.raises(ValueError, match="needs text.checkpoint or pretrained.checkpoint"):
+        build_text_conditioner(cfg, TRANSFORMER)

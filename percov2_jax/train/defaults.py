@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.text = ml_collections.ConfigDict()
     c.text.kind = "sd3"  # "sd3" | "precomputed" | "hashed" (see percov2_jax.train.text)
-    c.text.checkpoint = ml_collections.FieldReference("", field_type=str)  # defaults to pretrained.checkpoint
+    c.text.checkpoint = ""  # empty: use pretrained.checkpoint
     c.text.store = ""  # for "precomputed"
     c.text.max_sequence_length = 256  # [SD3] diffusers default T5 length
     c.text.use_t5 = True

@@ -56,7 +56,7 @@ class Trainer:
         self.model = components.build_model(config, self.rate)
         self.source = components.build_data_source(config)
         self.codec, vae_params = components.build_latent_codec(config, self.source, workdir, mesh=self.mesh)
-        self.text = build_text_conditioner(config.text, self.model.config.transformer)
+        self.text = build_text_conditioner(config.text, self.model.config.transformer, config.pretrained.checkpoint)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.vae_params = replicate(vae_params, self.mesh) if config.vae.kind == "patch_pca" else vae_params
         if config.model.learned_null_text:

@@ -99,15 +99,17 @@ class PrecomputedText:
         return self.lookup([self.empty_prompt_id])
 
 
-def build_text_conditioner(cfg, transformer_config):
-    """The conditioner for ``cfg`` (``config.text``)."""
+def build_text_conditioner(cfg, transformer_config, default_checkpoint: str = ""):
+    """The conditioner for ``cfg`` (``config.text``); ``sd3`` falls back to ``default_checkpoint``
+    (the run's ``pretrained.checkpoint``) when ``cfg.checkpoint`` is empty."""
     if cfg.kind == "hashed":
         return HashedTextEncoder(int(cfg.length), transformer_config.joint_attention_dim,
                                  transformer_config.pooled_projection_dim, int(cfg.get("seed", 0)))
     if cfg.kind == "sd3":
-        if not cfg.checkpoint:
-            raise ValueError("text.kind='sd3' needs text.checkpoint (a checkpoint made by tools/convert_sd3.py)")
-        return SD3TextEncoder(cfg.checkpoint, int(cfg.max_sequence_length), bool(cfg.use_t5))
+        checkpoint = cfg.checkpoint or default_checkpoint
+        if not checkpoint:
+            raise ValueError("text.kind='sd3' needs text.checkpoint or pretrained.checkpoint (made by tools/convert_sd3.py)")
+        return SD3TextEncoder(checkpoint, int(cfg.max_sequence_length), bool(cfg.use_t5))
     if cfg.kind == "precomputed":
         if not cfg.store:
             raise ValueError("text.kind='precomputed' needs text.store (a directory from tools/precompute_text.py)")
