@@ -1,0 +1,1 @@
+"""The codec users run: the .pcv2 bitstream and compress / decompress."""
