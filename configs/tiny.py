@@ -20,7 +20,7 @@ def get_config():
     c.model.transformer = dict(
         sample_size=16, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=16, num_attention_heads=4,
         joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64, out_channels=16,
-        pos_embed_max_size=16, dual_attention_layers=(), qk_norm=None)
+        pos_embed_max_size=64, dual_attention_layers=(), qk_norm=None)  # 64 patches: images up to 1024 px
     c.model.hyper_channels = 32  # PerCo: 192
     c.model.hyper_out_channels = 32  # PerCo: 320
     c.model.codebook_dim = 8  # PerCo: 32

@@ -3,13 +3,19 @@
   percov2 convert --input SRC --output DST [--dtype bfloat16] [--scan-layers] [--components transformer,vae]
   percov2 inspect CHECKPOINT
 
-(``compress``, ``decompress`` and ``info`` for .pcv2 bitstreams arrive with the codec.)
+  percov2 compress IMAGE|FOLDER -o OUT --checkpoint STAGE1_WORKDIR [--caption TEXT | --captions FILE]
+  percov2 decompress OUT.pcv2|FOLDER -o IMAGE.png|FOLDER --checkpoint STAGE1_WORKDIR [--steps N --guidance G --seed S]
+  percov2 info OUT.pcv2|FOLDER
+
+Token coding is uniform (log2 V bits per token) until the learned-prior mode lands. Bad
+bitstreams exit with status 2 and one line naming the problem.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 
 
@@ -41,8 +47,89 @@ def _inspect(args) -> int:
     return 0
 
 
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _inputs(path: str, suffixes) -> list[pathlib.Path]:
+    """A file, or every matching file under a folder (sorted)."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes and f.is_file())
+        if not files:
+            raise SystemExit(f"percov2: no {'/'.join(suffixes)} files under {p}")
+        return files
+    if not p.is_file():
+        raise SystemExit(f"percov2: {p}: no such file or folder")
+    return [p]
+
+
+def _output(source: pathlib.Path, root: str, out: str, many: bool, suffix: str) -> pathlib.Path:
+    if not many:
+        return pathlib.Path(out)
+    rel = source.relative_to(root) if pathlib.Path(root).is_dir() else pathlib.Path(source.name)
+    return pathlib.Path(out) / rel.with_suffix(suffix)
+
+
+def _compress(args) -> int:
+    from tqdm import tqdm
+
+    from percov2_jax.codec.api import Codec
+    from percov2_jax.data.sources import read_image
+
+    files = _inputs(args.input, _IMAGE_SUFFIXES)
+    captions = {}
+    if args.captions:
+        from percov2_jax.captions import load_captions
+
+        captions = load_captions(args.captions)
+    codec = Codec.from_workdir(args.checkpoint)
+    many = pathlib.Path(args.input).is_dir()
+    for f in tqdm(files, disable=not many, desc="compress"):
+        caption = args.caption if args.caption is not None else captions.get(f.name, "")
+        data = codec.compress(read_image(f), caption, caption_coder=args.caption_coder)
+        dst = _output(f, args.input, args.output, many, ".pcv2")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(data)
+        if not many:
+            print(f"{dst}: {len(data)} bytes, {8 * len(data)} bits")
+    return 0
+
+
+def _decompress(args) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from percov2_jax.codec.api import Codec
+
+    files = _inputs(args.input, (".pcv2",))
+    codec = Codec.from_workdir(args.checkpoint, **({} if args.steps is None else {"sample_steps": args.steps}),
+                               **({} if args.guidance is None else {"guidance_scale": args.guidance}))
+    many = pathlib.Path(args.input).is_dir()
+    for f in tqdm(files, disable=not many, desc="decompress"):
+        pixels = codec.decompress(f.read_bytes(), seed=args.seed)
+        dst = _output(f, args.input, args.output, many, ".png")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(dst)
+    return 0
+
+
+def _info(args) -> int:
+    from percov2_jax.codec import bitstream
+
+    for f in _inputs(args.input, (".pcv2",)):
+        data = f.read_bytes()
+        stream = bitstream.unpack(data)
+        budget = bitstream.bit_budget(data)
+        h = stream.header
+        print(f"{f}: {h.width}x{h.height} px, rate {h.rate}, {h.entropy_mode} tokens {h.token_grid[1]}x{h.token_grid[0]}, "
+              f"model {h.model_id:06x}, caption {stream.caption()!r}")
+        for part in ("header", "caption", "tokens", "padding", "checksum", "total"):
+            print(f"  {part:9s} {budget[part + '_bits']:6d} bits  {budget[part + '_bpp']:.5f} bpp")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="percov2", description="PerCoV2 in JAX: checkpoints and (soon) the codec.")
+    parser = argparse.ArgumentParser(prog="percov2", description="PerCoV2 in JAX: the codec and its checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="convert an SD3 PyTorch checkpoint to a percov2-jax orbax checkpoint")
     conv.add_argument("--input", required=True, help="diffusers pipeline/component folder or single .safetensors file")
@@ -57,12 +144,37 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="list the components, configs and parameter counts of a checkpoint")
     insp.add_argument("checkpoint")
     insp.set_defaults(func=_inspect)
+    comp = sub.add_parser("compress", help="image (or folder of images) -> .pcv2 (uniform token coding for now)")
+    comp.add_argument("input")
+    comp.add_argument("-o", "--output", required=True, help="output .pcv2 file, or folder when the input is a folder")
+    comp.add_argument("--checkpoint", required=True, help="a stage-1 training workdir (python -m percov2_jax.train)")
+    comp.add_argument("--caption", default=None, help="the caption to send (default: from --captions, else empty)")
+    comp.add_argument("--captions", default=None, help="captions file (TSV, JSONL or COCO) keyed by image file name")
+    comp.add_argument("--caption-coder", default="zlib")
+    comp.set_defaults(func=_compress)
+    dec = sub.add_parser("decompress", help=".pcv2 (or a folder of them) -> PNG at the original size")
+    dec.add_argument("input")
+    dec.add_argument("-o", "--output", required=True, help="output .png file, or folder when the input is a folder")
+    dec.add_argument("--checkpoint", required=True, help="the stage-1 workdir that compressed the stream")
+    dec.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's sample.num_steps)")
+    dec.add_argument("--guidance", type=float, default=None, help="caption-only CFG scale")
+    dec.add_argument("--seed", type=int, default=None, help="sampler seed (default 0)")
+    dec.set_defaults(func=_decompress)
+    info = sub.add_parser("info", help="sizes and bpp of a .pcv2 split into header, caption and tokens")
+    info.add_argument("input")
+    info.set_defaults(func=_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from percov2_jax.codec.bitstream import BitstreamError
+
+    try:
+        return args.func(args)
+    except BitstreamError as e:
+        print(f"percov2: {getattr(args, 'input', '')}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
