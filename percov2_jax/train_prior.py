@@ -1,0 +1,28 @@
+"""Stage-2 entry point: ``python -m percov2_jax.train_prior --config configs/prior_tiny.py --workdir DIR``."""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "stage-2 config file (configs/prior_*.py)", lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints and logs of the prior (resumes if present)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    from percov2_jax.train.prior import train_prior
+
+    history = train_prior(FLAGS.config, FLAGS.workdir)
+    if history:
+        print(json.dumps({"first": history[0], "last": history[-1]}, sort_keys=True))
+
+
+if __name__ == "__main__":
+    app.run(main)
