@@ -17,9 +17,13 @@ def main():
     ap.add_argument("--num-processes", type=int, default=1)
     ap.add_argument("--process-id", type=int, default=0)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--x64", action="store_true", help="float64 params and compute")
     args = ap.parse_args()
 
     import jax
+
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
 
     if args.num_processes > 1:
         jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
@@ -27,7 +31,7 @@ def main():
     import train_setup
 
     for i, (data, fsdp, tensor) in enumerate(json.loads(args.meshes)):
-        config = train_setup.test_config()
+        config = train_setup.test_config(x64=args.x64)
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
         losses, params = train_setup.run_steps(config, f"{args.workdir}/{i}", args.steps)
         if jax.process_index() == 0:

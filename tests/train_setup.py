@@ -10,8 +10,12 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_config():
-    """configs/tiny.py shrunk further: 64x64 crops (4x4 tokens), 2 MM-DiT layers, batch 8."""
+def test_config(x64: bool = False):
+    """configs/tiny.py shrunk further: 64x64 crops (4x4 tokens), 2 MM-DiT layers, batch 8.
+
+    ``x64``: float64 params and compute (needs ``jax_enable_x64``), for the sharded-equality
+    tests: in float32, Adam's per-element normalisation turns rounding noise in near-zero
+    gradients into update differences that no sharding bug caused."""
     sys.path.insert(0, os.path.join(ROOT, "configs"))
     import tiny
 
@@ -26,6 +30,8 @@ def test_config():
     c.optim.warmup_steps = 5
     c.train.async_checkpointing = False
     c.vae.fit_images = 6
+    if x64:
+        c.model.dtype = c.model.param_dtype = "float64"
     return c
 
 
@@ -36,6 +42,10 @@ def run_steps(config, workdir: str, steps: int, devices=None):
 
     from percov2_jax.train.loop import Trainer
 
+    if devices is None and int(np.prod([config.mesh.data, config.mesh.fsdp, config.mesh.tensor])) == 1:
+        import jax
+
+        devices = jax.devices()[:1]  # a one-device reference inside a multi-device process
     trainer = Trainer(config, workdir, devices=devices)
     try:
         history = trainer.train_steps(steps)
