@@ -13,16 +13,7 @@ import train_setup
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from percov2_jax.train.loop import Trainer
-
-    path = tmp_path_factory.mktemp("stage1")
-    trainer = Trainer(train_setup.test_config(), str(path))
-    try:
-        trainer.train_steps(1)
-        trainer.save()
-    finally:
-        trainer.close()
-    return path
+    return train_setup.trained_stage1(tmp_path_factory.mktemp("stage1"))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 
 from percov2_jax import rates
 from percov2_jax.models.hyper_encoder import HyperEncoderConfig
+from percov2_jax.models.layers import unboxed as nn_unbox
 from percov2_jax.models.mmdit import SD3Transformer2DModel, SD3TransformerConfig
 from percov2_jax.models.patch_autoencoder import PatchAutoencoder, PatchAutoencoderConfig, fit_patch_pca
 from percov2_jax.models.percov2 import PerCoV2, PerCoV2Config, upsample_tokens, widen_patch_embedding
@@ -46,12 +47,6 @@ def widened_case():
     params = {**variables["params"], "transformer": widen_patch_embedding(base_params, 12)}
     return dict(x=x, text=text, pooled=pooled, t=t, base=base, base_params=base_params, model=model, params=params,
                 vq_stats=variables["vq_stats"])
-
-
-def nn_unbox(tree):
-    from flax.core import meta, unfreeze
-
-    return unfreeze(meta.unbox(tree))
 
 
 def test_zero_initialised_token_channels_equal_pretrained_sd3(widened_case):

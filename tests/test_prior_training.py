@@ -16,16 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    from percov2_jax.train.loop import Trainer
-
-    path = tmp_path_factory.mktemp("stage1")
-    trainer = Trainer(train_setup.test_config(), str(path))
-    try:
-        trainer.train_steps(1)
-        trainer.save()
-    finally:
-        trainer.close()
-    return str(path)
+    return train_setup.trained_stage1(tmp_path_factory.mktemp("stage1"))
 
 
 def prior_config(stage1):

@@ -55,6 +55,19 @@ def run_steps(config, workdir: str, steps: int, devices=None):
     return [h["loss"] for h in history], jax.tree.map(np.asarray, params)
 
 
+def trained_stage1(workdir: str, steps: int = 1) -> str:
+    """A stage-1 workdir with a checkpoint after ``steps`` steps of the test config."""
+    from percov2_jax.train.loop import Trainer
+
+    trainer = Trainer(test_config(), str(workdir))
+    try:
+        trainer.train_steps(steps)
+        trainer.save()
+    finally:
+        trainer.close()
+    return str(workdir)
+
+
 def flat(params) -> dict[str, np.ndarray]:
     from flax import traverse_util
 

@@ -179,6 +179,13 @@ def remat_policy(name: str):
     return REMAT_POLICIES[name]
 
 
+def unboxed(tree: Any) -> Any:
+    """A variables tree with flax's ``LogicallyPartitioned`` boxes removed and FrozenDicts as dicts."""
+    from flax.core import meta, unfreeze
+
+    return unfreeze(meta.unbox(tree))
+
+
 def config_from_dict(cls, d: Mapping[str, Any], class_name: str):
     """A config dataclass from a diffusers config.json dict: ``_``-keys ignored, unknown keys raise."""
     fields = {f.name for f in dataclasses.fields(cls)}

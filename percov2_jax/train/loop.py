@@ -97,8 +97,7 @@ class Trainer:
             self.start_step = 0
 
     def _text_length(self) -> int:
-        seq, _ = self.text.null_embeddings() if hasattr(self.text, "null_embeddings") else (None, None)
-        return int(np.asarray(seq).shape[1])
+        return int(np.asarray(self.text.null_embeddings()[0]).shape[1])
 
     def frozen(self) -> dict[str, Any]:
         return {"vae": self.vae_params, "null_text": self.null_text}
@@ -137,18 +136,13 @@ class Trainer:
 def preview_images(source, count: int, image_size: int) -> tuple[np.ndarray, list[str]]:
     """The first ``count`` examples of ``source``, center-cropped to ``image_size``, in [-1, 1]:
     identical on every process, so the reconstruction grid is the same global computation."""
-    from PIL import Image
+    from percov2_jax.data.pipeline import resize_and_crop
 
     images, captions = [], []
     for i in range(min(count, len(source))):
         record = source[i]
-        image = Image.fromarray(np.asarray(record["image"], np.uint8))
-        scale = image_size / min(image.size)
-        w, h = max(image_size, round(image.size[0] * scale)), max(image_size, round(image.size[1] * scale))
-        image = image.resize((w, h), Image.BILINEAR)
-        left, top = (w - image_size) // 2, (h - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
-        images.append(np.asarray(image, np.float32) / 127.5 - 1.0)
+        image = resize_and_crop(np.asarray(record["image"], np.uint8), (image_size, image_size))
+        images.append(image.astype(np.float32) / 127.5 - 1.0)
         captions.append(str(record.get("caption", "")))
     return np.stack(images), captions
 

@@ -13,6 +13,8 @@ import jax
 import optax
 from flax import traverse_util
 
+from percov2_jax.models.layers import unboxed
+
 TRAINABLE_MODES = ("all", "linear", "hyper_encoder")
 ALWAYS_FROZEN = (("transformer", "pos_embed", "pos_embed"),)
 # Modules that are new in PerCoV2 (not part of pretrained SD3): trained in every mode. The patch
@@ -33,7 +35,7 @@ def trainable_mask(params: Any, mode: str) -> Any:
     """
     if mode not in TRAINABLE_MODES:
         raise ValueError(f"unknown trainable mode {mode!r}; choose one of {TRAINABLE_MODES}")
-    flat = traverse_util.flatten_dict(_plain(params))
+    flat = traverse_util.flatten_dict(unboxed(params))
     kernels = {path[:-1] for path, value in flat.items() if path[-1] == "kernel" and getattr(value, "ndim", 0) == 2}
 
     def trained(path, value) -> bool:
@@ -47,13 +49,6 @@ def trainable_mask(params: Any, mode: str) -> Any:
 
     mask = {path: trained(path, value) for path, value in flat.items()}
     return traverse_util.unflatten_dict(mask)
-
-
-def _plain(tree: Any) -> Any:
-    """Unbox flax ``LogicallyPartitioned`` leaves and turn FrozenDicts into dicts."""
-    from flax.core import meta, unfreeze
-
-    return unfreeze(meta.unbox(tree))
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:

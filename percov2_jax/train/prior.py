@@ -26,6 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from percov2_jax.entropy import mim
+from percov2_jax.models.layers import unboxed
 
 
 def prior_config(config, vocab_size: int, caption_dim: int | None) -> mim.MIMConfig:
@@ -53,7 +54,7 @@ class PriorTrainer:
         self.model = mim.MaskedTokenPrior(prior_config(config, self.codec.rate.codebook_size, caption_dim))
         self.image_size = int(config.image_size or s1.image_size)
         rows, cols = self.codec.rate.token_grid(self.image_size, self.image_size)
-        params = nn_unbox(mim.init_params(self.model, jax.random.key(int(config.seed)), rows, cols))
+        params = unboxed(mim.init_params(self.model, jax.random.key(int(config.seed)), rows, cols))
         o = config.optim
         schedule = optax.warmup_cosine_decay_schedule(0.0, float(o.learning_rate), int(o.warmup_steps),
                                                       max(int(config.num_steps), int(o.warmup_steps) + 1),
@@ -126,12 +127,6 @@ class PriorTrainer:
         self.manager.close()
 
 
-def nn_unbox(tree: Any) -> Any:
-    from flax.core import meta, unfreeze
-
-    return unfreeze(meta.unbox(tree))
-
-
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
     import grain
 
@@ -158,7 +153,7 @@ def load_prior(workdir: str, step: int | None = None) -> tuple[mim.MaskedTokenPr
             raise FileNotFoundError(f"no prior checkpoint in {workdir}")
         cfg = manager.restore(step, args=ocp.args.Composite(prior_config=ocp.args.JsonRestore()))["prior_config"]
         model = mim.MaskedTokenPrior(mim.MIMConfig(**cfg))
-        abstract = nn_unbox(jax.eval_shape(lambda: mim.init_params(model, jax.random.key(0))))
+        abstract = unboxed(jax.eval_shape(lambda: mim.init_params(model, jax.random.key(0))))
         params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
     finally:
         manager.close()

@@ -9,10 +9,11 @@ import flax.linen as nn
 import jax
 import optax
 from flax import struct
-from flax.core import meta, unfreeze
+from flax.core import unfreeze
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from percov2_jax import sharding as sharding_lib
+from percov2_jax.models.layers import unboxed
 from percov2_jax.train.optimizer import make_optimizer
 
 
@@ -70,7 +71,7 @@ def build_state_spec(model: nn.Module, example_inputs: tuple, optim_cfg, mesh: M
     boxed = jax.eval_shape(lambda: model.init(rngs, *example_inputs))
     specs = nn.get_partition_spec(boxed)
     var_shardings = nn.logical_to_mesh_sharding(specs, mesh, sharding_lib.LOGICAL_AXIS_RULES)
-    abstract_vars = unfreeze(meta.unbox(boxed))
+    abstract_vars = unboxed(boxed)
     params = abstract_vars["params"]
     param_shardings = unfreeze(var_shardings["params"])
     tx, mask, schedule = make_optimizer(optim_cfg, params)
@@ -114,7 +115,7 @@ def create_train_state(model: nn.Module, example_inputs: tuple, spec: StateSpec,
 
     def init(key, *args):
         k_params, k_vq = jax.random.split(key)
-        variables = unfreeze(meta.unbox(model.init({"params": k_params, "vq": k_vq}, *example_inputs)))
+        variables = unboxed(model.init({"params": k_params, "vq": k_vq}, *example_inputs))
         params = variables["params"]
         if init_params is not None:
             params = init_params(params, *args)
