@@ -4,11 +4,14 @@
   percov2 inspect CHECKPOINT
 
   percov2 compress IMAGE|FOLDER -o OUT --checkpoint STAGE1_WORKDIR [--caption TEXT | --captions FILE]
+          [--schedule qlds --steps S] [--hybrid-groups k [--temperature T --hybrid-seed N]]
+          [--entropy-mode prior|uniform] [--prior PRIOR_WORKDIR] [--resize-policy pad|resize]
   percov2 decompress OUT.pcv2|FOLDER -o IMAGE.png|FOLDER --checkpoint STAGE1_WORKDIR [--steps N --guidance G --seed S]
   percov2 info OUT.pcv2|FOLDER
 
-Token coding is uniform (log2 V bits per token) until the learned-prior mode lands. Bad
-bitstreams exit with status 2 and one line naming the problem.
+The stage-2 prior is read from ``STAGE1_WORKDIR/prior`` unless ``--prior`` names another run
+(``--prior none``: uniform coding only). Bad bitstreams exit with status 2 and one line naming
+the problem.
 """
 
 from __future__ import annotations
@@ -70,10 +73,15 @@ def _output(source: pathlib.Path, root: str, out: str, many: bool, suffix: str) 
     return pathlib.Path(out) / rel.with_suffix(suffix)
 
 
+def _prior_arg(value):
+    return False if value == "none" else value
+
+
 def _compress(args) -> int:
     from tqdm import tqdm
 
     from percov2_jax.codec.api import Codec
+    from percov2_jax.codec.bitstream import BitstreamError
     from percov2_jax.data.sources import read_image
 
     files = _inputs(args.input, _IMAGE_SUFFIXES)
@@ -82,11 +90,20 @@ def _compress(args) -> int:
         from percov2_jax.captions import load_captions
 
         captions = load_captions(args.captions)
-    codec = Codec.from_workdir(args.checkpoint)
+    codec = Codec.from_workdir(args.checkpoint, prior=_prior_arg(args.prior))
+    coding = {k: v for k, v in dict(entropy_mode=args.entropy_mode, schedule=args.schedule, steps=args.steps,
+                                    hybrid_groups=args.hybrid_groups, temperature=args.temperature,
+                                    seed=args.hybrid_seed).items() if v is not None}
     many = pathlib.Path(args.input).is_dir()
     for f in tqdm(files, disable=not many, desc="compress"):
         caption = args.caption if args.caption is not None else captions.get(f.name, "")
-        data = codec.compress(read_image(f), caption, caption_coder=args.caption_coder)
+        try:
+            data = codec.compress(read_image(f), caption, caption_coder=args.caption_coder,
+                                  resize_policy=args.resize_policy, **coding)
+        except ValueError as e:
+            if isinstance(e, BitstreamError):
+                raise
+            raise SystemExit(f"percov2 compress: {f}: {e}") from None
         dst = _output(f, args.input, args.output, many, ".pcv2")
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(data)
@@ -102,7 +119,7 @@ def _decompress(args) -> int:
     from percov2_jax.codec.api import Codec
 
     files = _inputs(args.input, (".pcv2",))
-    codec = Codec.from_workdir(args.checkpoint, **({} if args.steps is None else {"sample_steps": args.steps}),
+    codec = Codec.from_workdir(args.checkpoint, prior=_prior_arg(args.prior), **({} if args.steps is None else {"sample_steps": args.steps}),
                                **({} if args.guidance is None else {"guidance_scale": args.guidance}))
     many = pathlib.Path(args.input).is_dir()
     for f in tqdm(files, disable=not many, desc="decompress"):
@@ -115,6 +132,7 @@ def _decompress(args) -> int:
 
 def _info(args) -> int:
     from percov2_jax.codec import bitstream
+    from percov2_jax.entropy import schedules
 
     for f in _inputs(args.input, (".pcv2",)):
         data = f.read_bytes()
@@ -123,6 +141,15 @@ def _info(args) -> int:
         h = stream.header
         print(f"{f}: {h.width}x{h.height} px, rate {h.rate}, {h.entropy_mode} tokens {h.token_grid[1]}x{h.token_grid[0]}, "
               f"model {h.model_id:06x}, caption {stream.caption()!r}")
+        if h.has_schedule:
+            try:
+                name = schedules.schedule_from_id(h.schedule_id)
+            except ValueError:
+                name = f"unknown id {h.schedule_id}"
+            hybrid = "" if not h.hybrid_groups else (
+                f"; hybrid: first {h.hybrid_groups} groups sent, the rest generated "
+                + ("by argmax" if not h.temperature else f"at temperature {h.temperature:g}, seed {h.seed}"))
+            print(f"  schedule {name}, {h.steps} groups{hybrid}")
         for part in ("header", "caption", "tokens", "padding", "checksum", "total"):
             print(f"  {part:9s} {budget[part + '_bits']:6d} bits  {budget[part + '_bpp']:.5f} bpp")
     return 0
@@ -144,18 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     insp = sub.add_parser("inspect", help="list the components, configs and parameter counts of a checkpoint")
     insp.add_argument("checkpoint")
     insp.set_defaults(func=_inspect)
-    comp = sub.add_parser("compress", help="image (or folder of images) -> .pcv2 (uniform token coding for now)")
+    comp = sub.add_parser("compress", help="image (or folder of images) -> .pcv2")
     comp.add_argument("input")
     comp.add_argument("-o", "--output", required=True, help="output .pcv2 file, or folder when the input is a folder")
     comp.add_argument("--checkpoint", required=True, help="a stage-1 training workdir (python -m percov2_jax.train)")
     comp.add_argument("--caption", default=None, help="the caption to send (default: from --captions, else empty)")
     comp.add_argument("--captions", default=None, help="captions file (TSV, JSONL or COCO) keyed by image file name")
     comp.add_argument("--caption-coder", default="zlib")
+    comp.add_argument("--prior", default=None, help="stage-2 prior workdir (default: CHECKPOINT/prior if trained; "
+                                                    "'none': uniform coding)")
+    comp.add_argument("--entropy-mode", default=None, choices=["prior", "uniform"],
+                      help="token coding (default: prior when one is loaded)")
+    comp.add_argument("--schedule", default=None, help="coding schedule: qlds (default), implicit_var, quincunx, "
+                                                       "checkerboard, raster, random")
+    comp.add_argument("--steps", type=int, default=None, help="schedule groups (qlds, raster, random; default 12)")
+    comp.add_argument("--hybrid-groups", type=int, default=None,
+                      help="send only the first k groups; the decoder generates the rest with the prior")
+    comp.add_argument("--temperature", type=float, default=None, help="hybrid generation temperature (0 = argmax)")
+    comp.add_argument("--hybrid-seed", type=int, default=None, help="hybrid sampling seed (recorded in the stream)")
+    comp.add_argument("--resize-policy", default=None, choices=["pad", "resize"],
+                      help="sides that are not multiples of 64: pad (default; cropped on decode) or resize")
     comp.set_defaults(func=_compress)
     dec = sub.add_parser("decompress", help=".pcv2 (or a folder of them) -> PNG at the original size")
     dec.add_argument("input")
     dec.add_argument("-o", "--output", required=True, help="output .png file, or folder when the input is a folder")
     dec.add_argument("--checkpoint", required=True, help="the stage-1 workdir that compressed the stream")
+    dec.add_argument("--prior", default=None, help="stage-2 prior workdir (default: CHECKPOINT/prior if trained)")
     dec.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's sample.num_steps)")
     dec.add_argument("--guidance", type=float, default=None, help="caption-only CFG scale")
     dec.add_argument("--seed", type=int, default=None, help="sampler seed (default 0)")

@@ -25,3 +25,21 @@ try:
     torch.set_num_threads(2)
 except ImportError:  # the parity tests import torch themselves and fail loudly
     pass
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def stage1_workdir(tmp_path_factory):
+    """One briefly trained stage-1 run (tests/train_setup.py) shared by the codec and prior tests."""
+    import train_setup
+
+    return train_setup.trained_stage1(tmp_path_factory.mktemp("stage1"))
+
+
+@pytest.fixture(scope="session")
+def prior_workdir(stage1_workdir):
+    """A stage-2 prior trained a few steps on that run's tokens, in ``STAGE1/prior``."""
+    import train_setup
+
+    return train_setup.trained_prior(stage1_workdir, os.path.join(stage1_workdir, "prior"))

@@ -1,6 +1,7 @@
-"""The codec end to end with a (briefly) trained stage-1 model: compress -> .pcv2 -> decompress
-through the Python API and the ``percov2`` command; uniform token coding is exactly
-h*w*log2(V) bits and the decoder sees exactly the encoder's tokens."""
+"""The codec end to end with a (briefly) trained stage-1 model and stage-2 prior: compress ->
+.pcv2 -> decompress through the Python API and the ``percov2`` command. Uniform token coding is
+exactly h*w*log2(V) bits; prior coding round-trips every schedule exactly and costs the
+prior's code length; hybrid streams keep the transmitted tokens verbatim."""
 
 from __future__ import annotations
 
@@ -8,19 +9,32 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import train_setup
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return train_setup.trained_stage1(tmp_path_factory.mktemp("stage1"))
+def workdir(stage1_workdir):
+    return stage1_workdir
 
 
 @pytest.fixture(scope="module")
 def codec(workdir):
     from percov2_jax.codec.api import Codec
 
-    return Codec.from_workdir(str(workdir), sample_steps=2)
+    return Codec.from_workdir(str(workdir), sample_steps=2, prior=False)
+
+
+@pytest.fixture(scope="module")
+def prior_codec(workdir, prior_workdir):
+    from percov2_jax.codec.api import Codec
+
+    return Codec.from_workdir(str(workdir), sample_steps=2)  # finds WORKDIR/prior
+
+
+@pytest.fixture(scope="module")
+def photo():
+    from percov2_jax.data.builtin import BuiltinPhotos
+
+    return BuiltinPhotos()[2]["image"][:128, :192]  # 8 x 12 tokens at the test rate
 
 
 def test_round_trip_any_size_and_mode(codec):
@@ -77,3 +91,124 @@ def test_command_line(workdir, tmp_path):
     assert Image.open(tmp_path / "out" / "b.png").size == (64, 70)
     (tmp_path / "bad.pcv2").write_bytes(b"\x00garbage")
     assert cli.main(["info", str(tmp_path / "bad.pcv2")]) == 2
+
+
+def test_command_line_prior_and_hybrid(workdir, prior_workdir, tmp_path, capsys):
+    from percov2_jax import cli
+    from percov2_jax.codec import bitstream
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.tile(np.arange(128, dtype=np.uint8)[:, None, None], (1, 128, 3))).save(image)
+    assert cli.main(["compress", str(image), "-o", str(tmp_path / "a.pcv2"), "--checkpoint", workdir,
+                     "--schedule", "qlds", "--steps", "5", "--hybrid-groups", "2", "--temperature", "0.5",
+                     "--hybrid-seed", "9", "--caption", "a ramp"]) == 0
+    header = bitstream.unpack((tmp_path / "a.pcv2").read_bytes()).header
+    assert (header.entropy_mode, header.steps, header.hybrid_groups, header.temperature, header.seed) == \
+        ("prior", 5, 2, 0.5, 9)
+    capsys.readouterr()
+    assert cli.main(["info", str(tmp_path / "a.pcv2")]) == 0
+    assert "schedule qlds, 5 groups; hybrid: first 2 groups sent" in capsys.readouterr().out
+    assert cli.main(["decompress", str(tmp_path / "a.pcv2"), "-o", str(tmp_path / "a_out.png"), "--checkpoint",
+                     workdir, "--steps", "2"]) == 0
+    # Without the prior the stream cannot be decoded: exit 2 with the reason.
+    assert cli.main(["decompress", str(tmp_path / "a.pcv2"), "-o", str(tmp_path / "b.png"), "--checkpoint",
+                     workdir, "--prior", "none"]) == 2
+    assert "needs a stage-2 prior" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="hybrid_groups=2 must be below"):
+        cli.main(["compress", str(image), "-o", str(tmp_path / "c.pcv2"), "--checkpoint", workdir,
+                  "--schedule", "checkerboard", "--hybrid-groups", "2"])
+
+
+def test_prior_codes_every_schedule_exactly(prior_codec, photo):
+    from percov2_jax.codec import bitstream
+    from percov2_jax.entropy import mim, schedules
+
+    assert prior_codec.coding.entropy_mode == "prior" and prior_codec.prior_model_id != prior_codec.model_id
+    indices, _, _ = prior_codec.tokens(photo)
+    caption = "a photograph"
+    embedding = prior_codec.caption_embedding(caption)
+    assert embedding is not None and embedding.shape == (prior_codec.prior.model.config.caption_dim,)
+    for name in ("qlds", "checkerboard", "quincunx", "implicit_var", "raster", "random"):
+        data = prior_codec.compress(photo, caption, schedule=name)
+        header = bitstream.unpack(data).header
+        schedule = schedules.make_schedule(name, *indices.shape)
+        assert (header.entropy_mode, header.schedule_id, header.steps) == ("prior", schedules.schedule_id(name),
+                                                                           schedule.num_steps)
+        assert header.model_id == prior_codec.prior_model_id
+        decoded, _ = prior_codec.decode_tokens(data)
+        np.testing.assert_array_equal(decoded, indices, err_msg=name)
+        # The payload costs the prior's code length (quantised tables; a few bits of termination).
+        _, bits = mim.schedule_log2_probs(prior_codec.prior.model.apply, prior_codec.prior.params, indices,
+                                          schedule, embedding)
+        token_bits = bitstream.bit_budget(data)["tokens_bits"]
+        assert abs(token_bits - bits.sum()) <= 0.005 * bits.sum() + 16, (name, token_bits, bits.sum())
+
+
+def test_hybrid_streams_keep_sent_tokens_and_generate_the_rest(prior_codec, photo):
+    from percov2_jax.codec import bitstream
+    from percov2_jax.entropy import mim, schedules
+
+    indices, _, _ = prior_codec.tokens(photo)
+    schedule = schedules.make_schedule("qlds", *indices.shape)
+    sent = np.concatenate(schedule.groups[:3])
+    full_bits = bitstream.bit_budget(prior_codec.compress(photo, "x"))["tokens_bits"]
+    prior = prior_codec.prior
+    for mode, temperature, seed in (("prior", 0.0, 0), ("prior", 0.7, 5), ("uniform", 0.0, 0)):
+        data = prior_codec.compress(photo, "x", entropy_mode=mode, hybrid_groups=3, temperature=temperature,
+                                    seed=seed)
+        header = bitstream.unpack(data).header
+        assert (header.hybrid_groups, header.temperature) == (3, temperature)
+        decoded, _ = prior_codec.decode_tokens(data)
+        np.testing.assert_array_equal(decoded.reshape(-1)[sent], indices.reshape(-1)[sent])  # verbatim
+        expected = mim.hybrid_complete(prior.apply, prior.params, indices, schedule, 3, temperature=temperature,
+                                       seed=seed, caption=prior_codec.caption_embedding("x"))
+        np.testing.assert_array_equal(decoded, expected)
+        bits = bitstream.bit_budget(data)["tokens_bits"]
+        if mode == "uniform":
+            assert bits == 8 * len(sent)
+        else:
+            assert bits < full_bits
+    out = prior_codec.decompress(prior_codec.compress(photo, "x", hybrid_groups=2))
+    assert out.shape == photo.shape
+
+
+def test_prior_streams_need_the_prior(codec, prior_codec, photo, workdir, prior_workdir):
+    from percov2_jax.codec import bitstream
+    from percov2_jax.codec.api import load_token_prior
+
+    data = prior_codec.compress(photo, "x")
+    with pytest.raises(bitstream.BitstreamError, match="needs a stage-2 prior") as e:
+        codec.decode_tokens(data)
+    assert e.value.kind == "model"
+    # Uniform streams carry the stage-1 id: a codec without the prior reads them.
+    uniform = prior_codec.compress(photo, "x", entropy_mode="uniform")
+    np.testing.assert_array_equal(codec.decode_tokens(uniform)[0], prior_codec.tokens(photo)[0])
+    with pytest.raises(ValueError, match="needs a stage-2 prior"):
+        codec.compress(photo, "x", entropy_mode="prior")
+    with pytest.raises(ValueError, match="trained on the tokens of stage-1 model"):
+        load_token_prior(prior_workdir, expected_stage1_id=(codec.model_id + 1) % 2**24)
+    with pytest.raises(ValueError, match="hybrid_groups=2 must be below"):
+        prior_codec.compress(photo, "x", schedule="checkerboard", hybrid_groups=2)  # 8x12: 2 groups
+    # A prior stream whose model id is changed is refused by model, not decoded into garbage.
+    stream = bitstream.unpack(data)
+    forged = bitstream.pack(bitstream.CompressedImage(
+        bitstream.StreamHeader(**{**stream.header.__dict__, "model_id": codec.model_id}), stream.caption_bytes,
+        stream.token_bytes))
+    with pytest.raises(bitstream.BitstreamError, match="model"):
+        prior_codec.decode_tokens(forged)
+
+
+def test_resize_policy_and_size_limits(codec, photo):
+    from percov2_jax.codec import bitstream
+
+    crop = photo[:100, :130]
+    data = codec.compress(crop, "", resize_policy="resize")
+    header = bitstream.unpack(data).header
+    assert header.resize_policy == "resize" and header.coded_size == (128, 128)
+    assert codec.decompress(data).shape == (100, 130, 3)
+    tiny = codec.compress(np.full((1, 1, 3), 7, np.uint8), "")
+    assert bitstream.unpack(tiny).header.coded_size == (64, 64) and codec.decompress(tiny).shape == (1, 1, 3)
+    with pytest.raises(ValueError, match="beyond this model's"):
+        codec.tokens(np.zeros((64, codec.max_side + 1, 3), np.uint8))
+    with pytest.raises(ValueError, match="resize_policy"):
+        codec.compress(crop, "", resize_policy="stretch")

@@ -3,31 +3,17 @@ saved prior codes and decodes those tokens (prior mode of the token coder)."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
 import train_setup
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
-    return train_setup.trained_stage1(tmp_path_factory.mktemp("stage1"))
+def stage1(stage1_workdir):
+    return stage1_workdir
 
 
-def prior_config(stage1):
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import prior_tiny
-
-    c = prior_tiny.get_config()
-    c.stage1 = stage1
-    c.batch_size = 8
-    c.prior.width, c.prior.num_heads = 32, 2
-    return c
+prior_config = train_setup.prior_test_config
 
 
 def test_prior_learns_resumes_and_codes(stage1, tmp_path):

@@ -81,3 +81,28 @@ def save_result(path: str, losses, params) -> None:
 def load_result(path: str):
     with np.load(path) as f:
         return f["losses"], {k[6:]: f[k] for k in f.files if k.startswith("param:")}
+
+
+def prior_test_config(stage1: str):
+    """configs/prior_tiny.py shrunk: a 32-wide, 2-layer prior, batch 8."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import prior_tiny
+
+    c = prior_tiny.get_config()
+    c.stage1 = stage1
+    c.batch_size = 8
+    c.prior.width, c.prior.num_heads = 32, 2
+    return c
+
+
+def trained_prior(stage1: str, workdir: str, steps: int = 3) -> str:
+    """A stage-2 workdir with a checkpoint after ``steps`` steps on ``stage1``'s tokens."""
+    from percov2_jax.train.prior import PriorTrainer
+
+    trainer = PriorTrainer(prior_test_config(stage1), str(workdir))
+    try:
+        trainer.train_steps(steps)
+        trainer.save()
+    finally:
+        trainer.close()
+    return str(workdir)

@@ -109,6 +109,8 @@ class PriorTrainer:
         self.manager.save(self.step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(self.params), opt_state=ocp.args.StandardSave(self.opt_state),
             prior_config=ocp.args.JsonSave(dataclasses.asdict(self.model.config)),
+            meta=ocp.args.JsonSave({"stage1_model_id": self.codec.model_id,
+                                    "stage1": os.path.abspath(self.config.stage1)}),
             data=grain.checkpoint.CheckpointSave(self.iterator)), force=True)
         self.manager.wait_until_finished()
 
@@ -134,7 +136,7 @@ def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
         item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                       "prior_config": ocp.JsonCheckpointHandler(),
+                       "prior_config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler()})
 
 
@@ -158,6 +160,21 @@ def load_prior(workdir: str, step: int | None = None) -> tuple[mim.MaskedTokenPr
     finally:
         manager.close()
     return model, params
+
+
+def read_prior_meta(workdir: str, step: int | None = None) -> dict:
+    """What a stage-2 checkpoint records about its stage-1 model (``stage1_model_id``, ``stage1``
+    path); ``{}`` for checkpoints written before it was recorded."""
+    manager = _manager(os.path.join(workdir, "checkpoints"), 1)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no prior checkpoint in {workdir}")
+        if not os.path.isdir(os.path.join(workdir, "checkpoints", str(step), "meta")):
+            return {}
+        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    finally:
+        manager.close()
 
 
 def train_prior(config, workdir: str) -> list[dict[str, float]]:
