@@ -16,6 +16,7 @@ def get_config():
     c.image_size = 0  # 0: the stage-1 run's image size
     c.batch_size = 16
     c.num_steps = 500
+    c.max_minutes = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
     c.log_every = 25
     c.checkpoint_every = 250
     c.keep_checkpoints = 2

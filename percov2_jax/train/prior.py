@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any
 
 import jax
@@ -178,15 +179,22 @@ def read_prior_meta(workdir: str, step: int | None = None) -> dict:
 
 
 def train_prior(config, workdir: str) -> list[dict[str, float]]:
-    """Train to ``config.num_steps`` (resuming), checkpointing every ``checkpoint_every`` steps."""
+    """Train to ``config.num_steps`` (resuming), checkpointing every ``checkpoint_every`` steps;
+    ``max_minutes`` > 0 stops (and checkpoints) after that wall time."""
     from percov2_jax.train.metrics import MetricWriter, ProgressBar
 
     trainer = PriorTrainer(config, workdir)
     writer = MetricWriter(os.path.join(workdir), purge_step=trainer.step or None)
     bar = ProgressBar(int(config.num_steps), trainer.step)
     history: list[dict[str, float]] = []
+    minutes = float(config.get("max_minutes", 0.0))
+    deadline = time.time() + 60.0 * minutes if minutes > 0 else None
     try:
         while trainer.step < int(config.num_steps):
+            if deadline is not None and time.time() > deadline:
+                bar.write(f"stopping at step {trainer.step}: max_minutes={minutes} reached")
+                trainer.save()
+                break
             record = trainer.train_steps(1)[0]
             history.append(record)
             if trainer.step % int(config.log_every) == 0 or trainer.step == int(config.num_steps):
