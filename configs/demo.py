@@ -1,5 +1,6 @@
 """`make demo`: train the tiny PerCoV2 on the photographs shipped with scikit-image for at most
-8 minutes, checkpoint it, and write a grid of originals and reconstructions.
+6 minutes (stage 1; configs/prior_demo.py then trains the prior), checkpoint it, and write
+a grid of originals and reconstructions.
 
   python -m percov2_jax.demo --config configs/demo.py --workdir /tmp/percov2_demo
   python -m percov2_jax.demo --config configs/demo.py --workdir /tmp/d --config.train.max_minutes=2
@@ -23,7 +24,7 @@ def _tiny():
 def get_config():
     c = _tiny().get_config()
     c.train.num_steps = 3000  # the cosine schedule ends here; max_minutes usually stops first
-    c.train.max_minutes = 8.0
+    c.train.max_minutes = 6.0
     c.train.log_every = 25
     c.train.checkpoint_every = 500
     c.train.image_every = 500

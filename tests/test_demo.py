@@ -1,4 +1,4 @@
-"""`make demo` keeps working: the training demo for a few steps (and the parity demo)."""
+"""`make demo` keeps working: stage 1, stage 2 and the codec for a few steps (and the parity demo)."""
 
 from __future__ import annotations
 
@@ -25,18 +25,28 @@ def test_parity_demo_runs_and_agrees(tmp_path):
     assert (tmp_path / "demo.png").stat().st_size > 0
 
 
-def test_training_demo_writes_checkpoint_and_grid(tmp_path):
+def test_demo_trains_both_stages_and_runs_the_codec(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "percov2_jax.demo", "--config", os.path.join(ROOT, "configs", "demo.py"),
+         "--prior_config", os.path.join(ROOT, "configs", "prior_demo.py"),
          "--workdir", str(tmp_path), "--config.train.num_steps=4", "--config.train.log_every=2",
-         "--config.sample.num_steps=2", "--config.sample.num_images=2"],
+         "--config.sample.num_steps=2", "--config.sample.num_images=2", "--prior_config.num_steps=4",
+         "--prior_config.log_every=2"],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     summary = json.loads(result.stdout[result.stdout.index("{\n"):])
-    assert summary["steps"] == 4 and summary["bpp"] > 0
-    assert (tmp_path / "reconstructions.png").stat().st_size > 0
-    assert (tmp_path / "checkpoints" / "4").is_dir()
+    assert summary["stage1"]["steps"] == 4 and summary["stage2"]["steps"] == 4
+    assert summary["mean_bpp"] > 0 and summary["schedule"] == "qlds (prior)"
+    assert "mean PSNR" in result.stdout
+    report = json.loads((tmp_path / "codec.json").read_text())
+    assert len(report["images"]) == 6  # the colour photos of scikit-image
+    for row in report["images"]:  # the bits add up, and the streams are on disk
+        assert row["total_bits"] == row["caption_bits"] + row["token_bits"] + row["overhead_bits"]
+        assert row["uniform_token_bits"] == 8 * 8 * 8  # 128 px at the demo rate: 8x8 tokens of 8 bits
+        assert (tmp_path / "streams" / f"{row['image']}.pcv2").stat().st_size == row["total_bits"] // 8
+    assert (tmp_path / "checkpoints" / "4").is_dir() and (tmp_path / "prior" / "checkpoints" / "4").is_dir()
     from PIL import Image
 
     grid = Image.open(tmp_path / "reconstructions.png")
     assert grid.size == (2 * 128 + 3 * 2, 2 * 128 + 3 * 2)
+    assert Image.open(tmp_path / "codec.png").size == (6 * 128 + 7 * 2, 2 * 128 + 3 * 2)
