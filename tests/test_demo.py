@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from percov2_jax import parity_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,4 +51,10 @@ def test_demo_trains_both_stages_and_runs_the_codec(tmp_path):
 
     grid = Image.open(tmp_path / "reconstructions.png")
     assert grid.size == (2 * 128 + 3 * 2, 2 * 128 + 3 * 2)
-    assert Image.open(tmp_path / "codec.png").size == (6 * 128 + 7 * 2, 2 * 128 + 3 * 2)
+    picture = np.asarray(Image.open(tmp_path / "codec.png"))
+    assert picture.shape == (2 * 128 + 3 * 2, 6 * 128 + 7 * 2, 3)
+    from percov2_jax.data.builtin import BuiltinPhotos
+    from percov2_jax.data.pipeline import resize_and_crop
+
+    first = resize_and_crop(BuiltinPhotos()[0]["image"], (128, 128))
+    np.testing.assert_array_equal(picture[2:130, 2:130], first)  # the originals' row shows the originals

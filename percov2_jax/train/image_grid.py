@@ -13,7 +13,10 @@ PAD_VALUE = 255  # white gutters between and around the tiles
 
 
 def to_uint8(images) -> np.ndarray:
-    """Float images in [-1, 1] to uint8 [0, 255]: clipped, then rounded to nearest."""
+    """Float images in [-1, 1] to uint8 [0, 255]: clipped, then rounded to nearest. uint8
+    images are returned as they are."""
+    if np.asarray(images).dtype == np.uint8:
+        return np.asarray(images)
     x = (np.asarray(images, dtype=np.float32) + 1.0) * 127.5
     return np.rint(np.clip(x, 0.0, 255.0)).astype(np.uint8)
 
@@ -22,7 +25,7 @@ def reconstruction_grid(originals, reconstructions, *, max_images: int = 8, pad:
     """Two rows of tiles: originals on top, their reconstructions below, column by column.
 
     ``originals`` and ``reconstructions`` are float ``[N, H, W, 3]`` (NHWC) in [-1, 1] (numpy
-    or jax); values outside are clipped. The first ``min(N, max_images)`` images are used.
+    or jax; values outside are clipped) or uint8. The first ``min(N, max_images)`` images are used.
     Returns uint8 ``[2·H + 3·pad, n·W + (n + 1)·pad, 3]``, with ``pad`` white pixels around
     and between the tiles. ``H`` and ``W`` need not be equal.
     """
