@@ -78,7 +78,8 @@ class Codec:
     @classmethod
     def from_workdir(cls, workdir: str, step: int | None = None, *, prior: str | bool | None = None,
                      prior_step: int | None = None, **options) -> "Codec":
-        """Load the latest (or ``step``) checkpoint of a stage-1 training run on one device.
+        """Load the latest (or ``step``) checkpoint of a stage-1 training run on this process's
+        first local device.
 
         ``prior``: a stage-2 workdir (``python -m percov2_jax.train_prior``); None loads
         ``WORKDIR/prior`` when it holds a checkpoint; False loads none (uniform coding only).
@@ -93,7 +94,7 @@ class Codec:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{workdir}: no checkpoints/ folder (is it a stage-1 training workdir?)")
         config = ml_collections.ConfigDict(checkpointing.read_config(directory, step))
-        mesh = sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        mesh = sharding_lib.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
         rate = components.validate_config(config, process_count=1)
         model = components.build_model(config, rate)
         text = build_text_conditioner(config.text, model.config.transformer, config.pretrained.checkpoint)

@@ -15,13 +15,12 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from percov2_jax.train import distributed
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "stage-1 config file (configs/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, logs and pictures go here (resumes if it has checkpoints)")
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (auto-detected on TPU pods / SLURM)")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs outside TPU pods)")
-flags.DEFINE_integer("num_processes", None, "number of processes (with --coordinator_address)")
-flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -31,10 +30,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     import jax
 
-    if FLAGS.coordinator_address:
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    elif FLAGS.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(FLAGS)
     from percov2_jax.train.loop import train_and_evaluate
 
     metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from percov2_jax import sharding as sharding_lib
-from percov2_jax.train import checkpointing, components
+from percov2_jax.train import checkpointing, components, distributed
 from percov2_jax.train.state import batch_sharding, build_state_spec, create_train_state, replicate
 from percov2_jax.train.step import StepConfig, make_reconstruct_fn, make_train_step
 from percov2_jax.train.text import build_text_conditioner
@@ -214,7 +214,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     raise FloatingPointError(f"loss is {last['loss']} at step {step}")
             else:
                 bar.update(step)
-            out_of_time = deadline is not None and time.time() > deadline
+            out_of_time = deadline is not None and distributed.process0_decides(time.time() > deadline)
             if step % int(t.checkpoint_every) == 0 or step == num_steps or out_of_time:
                 trainer.save()
                 timer.restart_window()
