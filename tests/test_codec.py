@@ -212,3 +212,24 @@ def test_resize_policy_and_size_limits(codec, photo):
         codec.tokens(np.zeros((64, codec.max_side + 1, 3), np.uint8))
     with pytest.raises(ValueError, match="resize_policy"):
         codec.compress(crop, "", resize_policy="stretch")
+
+
+def test_forged_prior_payloads_fail_cleanly(prior_codec, photo):
+    """Streams with a valid checksum but random token bytes (what a CRC cannot catch): the
+    decoder returns some in-range token map or raises BitstreamError; nothing else, no hang."""
+    from percov2_jax.codec import bitstream
+
+    stream = bitstream.unpack(prior_codec.compress(photo[:64, :64], "x"))  # 4x4 tokens, qlds
+    rng = np.random.default_rng(0)
+    outcomes = {"tokens": 0, "error": 0}
+    for _ in range(40):
+        payload = rng.bytes(int(rng.integers(0, 12)))
+        forged = bitstream.pack(bitstream.CompressedImage(stream.header, stream.caption_bytes, payload))
+        try:
+            tokens, _ = prior_codec.decode_tokens(forged)
+        except bitstream.BitstreamError:
+            outcomes["error"] += 1
+        else:
+            assert tokens.shape == (4, 4) and tokens.min() >= 0 and tokens.max() < 256
+            outcomes["tokens"] += 1
+    assert outcomes["error"] > 30, outcomes  # the range decoder's own checks catch most of them
