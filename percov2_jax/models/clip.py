@@ -85,20 +85,22 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention, scale ``1/sqrt(head_dim)``, optional key padding mask."""
+    """Multi-head self-attention, scale ``1/sqrt(head_dim)``, optional key padding mask; causal
+    for the text tower, bidirectional (``causal=False``) for the vision tower."""
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: str | None = None
+    causal: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, t, d = x.shape
         n = cfg.num_attention_heads
         q, k, v = (dense(d, ("embed", "heads"), name=f"{p}_proj", **kw)(x).reshape(b, t, n, d // n) for p in "qkv")
-        out = dot_product_attention(q, k, v, self.implementation, mask=mask, is_causal=True)
+        out = dot_product_attention(q, k, v, self.implementation, mask=mask, is_causal=self.causal)
         return dense(d, ("heads", "embed"), name="out_proj", **kw)(out.reshape(b, t, d))
 
 
@@ -117,35 +119,40 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LayerNorm residual block: causal self-attention, then the MLP."""
+    """Pre-LayerNorm residual block: self-attention (causal unless ``causal=False``), then the MLP."""
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: str | None = None
+    causal: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
-        x = x + CLIPAttention(cfg, implementation=self.implementation, name="self_attn", **kw)(h, mask)
+        x = x + CLIPAttention(cfg, implementation=self.implementation, causal=self.causal, name="self_attn",
+                              **kw)(h, mask)
         h = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
         return x + CLIPMLP(cfg, name="mlp", **kw)(h)
 
 
 class CLIPEncoder(nn.Module):
-    """The layer stack; returns the input and every layer's output."""
+    """The layer stack; returns the input and every layer's output. ``causal=False``: the
+    vision tower (``percov2_jax.models.clip_vision``)."""
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: str | None = None
+    causal: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, ...]:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, ...]:
         states = [x]
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, self.implementation, name=f"layers_{i}")(x, mask)
+            x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, self.implementation, self.causal,
+                                 name=f"layers_{i}")(x, mask)
             states.append(x)
         return tuple(states)
 

@@ -10,9 +10,7 @@ OpenAI's ViT-L/14 (``openai/clip-vit-large-patch14``: ``quick_gelu``, 224 px, pa
 
 Parameter names mirror transformers (``vision_model.encoder.layers.3.self_attn.q_proj`` ->
 ``vision_model/encoder/layers_3/self_attn/q_proj``), so the text tower's rule table applies.
-The MLP and LayerNorm are the text tower's; the attention is the text tower's minus the
-causal mask (``clip.CLIPAttention`` is causal-only, so the three encoder classes below exist
-until it takes a ``causal`` flag).
+The encoder is the text tower's ``clip.CLIPEncoder`` with ``causal=False``.
 """
 
 from __future__ import annotations
@@ -25,8 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from percov2_jax.models.attention import dot_product_attention
-from percov2_jax.models.clip import CLIPMLP
+from percov2_jax.models.clip import CLIPEncoder
 from percov2_jax.models.layers import (Dtype, LayerNorm, activation, config_from_dict, config_from_transformers,
                                       config_to_dict, dense, embed)
 
@@ -119,59 +116,6 @@ class CLIPVisionEmbeddings(nn.Module):
         return x + positions
 
 
-class CLIPVisionAttention(nn.Module):
-    """Bidirectional multi-head self-attention (``clip.CLIPAttention`` without the causal mask)."""
-
-    config: CLIPVisionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    implementation: str | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, t, d = x.shape
-        n = cfg.num_attention_heads
-        q, k, v = (dense(d, ("embed", "heads"), name=f"{p}_proj", **kw)(x).reshape(b, t, n, d // n) for p in "qkv")
-        out = dot_product_attention(q, k, v, self.implementation)
-        return dense(d, ("heads", "embed"), name="out_proj", **kw)(out.reshape(b, t, d))
-
-
-class CLIPVisionEncoderLayer(nn.Module):
-    """Pre-LayerNorm residual block: self-attention, then ``clip.CLIPMLP``."""
-
-    config: CLIPVisionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    implementation: str | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
-        x = x + CLIPVisionAttention(cfg, implementation=self.implementation, name="self_attn", **kw)(h)
-        h = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
-        return x + CLIPMLP(cfg, name="mlp", **kw)(h)
-
-
-class CLIPVisionEncoder(nn.Module):
-    """The layer stack; returns the input and every layer's output."""
-
-    config: CLIPVisionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    implementation: str | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        states = [x]
-        for i in range(self.config.num_hidden_layers):
-            x = CLIPVisionEncoderLayer(self.config, self.dtype, self.param_dtype, self.implementation,
-                                       name=f"layers_{i}")(x)
-            states.append(x)
-        return tuple(states)
-
-
 class CLIPVisionTransformer(nn.Module):
     """transformers' ``CLIPVisionModel`` body: embeddings, ``pre_layrnorm``, encoder, pooled class token."""
 
@@ -185,7 +129,7 @@ class CLIPVisionTransformer(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = CLIPVisionEmbeddings(cfg, name="embeddings", **kw)(pixel_values)
         x = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, name="pre_layrnorm", **kw)(x)  # sic, transformers' name
-        hidden_states = CLIPVisionEncoder(cfg, implementation=self.implementation, name="encoder", **kw)(x)
+        hidden_states = CLIPEncoder(cfg, implementation=self.implementation, causal=False, name="encoder", **kw)(x)
         last = hidden_states[-1]
         pooled = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, name="post_layernorm", **kw)(last[:, 0])
         return last, pooled, hidden_states
