@@ -16,7 +16,6 @@ loaded, and the ``position_ids`` buffers of older checkpoints (checked to be ``a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -153,9 +152,7 @@ def load_clip_model(path: str | os.PathLike, *, mesh=None, progress: bool = Fals
         raise core.ConversionError(f"{path}: architecture {architecture}, expected CLIPModel (both towers)")
     vision_sources, text_sources = split_sources(read_sources(path), architecture)
     vision = _vision(_config(raw, path), vision_sources, path, mesh, None, progress, module_options)
-    text_config = clip.CLIPTextConfig.from_transformers(raw)
-    if "projection_dim" in raw:
-        text_config = dataclasses.replace(text_config, projection_dim=raw["projection_dim"])
+    text_config = clip.CLIPTextConfig.from_transformers(raw)  # takes the top-level projection_dim
     text_kind = component_kinds.KINDS["CLIPTextModelWithProjection"]
     text_module = clip.CLIPTextModelWithProjection(config=text_config, **module_options)
     text_params = component_kinds.convert(text_module, text_kind, tidy_sources(text_kind.class_name, text_sources),

@@ -46,8 +46,14 @@ class CLIPTextConfig:
 
     @classmethod
     def from_transformers(cls, d: Mapping[str, Any]) -> "CLIPTextConfig":
-        """From a transformers config.json dict (its other, generic fields are not architecture)."""
-        return config_from_transformers(cls, d.get("text_config", d))
+        """From a transformers config.json dict (its other, generic fields are not architecture).
+        A full ``CLIPModel`` config's projection width is its top-level ``projection_dim``."""
+        if "text_config" not in d:
+            return config_from_transformers(cls, d)
+        text = dict(d["text_config"])
+        if "projection_dim" in d:
+            text["projection_dim"] = d["projection_dim"]
+        return config_from_transformers(cls, text)
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self, "CLIPTextModelWithProjection")
