@@ -29,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn as tnn
+from torch_reference import max_rel_error, nchw
 
 from percov2_jax.convert.core import ConversionError
 from percov2_jax.convert.inception_weights import load_fid_inception
@@ -209,16 +210,6 @@ def photos() -> np.ndarray:
     a = photo[0:299, 100:399]
     b = np.clip(photo[200:499, 180:479] + np.random.RandomState(0).normal(0, 20, a.shape), 0, 255)
     return np.stack([a, b]).astype(np.float32)
-
-
-def nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def max_rel_error(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn as tnn
+from torch_reference import max_rel_error, nchw
 
 from percov2_jax.convert.core import ConversionError
 from percov2_jax.convert.lpips_weights import load_lpips
@@ -111,16 +112,6 @@ def random_reference(net: str, seed: int) -> TorchLPIPS:
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     return model
-
-
-def nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def max_rel_error(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def image_pairs(size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:

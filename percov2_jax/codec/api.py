@@ -36,6 +36,7 @@ from PIL import Image
 from percov2_jax import flow, rates
 from percov2_jax.codec import bitstream, token_codec
 from percov2_jax.codec.token_codec import TokenCoding, TokenPrior
+from percov2_jax.entropy import schedules
 
 RESIZE_POLICIES = ("pad", "resize")
 PRIOR_SUBDIR = "prior"  # where `from_workdir` looks for the stage-2 run by default
@@ -191,7 +192,6 @@ class Codec:
         ``self.coding`` (``entropy_mode``, ``schedule``, ``steps``, ``hybrid_groups``,
         ``temperature``, ``seed``)."""
         from percov2_jax.captions import get_coder
-        from percov2_jax.entropy import schedules
 
         options = dataclasses.replace(self.coding, **coding)
         indices, (h, w), policy = self.tokens(image, resize_policy)
@@ -213,16 +213,10 @@ class Codec:
     def decode_tokens(self, data: bytes) -> tuple[np.ndarray, bitstream.CompressedImage]:
         """A .pcv2 byte string -> ``(indices [h, w] int32, parsed stream)``; `BitstreamError` if the
         stream is corrupt, made by another model or needs a prior this codec lacks."""
-        from percov2_jax.entropy import schedules
-
         stream = bitstream.unpack(data)
         header = stream.header
-        coding = _coding_of(header, schedules)
-        if coding.needs_prior and self.prior is None:
-            raise bitstream.BitstreamError(
-                "model", f"the stream is coded with entropy mode {coding.entropy_mode!r}, hybrid k="
-                         f"{coding.hybrid_groups}: decoding it needs a stage-2 prior, and this codec has none "
-                         "(Codec.from_workdir(..., prior=DIR), percov2 decompress --prior DIR)")
+        coding = _coding_of(header)
+        token_codec.require_prior(coding, self.prior)  # before the model id: say why, not just "other model"
         expected = self.prior_model_id if coding.needs_prior else self.model_id
         if header.model_id != expected:
             raise bitstream.BitstreamError("model", f"stream made by model {header.model_id:06x}, this codec is "
@@ -253,7 +247,7 @@ class Codec:
         return pixels[: header.height, : header.width]
 
 
-def _coding_of(header: bitstream.StreamHeader, schedules) -> TokenCoding:
+def _coding_of(header: bitstream.StreamHeader) -> TokenCoding:
     if not header.has_schedule:
         return TokenCoding(entropy_mode=header.entropy_mode)
     try:

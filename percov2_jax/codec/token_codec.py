@@ -122,22 +122,27 @@ def encode(indices: np.ndarray, vocab: int, coding: TokenCoding, prior: TokenPri
     schedule = build_schedule(coding, *indices.shape)
     k = coding.hybrid_groups or None
     if coding.entropy_mode == "uniform":
-        sent = np.concatenate([np.asarray(g) for g in schedule.groups[:k]])
-        return coder.encode_uniform(indices.reshape(-1)[sent], vocab)
+        return coder.encode_uniform(indices.reshape(-1)[_sent_positions(schedule, k)], vocab)
     _check_vocab(prior, vocab)
     payload, _ = token_coding.encode_with_prior(prior.probabilities, prior.params, indices, schedule,
                                                 caption=_caption(prior, caption_embedding), groups=k)
     return payload
 
 
+def require_prior(coding: TokenCoding, prior: TokenPrior | None) -> None:
+    """`BitstreamError` (kind ``model``) when a stream coded this way needs a prior and none is loaded."""
+    if coding.needs_prior and prior is None:
+        raise BitstreamError(
+            "model", f"the stream is coded with entropy mode {coding.entropy_mode!r}, hybrid k="
+                     f"{coding.hybrid_groups}: decoding it needs a stage-2 prior, and this codec has none "
+                     "(Codec.from_workdir(..., prior=DIR), percov2 decompress --prior DIR)")
+
+
 def decode(payload: bytes, grid: tuple[int, int], vocab: int, coding: TokenCoding, prior: TokenPrior | None = None,
            caption_embedding: np.ndarray | None = None) -> np.ndarray:
     """Inverse of `encode`: the token map ``[h, w]`` int32; `BitstreamError` for a bad payload."""
     rows, cols = grid
-    if coding.needs_prior and prior is None:
-        raise BitstreamError("model", f"the stream is coded with entropy mode {coding.entropy_mode!r}, hybrid k="
-                                      f"{coding.hybrid_groups}: decoding it needs the stage-2 prior, which is not "
-                                      "loaded (Codec.from_workdir(..., prior=DIR))")
+    require_prior(coding, prior)
     try:
         if not coding.has_schedule:
             return coder.decode_uniform(payload, rows * cols, vocab).reshape(rows, cols).astype(np.int32)
@@ -147,7 +152,7 @@ def decode(payload: bytes, grid: tuple[int, int], vocab: int, coding: TokenCodin
             raise BitstreamError("field", f"coding schedule: {e}") from None
         k = coding.hybrid_groups or None
         if coding.entropy_mode == "uniform":
-            sent = np.concatenate([np.asarray(g) for g in schedule.groups[:k]])
+            sent = _sent_positions(schedule, k)
             tokens = np.zeros(rows * cols, np.int32)
             tokens[sent] = coder.decode_uniform(payload, len(sent), vocab)
             tokens = tokens.reshape(rows, cols)
@@ -162,6 +167,11 @@ def decode(payload: bytes, grid: tuple[int, int], vocab: int, coding: TokenCodin
                                      temperature=coding.temperature, seed=coding.seed,
                                      caption=_caption(prior, caption_embedding))
     return np.asarray(tokens, np.int32)
+
+
+def _sent_positions(schedule: schedules.Schedule, k: int) -> np.ndarray:
+    """Flat positions of schedule groups ``0..k-1``, in schedule order (uniform hybrid payloads)."""
+    return np.concatenate([np.asarray(g) for g in schedule.groups[:k]])
 
 
 def _check_vocab(prior: TokenPrior, vocab: int) -> None:

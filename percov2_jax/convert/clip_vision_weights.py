@@ -26,6 +26,7 @@ import numpy as np
 from percov2_jax.convert import components as component_kinds
 from percov2_jax.convert import core
 from percov2_jax.convert.text_encoders import tidy_sources
+from percov2_jax.convert.transformers_folder import read_architecture
 from percov2_jax.models import clip, clip_vision
 
 # transformers name -> Flax leaf, transform. Flax module paths come from the names
@@ -52,16 +53,7 @@ LOGIT_SCALE = "logit_scale"
 
 def read_config(folder: str) -> tuple[str, dict[str, Any]]:
     """``(architecture, raw config.json dict)`` of a transformers CLIP folder."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise core.ConversionError(f"{folder}: no config.json (expected a transformers CLIP model folder)")
-    with open(path) as f:
-        raw = json.load(f)
-    archs = raw.get("architectures") or []
-    name = next((a for a in archs if a in ARCHITECTURES), None)
-    if name is None:
-        raise core.ConversionError(f"{folder}: architectures {archs} include none of {list(ARCHITECTURES)}")
-    return name, raw
+    return read_architecture(folder, ARCHITECTURES, "a transformers CLIP model folder")
 
 
 def read_sources(path: str) -> list[core.SourceTensor]:

@@ -16,17 +16,25 @@ from percov2_jax.convert.text_encoders import tidy_sources
 ARCHITECTURES = ("CLIPTextModelWithProjection", "T5EncoderModel")
 
 
-def transformers_config(folder: str) -> dict[str, Any]:
-    """Our config dict (with ``_class_name``) for a transformers folder's ``config.json``."""
+def read_architecture(folder: str, architectures=ARCHITECTURES,
+                      what: str = "a transformers model folder") -> tuple[str, dict[str, Any]]:
+    """``(architecture, raw config.json dict)`` of a transformers folder whose ``architectures``
+    include one of ``architectures``; `core.ConversionError` otherwise."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
-        raise core.ConversionError(f"{folder}: no config.json (expected a transformers model folder)")
+        raise core.ConversionError(f"{folder}: no config.json (expected {what})")
     with open(config_path) as f:
         raw = json.load(f)
     archs = raw.get("architectures") or []
-    name = next((a for a in archs if a in ARCHITECTURES), None)
+    name = next((a for a in archs if a in architectures), None)
     if name is None:
-        raise core.ConversionError(f"{folder}: architectures {archs} include none of {list(ARCHITECTURES)}")
+        raise core.ConversionError(f"{folder}: architectures {archs} include none of {list(architectures)}")
+    return name, raw
+
+
+def transformers_config(folder: str) -> dict[str, Any]:
+    """Our config dict (with ``_class_name``) for a transformers folder's ``config.json``."""
+    name, raw = read_architecture(folder)
     return component_kinds.KINDS[name].config_cls.from_transformers(raw).to_dict()
 
 
