@@ -62,6 +62,7 @@ class Codec:
     seed: int = 0
     coding: TokenCoding | None = None
     resize_policy: str = "pad"
+    mesh: Any = None  # where params live; batches are split over its (data, fsdp) axes
 
     def __post_init__(self):
         if self.coding is None:
@@ -78,9 +79,12 @@ class Codec:
 
     @classmethod
     def from_workdir(cls, workdir: str, step: int | None = None, *, prior: str | bool | None = None,
-                     prior_step: int | None = None, **options) -> "Codec":
+                     prior_step: int | None = None, mesh=None, **options) -> "Codec":
         """Load the latest (or ``step``) checkpoint of a stage-1 training run on this process's
-        first local device.
+        first local device, or on ``mesh`` (a ``(data, fsdp, tensor)`` mesh of this process's
+        devices, from `percov2_jax.sharding.make_mesh`): parameters are placed by the logical-axis
+        rule table and `compress_batch` / `decompress_batch` split their batch over
+        ``(data, fsdp)``.
 
         ``prior``: a stage-2 workdir (``python -m percov2_jax.train_prior``); None loads
         ``WORKDIR/prior`` when it holds a checkpoint; False loads none (uniform coding only).
@@ -95,7 +99,10 @@ class Codec:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{workdir}: no checkpoints/ folder (is it a stage-1 training workdir?)")
         config = ml_collections.ConfigDict(checkpointing.read_config(directory, step))
-        mesh = sharding_lib.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+        if mesh is None:
+            mesh = sharding_lib.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
+        elif not all(d.process_index == jax.process_index() for d in mesh.devices.flat):
+            raise ValueError("Codec mesh must hold only this process's devices (the codec runs per process)")
         rate = components.validate_config(config, process_count=1)
         model = components.build_model(config, rate)
         text = build_text_conditioner(config.text, model.config.transformer, config.pretrained.checkpoint)
@@ -121,7 +128,7 @@ class Codec:
         fields = dict(sample_steps=int(sample.num_steps), guidance_scale=float(sample.guidance_scale))
         fields.update(options)
         return cls(config, model, params, state.vq_stats, latent_codec, replicate(vae_params, mesh), text, model_id,
-                   token_prior, **fields)
+                   token_prior, mesh=mesh, **fields)
 
     @property
     def rate(self) -> rates.BitRate:
@@ -175,10 +182,34 @@ class Codec:
 
     def tokens(self, image, resize_policy: str | None = None) -> tuple[np.ndarray, tuple[int, int], str | None]:
         """RGB uint8 ``[H, W, 3]`` (or a PIL image) -> ``(indices [h, w] int32, (H, W), resize policy)``."""
-        pixels, size, policy = self.coded_image(image, resize_policy)
-        x = jnp.asarray(pixels[None], jnp.float32) / 127.5 - 1.0
-        indices = _encode(self.model, self.latent_codec, self.params, self.vq_stats, self.vae_params, x)
-        return np.asarray(indices[0]), size, policy
+        indices, sizes, policies = self.tokens_batch([image], resize_policy)
+        return indices[0], sizes[0], policies[0]
+
+    def tokens_batch(self, images, resize_policy: str | None = None):
+        """Images whose coded sizes are equal -> ``(indices [B, h, w] int32, [(H, W)], [policy])``;
+        one encoder call, the batch split over the mesh."""
+        coded = [self.coded_image(image, resize_policy) for image in images]
+        shapes = sorted({c[0].shape for c in coded})
+        if len(shapes) != 1:
+            raise ValueError(f"tokens_batch needs images of one coded size, got {shapes}; group them by size")
+        x = np.stack([c[0] for c in coded]).astype(np.float32) / 127.5 - 1.0
+        indices = _encode(self.model, self.latent_codec, self.params, self.vq_stats, self.vae_params,
+                          self._shard_batch(x))
+        return np.asarray(indices)[: len(coded)], [c[1] for c in coded], [c[2] for c in coded]
+
+    def _batch_multiple(self) -> int:
+        return 1 if self.mesh is None else int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+
+    def _shard_batch(self, x: np.ndarray):
+        """Pad the batch (repeating its last row) to a multiple of the mesh's batch axes and place it."""
+        m = self._batch_multiple()
+        if len(x) % m:
+            x = np.concatenate([x, np.repeat(x[-1:], m - len(x) % m, axis=0)])
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from percov2_jax.train.state import batch_sharding
+
+        return jax.device_put(x, batch_sharding(self.mesh))
 
     def caption_embedding(self, caption: str) -> np.ndarray | None:
         """The prior's caption input: the pooled text embedding ``[P]`` float32 (None if unconditioned)."""
@@ -191,10 +222,23 @@ class Codec:
         """One image to a .pcv2 byte string. ``coding``: `TokenCoding` fields overriding
         ``self.coding`` (``entropy_mode``, ``schedule``, ``steps``, ``hybrid_groups``,
         ``temperature``, ``seed``)."""
+        return self.compress_batch([image], [caption], caption_coder, resize_policy=resize_policy, **coding)[0]
+
+    def compress_batch(self, images, captions, caption_coder: str = "zlib", *, resize_policy: str | None = None,
+                       **coding) -> list[bytes]:
+        """Images of one coded size -> .pcv2 byte strings, each equal to `compress` of that image:
+        the encoder runs once on the batch; the token payloads are coded one by one."""
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        options = dataclasses.replace(self.coding, **coding)
+        indices, sizes, policies = self.tokens_batch(images, resize_policy)
+        return [self._pack(i, size, policy, caption, caption_coder, options)
+                for i, size, policy, caption in zip(indices, sizes, policies, captions)]
+
+    def _pack(self, indices, size, policy, caption, caption_coder, options: TokenCoding) -> bytes:
         from percov2_jax.captions import get_coder
 
-        options = dataclasses.replace(self.coding, **coding)
-        indices, (h, w), policy = self.tokens(image, resize_policy)
+        h, w = size
         payload = token_codec.encode(indices, self.rate.codebook_size, options, self.prior,
                                      self.caption_embedding(caption) if options.needs_prior else None)
         fields = {}
@@ -231,20 +275,33 @@ class Codec:
 
     def decompress(self, data: bytes, *, seed: int | None = None) -> np.ndarray:
         """A .pcv2 byte string to uint8 ``[H, W, 3]`` at the original size."""
-        indices, stream = self.decode_tokens(data)
-        header = stream.header
-        rows, cols = indices.shape
-        seq, pooled = self.text([stream.caption()])
+        return self.decompress_batch([data], seed=seed)[0]
+
+    def decompress_batch(self, streams, *, seed: int | None = None) -> list[np.ndarray]:
+        """.pcv2 byte strings with one token grid -> uint8 images, each equal to `decompress` of
+        that stream (every row starts from the same seeded noise): one sampler run on the batch,
+        split over the mesh."""
+        decoded = [self.decode_tokens(data) for data in streams]
+        grids = sorted({indices.shape for indices, _ in decoded})
+        if len(grids) != 1:
+            raise ValueError(f"decompress_batch needs streams of one token grid, got {grids}; group them by size")
+        indices = np.stack([i for i, _ in decoded])
+        seq, pooled = self.text([stream.caption() for _, stream in decoded])
         null_seq, null_pooled = self.text.null_embeddings()
         key = jax.random.key(self.seed if seed is None else seed)
         image = _decode(self.model, self.latent_codec, self.params, self.vq_stats, self.vae_params,
-                        jnp.asarray(indices.reshape(1, rows, cols)), jnp.asarray(seq), jnp.asarray(pooled),
-                        jnp.asarray(null_seq), jnp.asarray(null_pooled), key, self.sample_steps,
-                        float(self.guidance_scale))
-        pixels = np.asarray(jnp.clip((image[0] + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8))
-        if header.resize_policy == "resize":
-            return np.asarray(Image.fromarray(pixels).resize((header.width, header.height), Image.Resampling.BICUBIC))
-        return pixels[: header.height, : header.width]
+                        self._shard_batch(indices), self._shard_batch(np.asarray(seq)),
+                        self._shard_batch(np.asarray(pooled)), jnp.asarray(null_seq), jnp.asarray(null_pooled), key,
+                        self.sample_steps, float(self.guidance_scale))
+        pixels = np.asarray(jnp.clip((image + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8))
+        return [_restore_size(p, stream.header) for p, (_, stream) in zip(pixels, decoded)]
+
+
+def _restore_size(pixels: np.ndarray, header: bitstream.StreamHeader) -> np.ndarray:
+    """The decoded coded-size picture -> the original size (undo the stream's resize policy)."""
+    if header.resize_policy == "resize":
+        return np.asarray(Image.fromarray(pixels).resize((header.width, header.height), Image.Resampling.BICUBIC))
+    return pixels[: header.height, : header.width]
 
 
 def _coding_of(header: bitstream.StreamHeader) -> TokenCoding:
@@ -316,7 +373,11 @@ def _decode(model, latent_codec, params, vq_stats, vae_params, indices, seq, poo
         return model.apply(variables, x, c["features"], c["text"], c["pooled"], t, method="velocity").astype(jnp.float32)
 
     cond = {"features": features, "text": seq, "pooled": pooled}
-    uncond = {"features": features, "text": null_seq, "pooled": null_pooled}
-    latents = flow.sample(velocity, jax.random.normal(key, shape, jnp.float32), cond, uncond, num_steps=num_steps,
+    uncond = {"features": features, "text": jnp.broadcast_to(null_seq, seq.shape),
+              "pooled": jnp.broadcast_to(null_pooled, pooled.shape)}
+    # Every row starts from the noise of a one-image decode: a batch decodes each stream as
+    # `decompress` does, whatever its neighbours.
+    noise = jnp.broadcast_to(jax.random.normal(key, (1,) + shape[1:], jnp.float32), shape)
+    latents = flow.sample(velocity, noise, cond, uncond, num_steps=num_steps,
                           guidance_scale=guidance_scale)
     return latent_codec.apply({"params": vae_params}, latents, method="decode_latents").astype(jnp.float32)

@@ -352,6 +352,11 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self._data)
 
+    def record_id(self, index: int) -> str:
+        """The id of record ``index`` without decoding its image (``"{split}:{index}"`` without an id feature)."""
+        index = int(index)
+        return _as_text(_lookup(self._data[index], self.id_key)) if self.id_key else f"{self.split}:{index}"
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         record = self._data[index]

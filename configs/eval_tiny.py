@@ -1,0 +1,25 @@
+"""A smoke evaluation of a tiny-config run on 2 CPU cores, without any downloaded weights.
+
+  python -m percov2_jax.evaluate --config configs/eval_tiny.py --checkpoint /tmp/percov2_demo \
+      --workdir /tmp/eval_tiny
+
+The built-in photographs at 192 x 192 (MS-SSIM needs 160 px), two operating modes, LPIPS and the
+Inception network with random weights (the code path is the real one; LPIPS / FID / KID numbers
+are meaningless and every report says "random"). CLIP score is off: it needs a CLIP folder
+(--config.metrics.clip_model=...).
+"""
+
+from percov2_jax.evaluation.defaults import base_eval_config
+
+
+def get_config():
+    c = base_eval_config()
+    c.dataset.name = "builtin"
+    c.dataset.size = 192
+    c.modes = "steps=4,guidance=3;steps=1,guidance=1"
+    c.metrics.names = "psnr,ms_ssim,lpips,fid,kid"
+    c.metrics.random_weights = True
+    c.metrics.kid_subsets = 10
+    c.batch_size = 2
+    c.shard_size = 4
+    return c

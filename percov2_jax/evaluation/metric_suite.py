@@ -1,0 +1,217 @@
+"""The evaluation's metric networks, loaded once and run batched on a process's mesh.
+
+  suite = MetricSuite.from_config(config.metrics, mesh)
+  suite.per_image(originals, reconstructions)   # {"psnr": [B], "ms_ssim": [B], "lpips": [B]} float64
+  suite.inception_features(images)              # [B, 2048] float32 (FID / KID)
+  suite.clip_image_embeds(images), suite.clip_text_embeds(captions)   # [B, D] (CLIP score)
+
+Which metrics run is ``config.names`` (a comma-separated subset of `METRICS`). A network metric
+needs its published weights (``lpips_backbone`` + ``lpips_heads``, ``inception``,
+``clip_model``), converted by ``percov2_jax.convert``; a requested metric without weights is an
+error at start-up, before any image is decoded. ``random_weights=True`` instead initialises
+LPIPS and the Inception network randomly, for smoke runs on machines without the weights: the
+code path is the real one, the numbers are meaningless, and every report says so. CLIP has no
+random mode (its tokenizer needs the vocabulary files).
+
+Conventions (PerCo's evaluation, ``percov2-method.md`` §7.2): PSNR ``10 log10(255^2 / MSE)`` on
+uint8 RGB (equal to its ``-10 log10(MSE)`` on [0, 1]); MS-SSIM with data range 255 on uint8
+(equal to data range 1 on [0, 1]); LPIPS on [-1, 1] inputs; Inception features on clean-fid's
+host resize to 299x299; CLIP score on the exact ``CLIPImageProcessor`` preprocessing. Images
+whose shorter side is below MS-SSIM's minimum (160 px for five scales) get ``ms_ssim`` None.
+Batches are padded (last row repeated) to ``batch_multiple`` and split over the mesh's
+``(data, fsdp)`` axes; padding rows are dropped from every output.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from percov2_jax.metrics import pixel
+
+METRICS = ("psnr", "ms_ssim", "lpips", "fid", "kid", "clip_score")
+MS_SSIM_MIN_SIDE = (11 - 1) * 2 ** 4  # pixel.ms_ssim with the default window and five weights
+RANDOM_NOTE = "random (smoke test: numbers are meaningless)"
+
+
+def parse_names(names: str | Sequence[str]) -> tuple[str, ...]:
+    """``"psnr,lpips"`` or a sequence -> validated metric names in `METRICS` order."""
+    items = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    unknown = sorted(set(items) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
+    return tuple(m for m in METRICS if m in items)
+
+
+class MetricSuite:
+    """Holds the metric networks; see the module docstring."""
+
+    def __init__(self, names: Sequence[str], *, lpips=None, inception=None, clip=None, weights: dict | None = None,
+                 mesh=None):
+        self.names = parse_names(names)
+        self.mesh = mesh
+        self.weights = dict(weights or {})
+        self._lpips = _replicated(lpips, mesh)
+        self._inception = _replicated(inception, mesh)
+        self._clip = clip
+        if clip is not None:
+            self._clip_params = (_put(clip.text_params, mesh), _put(clip.vision_params, mesh))
+        self._pixel_fn = jax.jit(self._pixel_metrics)
+        if self._inception is not None:
+            module, _ = self._inception
+            self._inception_fn = jax.jit(lambda p, x: module.apply({"params": p}, x))
+
+    @classmethod
+    def from_config(cls, cfg, mesh=None) -> "MetricSuite":
+        """From ``config.metrics``: names, weight paths, ``random_weights``, ``lpips_net``."""
+        names = parse_names(cfg.names)
+        random_weights = bool(cfg.get("random_weights", False))
+        missing, weights, lpips, inception, clip = [], {}, None, None, None
+        if "lpips" in names:
+            net = str(cfg.get("lpips_net", "alex"))
+            if cfg.get("lpips_backbone") and cfg.get("lpips_heads"):
+                from percov2_jax.convert.lpips_weights import load_lpips
+
+                lpips = load_lpips(net, cfg.lpips_backbone, cfg.lpips_heads)
+                weights["lpips"] = f"{net}: {cfg.lpips_backbone} + {cfg.lpips_heads}"
+            elif random_weights:
+                from percov2_jax.metrics.lpips import LPIPS
+
+                module = LPIPS(net=net)
+                x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+                lpips = (module, _unbox(module.init(jax.random.key(1), x, x)["params"]))
+                weights["lpips"] = f"{net}: {RANDOM_NOTE}"
+            else:
+                missing.append("lpips (metrics.lpips_backbone and metrics.lpips_heads)")
+        if "fid" in names or "kid" in names:
+            if cfg.get("inception"):
+                from percov2_jax.convert.inception_weights import load_fid_inception
+
+                inception = load_fid_inception(cfg.inception)
+                weights["inception"] = str(cfg.inception)
+            elif random_weights:
+                from percov2_jax.metrics.inception import INPUT_SIZE, FIDInceptionV3
+
+                module = FIDInceptionV3()
+                x = jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+                inception = (module, _unbox(module.init(jax.random.key(2), x)["params"]))
+                weights["inception"] = RANDOM_NOTE
+            else:
+                missing.append("fid/kid (metrics.inception: pytorch-fid's pt_inception-2015-12-05 .pth)")
+        if "clip_score" in names:
+            if cfg.get("clip_model"):
+                from percov2_jax.metrics.clip_score import CLIPScorer
+
+                clip = CLIPScorer.from_pretrained(cfg.clip_model, cfg.get("clip_tokenizer") or None)
+                weights["clip"] = str(cfg.clip_model)
+            else:
+                missing.append("clip_score (metrics.clip_model: a transformers CLIPModel folder)")
+        if missing:
+            raise ValueError("these metrics need weights that were not given: " + "; ".join(missing)
+                             + ". Give the paths, set metrics.random_weights=True for a smoke run (LPIPS and "
+                               "Inception only), or drop them from metrics.names.")
+        for name in ("psnr", "ms_ssim"):
+            if name in names:
+                weights[name] = "no weights"
+        return cls(names, lpips=lpips, inception=inception, clip=clip, weights=weights, mesh=mesh)
+
+    # ---------------------------------------------------------------- batching
+
+    @property
+    def batch_multiple(self) -> int:
+        return 1 if self.mesh is None else int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+
+    def _shard(self, x: np.ndarray):
+        m = self.batch_multiple
+        if len(x) % m:
+            x = np.concatenate([x, np.repeat(x[-1:], m - len(x) % m, axis=0)])
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from percov2_jax.train.state import batch_sharding
+
+        return jax.device_put(x, batch_sharding(self.mesh))
+
+    # ---------------------------------------------------------------- metrics
+
+    def _pixel_metrics(self, lpips_params, a, b):
+        out = {}
+        if "psnr" in self.names:
+            out["psnr"] = pixel.psnr(a, b)
+        if "ms_ssim" in self.names and min(a.shape[1:3]) >= MS_SSIM_MIN_SIDE:
+            out["ms_ssim"] = pixel.ms_ssim(a, b, data_range=255.0)
+        if self._lpips is not None:
+            module = self._lpips[0]
+            to_unit = lambda x: x.astype(jnp.float32) / 127.5 - 1.0  # noqa: E731
+            out["lpips"] = module.apply({"params": lpips_params}, to_unit(a), to_unit(b))
+        return out
+
+    def per_image(self, originals: np.ndarray, reconstructions: np.ndarray) -> dict[str, list]:
+        """uint8 ``[B, H, W, 3]`` pairs -> ``{metric: [B] floats (None where undefined)}`` for the
+        per-image metrics in ``names`` (psnr, ms_ssim, lpips)."""
+        originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
+        if originals.shape != reconstructions.shape or originals.dtype != np.uint8 or reconstructions.dtype != np.uint8:
+            raise ValueError(f"per_image expects two uint8 [B, H, W, 3] batches of one shape, got "
+                             f"{originals.shape} {originals.dtype} and {reconstructions.shape} {reconstructions.dtype}")
+        n = len(originals)
+        values = self._pixel_fn(self._lpips[1] if self._lpips else None, self._shard(originals),
+                                self._shard(reconstructions))
+        out = {k: [float(v) for v in np.asarray(values[k], np.float64)[:n]] for k in values}
+        if "ms_ssim" in self.names and "ms_ssim" not in out:
+            out["ms_ssim"] = [None] * n
+        return out
+
+    @property
+    def wants_inception(self) -> bool:
+        return self._inception is not None
+
+    def inception_features(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 ``[H, W, 3]`` images (any sizes) -> pool3 features ``[B, 2048]`` float32, after
+        clean-fid's resize to 299x299."""
+        from percov2_jax.metrics.inception import clean_fid_resize
+
+        x = np.stack([clean_fid_resize(np.asarray(image)) for image in images]).astype(np.float32)
+        module, params = self._inception
+        return np.asarray(self._inception_fn(params, self._shard(x)), np.float32)[: len(images)]
+
+    @property
+    def wants_clip(self) -> bool:
+        return self._clip is not None
+
+    def clip_image_embeds(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 ``[H, W, 3]`` images -> projected CLIP image embeddings ``[B, D]`` float32."""
+        from percov2_jax.metrics.clip_score import preprocess
+
+        x = preprocess(list(images), self._clip.image_size)
+        return np.asarray(self._clip._image(self._clip_params[1], self._shard(x)), np.float32)[: len(images)]
+
+    def clip_text_embeds(self, captions: Sequence[str]) -> np.ndarray:
+        """Captions -> projected CLIP text embeddings ``[B, D]`` float32."""
+        from percov2_jax.metrics.clip_score import tokenize
+
+        ids, mask = tokenize(self._clip.tokenizer, list(captions), self._clip.text_length)
+        out = self._clip._text(self._clip_params[0], self._shard(ids), self._shard(mask))
+        return np.asarray(out, np.float32)[: len(captions)]
+
+
+def _unbox(tree: Any) -> Any:
+    from flax import linen as nn
+
+    return nn.meta.unbox(tree)
+
+
+def _put(tree: Any, mesh) -> Any:
+    if mesh is None:
+        return tree
+    from percov2_jax.sharding import replicated
+
+    return jax.device_put(tree, replicated(mesh))
+
+
+def _replicated(pair, mesh):
+    if pair is None:
+        return None
+    module, params = pair
+    return module, _put(params, mesh)
