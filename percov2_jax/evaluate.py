@@ -113,7 +113,7 @@ def run_identity(config, dataset, codec, modes, suite) -> dict:
     return {"dataset": dataset.describe(), "model_id": f"{codec.model_id:06x}",
             "prior_model_id": None if codec.prior_model_id is None else f"{codec.prior_model_id:06x}",
             "modes": [m.describe() for m in modes], "coding": dataclasses.asdict(codec.coding),
-            "metrics": {"names": list(suite.names), "weights": suite.weights},
+            "metrics": {"names": list(suite.names), "weights": suite.weights, "fid_method": suite.fid_method},
             "shard_size": int(config.shard_size), "caption_coder": config.caption_coder,
             "resize_policy": config.resize_policy, "seed": int(config.seed)}
 
@@ -167,7 +167,8 @@ def write_outputs(config, workdir, identity, modes, suite, dataset, codec, proce
                                                    runner.fingerprint(identity))
     mode_results = runner.dataset_metrics(records, arrays, modes, suite.names,
                                           kid_subsets=int(config.metrics.kid_subsets),
-                                          kid_subset_size=int(config.metrics.kid_subset_size), seed=int(config.seed))
+                                          kid_subset_size=int(config.metrics.kid_subset_size), seed=int(config.seed),
+                                          fid_method=suite.fid_method)
     failures.sort(key=lambda f: f["index"])
     summary = {
         "run": {"label": config.label or os.path.basename(os.path.normpath(workdir)),

@@ -15,12 +15,13 @@ import jax
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from percov2_jax.convert import ConversionError
 from percov2_jax.convert.clip_vision_weights import load_clip_model, load_clip_vision
 from percov2_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
 from percov2_jax.metrics import clip_score as cs
+import clip_setup
 from torch_reference import max_rel_error, randomize_
 
 F32_TOL = 1e-5
@@ -108,45 +109,9 @@ def test_converter_errors_are_loud(vision_case, tmp_path):
 
 # ---------------------------------------------------------------- CLIPModel + score ----------
 
-def _bytes_to_unicode() -> list[str]:
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    out, extra = [], 0
-    for b in range(256):
-        out.append(chr(b) if b in keep else chr(256 + extra))
-        extra += b not in keep
-    return out
-
-
-def _tokenizer_folder(folder):
-    """Byte-level CLIP BPE with no merges (256 chars, 256 end-of-word chars, BOS 512, EOS 513), saved."""
-    from transformers import CLIPTokenizer
-
-    chars = _bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
-    vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77,
-                        pad_token="<|endoftext|>")
-    tok.save_pretrained(folder)
-    return tok
-
-
 @pytest.fixture(scope="module")
 def clip_case(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clip_model")
-    config = CLIPConfig(
-        text_config=dict(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=24, projection_dim=7, bos_token_id=512,
-                         eos_token_id=2, pad_token_id=513, hidden_act="quick_gelu"),
-        vision_config=dict(hidden_size=40, intermediate_size=52, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=28, patch_size=7, projection_dim=9, hidden_act="quick_gelu"),
-        projection_dim=16)  # the sub-configs' projection_dim differ: CLIPModel uses the top-level one
-    model = randomize_(CLIPModel(config), seed=92)
-    model.save_pretrained(root / "model")
-    tokenizer = _tokenizer_folder(root / "tokenizer")
-    return dict(model=model, folder=root / "model", tokenizer_folder=root / "tokenizer", tokenizer=tokenizer)
+    return clip_setup.tiny_clip(tmp_path_factory.mktemp("clip_model"))
 
 
 CAPTIONS = ["a woman in a space suit", "a cat", "a very long caption " + "with many words " * 10]

@@ -50,8 +50,9 @@ class MetricSuite:
     """Holds the metric networks; see the module docstring."""
 
     def __init__(self, names: Sequence[str], *, lpips=None, inception=None, clip=None, weights: dict | None = None,
-                 mesh=None):
+                 mesh=None, fid_method: str = "sqrtm"):
         self.names = parse_names(names)
+        self.fid_method = fid_method
         self.mesh = mesh
         self.weights = dict(weights or {})
         self._lpips = _replicated(lpips, mesh)
@@ -81,8 +82,8 @@ class MetricSuite:
                 from percov2_jax.metrics.lpips import LPIPS
 
                 module = LPIPS(net=net)
-                x = jnp.zeros((1, 64, 64, 3), jnp.float32)
-                lpips = (module, _unbox(module.init(jax.random.key(1), x, x)["params"]))
+                x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+                lpips = (module, random_params(module, (x, x), seed=1))
                 weights["lpips"] = f"{net}: {RANDOM_NOTE}"
             else:
                 missing.append("lpips (metrics.lpips_backbone and metrics.lpips_heads)")
@@ -96,8 +97,8 @@ class MetricSuite:
                 from percov2_jax.metrics.inception import INPUT_SIZE, FIDInceptionV3
 
                 module = FIDInceptionV3()
-                x = jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
-                inception = (module, _unbox(module.init(jax.random.key(2), x)["params"]))
+                x = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+                inception = (module, random_params(module, (x,), seed=2))
                 weights["inception"] = RANDOM_NOTE
             else:
                 missing.append("fid/kid (metrics.inception: pytorch-fid's pt_inception-2015-12-05 .pth)")
@@ -116,7 +117,13 @@ class MetricSuite:
         for name in ("psnr", "ms_ssim"):
             if name in names:
                 weights[name] = "no weights"
-        return cls(names, lpips=lpips, inception=inception, clip=clip, weights=weights, mesh=mesh)
+        fid_method = str(cfg.get("fid_method", "sqrtm"))
+        from percov2_jax.metrics.fid import FID_METHODS
+
+        if fid_method not in FID_METHODS:
+            raise ValueError(f"metrics.fid_method must be one of {FID_METHODS}, got {fid_method!r}")
+        return cls(names, lpips=lpips, inception=inception, clip=clip, weights=weights, mesh=mesh,
+                   fid_method=fid_method)
 
     # ---------------------------------------------------------------- batching
 
@@ -196,10 +203,24 @@ class MetricSuite:
         return np.asarray(out, np.float32)[: len(captions)]
 
 
-def _unbox(tree: Any) -> Any:
+def random_params(module, example_inputs: tuple, seed: int) -> Any:
+    """Random parameters drawn on the host (no compile): kernels He-normal over their fan-in,
+    BatchNorm ``scale``/``var`` 1, everything else 0, so activations keep their scale through a
+    deep network (flax's own init of the Inception network takes ~30 s of op-by-op compiles on
+    a CPU)."""
     from flax import linen as nn
 
-    return nn.meta.unbox(tree)
+    abstract = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *example_inputs)["params"])
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)).astype(leaf.dtype)
+        return (np.ones if name in ("scale", "var") else np.zeros)(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 def _put(tree: Any, mesh) -> Any:

@@ -312,7 +312,8 @@ def load_shards(workdir: str, num_items: int, shard_size: int, run_fingerprint: 
 
 
 def dataset_metrics(records: list, arrays: dict, modes: Sequence[Mode], names: Sequence[str], *,
-                    kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> list[dict]:
+                    kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0,
+                    fid_method: str = "sqrtm") -> list[dict]:
     """Per mode: the means of the per-image values, FID / KID (originals vs reconstructions, on
     the Inception features) and the CLIP score (mean over images, and of the originals)."""
     from percov2_jax.metrics import fid as fid_lib
@@ -330,7 +331,7 @@ def dataset_metrics(records: list, arrays: dict, modes: Sequence[Mode], names: S
         if f"{mode.name}/inception" in arrays and n >= 2:
             real, fake = arrays["original/inception"], arrays[f"{mode.name}/inception"]
             if "fid" in names:
-                metrics["fid"] = fid_lib.fid_from_features(real, fake)
+                metrics["fid"] = fid_lib.fid_from_features(real, fake, method=fid_method)
             if "kid" in names:
                 metrics["kid"] = fid_lib.kernel_inception_distance(real, fake, num_subsets=kid_subsets,
                                                                    max_subset_size=kid_subset_size, seed=seed)

@@ -39,18 +39,41 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
         return linalg.sqrtm(a)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+FID_METHODS = ("sqrtm", "eigh")
+
+
+def trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """``Tr sqrtm(sigma1 @ sigma2)`` for symmetric PSD covariances through two symmetric
+    eigendecompositions: with ``A = sigma1^(1/2)``, ``sigma1 sigma2`` is similar to the PSD matrix
+    ``A sigma2 A``, so the trace is the sum of the roots of its eigenvalues (negative rounding
+    noise clipped to 0). About 10x faster than scipy's ``sqrtm`` at D = 2048 and free of its
+    complex-noise retries."""
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root @ sigma2 @ root
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "sqrtm") -> float:
     """Fréchet distance between ``N(mu1, sigma1)`` and ``N(mu2, sigma2)`` (float).
 
-    As clean-fid/pytorch-fid: if ``sqrtm(sigma1 @ sigma2)`` is not finite, ``eps * I`` is added to
-    both covariances and the root retaken; an imaginary part (numerical noise) is dropped, but a
-    diagonal imaginary part above 1e-3 raises ``ValueError``.
+    ``method="sqrtm"`` (default) is clean-fid/pytorch-fid's: if ``sqrtm(sigma1 @ sigma2)`` is not
+    finite, ``eps * I`` is added to both covariances and the root retaken; an imaginary part
+    (numerical noise) is dropped, but a diagonal imaginary part above 1e-3 raises ``ValueError``.
+    ``method="eigh"`` computes the same trace with `trace_sqrt_product_eigh` (agreement with
+    ``sqrtm``: 1e-10 relative at full rank, 1e-7 with fewer samples than dimensions, where the
+    eigh route is the closer of the two to a high-precision value; tests/test_fid.py).
     """
+    if method not in FID_METHODS:
+        raise ValueError(f"FID method must be one of {FID_METHODS}, got {method!r}")
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
+    if method == "eigh":
+        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2)
+                     - 2 * trace_sqrt_product_eigh(sigma1, sigma2))
     covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
@@ -63,9 +86,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def fid_from_features(features1, features2) -> float:
+def fid_from_features(features1, features2, method: str = "sqrtm") -> float:
     """FID between two feature sets ``[N1, D]``, ``[N2, D]`` (clean-fid ``fid_from_feats``)."""
-    return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+    return frechet_distance(*feature_statistics(features1), *feature_statistics(features2), method=method)
 
 
 def kernel_inception_distance(

@@ -1,0 +1,211 @@
+"""The evaluation run (percov2_jax.evaluate): batched codec calls equal one-image calls; a tiny
+evaluation of a Kodak-style folder and a COCO-format folder (missing and corrupt images,
+ground-truth captions, CLIP score with a tiny random CLIP) gives identical summaries and records
+on 1 process and on 2 processes joined by jax.distributed, and when interrupted and resumed
+through the command line; a workdir of another run is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import clip_setup
+import eval_setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_inputs")
+    clip = clip_setup.tiny_clip(root / "clip")
+    paths = {"kodak": eval_setup.kodak_folder(root / "kodak" / "images"),
+             "coco30k": eval_setup.coco_folder(root / "coco" / "train2017"),
+             "clip": {"folder": str(clip["folder"]), "tokenizer_folder": str(clip["tokenizer_folder"])}}
+    (root / "inputs.json").write_text(json.dumps(paths))
+    return dict(paths, file=str(root / "inputs.json"))
+
+
+@pytest.fixture(scope="module")
+def one_process(prior_workdir, stage1_workdir, inputs, tmp_path_factory):
+    """Both evaluations in this process (one CPU device): the reference."""
+    from percov2_jax.evaluate import evaluate
+
+    out = tmp_path_factory.mktemp("eval_one")
+    summaries = {}
+    for dataset in ("kodak", "coco30k"):
+        config = eval_setup.eval_config(stage1_workdir, dataset, inputs[dataset], inputs["clip"])
+        summaries[dataset] = evaluate(config, str(out / dataset), show_progress=False)
+    return {"out": str(out), "summaries": summaries}
+
+
+def _env() -> dict:
+    env = dict(os.environ)  # keeps conftest's persistent compilation cache
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), HERE, env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_outputs_count_every_image_once(one_process):
+    kodak = one_process["summaries"]["kodak"]
+    assert kodak["images"]["total"] == 5 and kodak["images"]["evaluated"] == 3 and kodak["images"]["failed"] == 2
+    assert {(f["id"], f["kind"]) for f in kodak["images"]["failures"]} == {("kodim04.png", "missing"),
+                                                                          ("kodim05.png", "corrupt")}
+    coco = one_process["summaries"]["coco30k"]
+    assert (coco["images"]["evaluated"], coco["images"]["failed"]) == (3, 1)
+    assert coco["images"]["failures"][0]["kind"] == "missing"
+    for dataset, summary in one_process["summaries"].items():
+        workdir = os.path.join(one_process["out"], dataset)
+        records = eval_setup.read_records(workdir)
+        scored = [(r["index"], r["mode"]) for r in records if "mode" in r]
+        failed = [r["index"] for r in records if "kind" in r]
+        modes = [m["name"] for m in summary["modes"]]
+        assert sorted(scored) == sorted({(i, m) for i in set(range(summary["images"]["total"])) - set(failed)
+                                         for m in modes})
+        assert len(scored) == len(set(scored)) and not set(failed) & {i for i, _ in scored}
+        for name in ("summary.md", "records.md", "rate_distortion.png", "rate_perception.png", "operating_modes.png"):
+            assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+        text = open(os.path.join(workdir, "summary.md"), encoding="utf-8").read()
+        assert "random (smoke test" in text and "missing" in text
+        for mode in summary["modes"]:
+            m = mode["metrics"]
+            assert m["images"] == summary["images"]["evaluated"]
+            assert m["bpp"] > 0 and abs(m["bpp"] - m["bpp_caption"] - m["bpp_tokens"] - m["bpp_header"]) < 1e-12
+            assert all(np.isfinite(m[k]) for k in ("psnr", "ms_ssim", "lpips", "fid", "kid", "clip_score"))
+    # The uniform mode codes 8 bits per token; the prior mode less on these (training) photos.
+    prior_mode, uniform_mode = coco["modes"]
+    assert uniform_mode["coding"] == {"entropy_mode": "uniform"}
+    records = [r for r in eval_setup.read_records(os.path.join(one_process["out"], "coco30k")) if "mode" in r]
+    for r in records:
+        if r["mode"] == uniform_mode["name"]:
+            assert r["bpp_tokens"] * r["height"] * r["width"] == 8 * (r["height"] // 16) * (r["width"] // 16)
+    # Ground-truth captions: conditioned on the first, CLIP-scored against the second.
+    assert {r["caption"] for r in records} == {"a woman in a space suit", "coffee in a white cup",
+                                               "a ginger cat looking up"}
+    assert coco["modes"][0]["metrics"]["clip_score_original"] is not None
+
+
+def test_record_equals_a_user_round_trip(one_process, prior_workdir, stage1_workdir, inputs):
+    """The evaluation's bytes are `Codec.compress`'s and its PSNR is that of `Codec.decompress`."""
+    from percov2_jax.codec.api import Codec
+    from percov2_jax.evaluate import build_dataset
+    from percov2_jax.metrics import pixel
+
+    config = eval_setup.eval_config(stage1_workdir, "coco30k", inputs["coco30k"], inputs["clip"])
+    dataset = build_dataset(config.dataset)
+    codec = Codec.from_workdir(stage1_workdir, sample_steps=2, guidance_scale=3.0)
+    item = dataset.load(1)
+    data = codec.compress(item["image"], item["caption"])
+    picture = codec.decompress(data)
+    record = [r for r in eval_setup.read_records(os.path.join(one_process["out"], "coco30k"))
+              if r.get("index") == 1 and r.get("mode") == "s2_g3"][0]
+    assert record["bytes"] == len(data)
+    assert record["psnr"] == pytest.approx(float(pixel.psnr(item["image"][None], picture[None])[0]), abs=1e-3)
+
+    # Batched calls equal one-image calls: bytes exactly, pictures to one grey level.
+    images = [dataset.load(i)["image"] for i in (0, 1, 2)]
+    captions = ["a", "b c", ""]
+    streams = codec.compress_batch(images, captions)
+    assert streams == [codec.compress(im, c) for im, c in zip(images, captions)]
+    batched = codec.decompress_batch(streams)
+    for s, b in zip(streams, batched):
+        assert np.abs(codec.decompress(s).astype(int) - b.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="one coded size"):
+        codec.compress_batch([images[0], images[0][:64]], ["", ""])
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(one_process, stage1_workdir, inputs, tmp_path):
+    """Two processes (one CPU device each) split the shards; the summaries and the per-image
+    records equal the one-process run's exactly."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, os.path.join(HERE, "eval_check.py"), "--stage1", stage1_workdir, "--inputs",
+           inputs["file"], "--out", str(tmp_path), "--num-processes", "2", "--port", str(port)]
+    procs = [subprocess.Popen(cmd + ["--process-id", str(i)], env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=1500) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out + err[-4000:]
+    for dataset, reference in one_process["summaries"].items():
+        with open(tmp_path / dataset / "summary.json", encoding="utf-8") as f:
+            summary = json.load(f)
+        assert summary["run"]["process_count"] == 2
+        assert eval_setup.comparable(summary) == eval_setup.comparable(reference)
+        assert (eval_setup.read_records(str(tmp_path / dataset))
+                == eval_setup.read_records(os.path.join(one_process["out"], dataset)))
+        shards = {json.load(open(tmp_path / dataset / "shards" / f))["shard"] for f in
+                  os.listdir(tmp_path / dataset / "shards") if f.endswith(".json")}
+        assert shards == set(range((summary["images"]["total"] + 1) // 2))
+
+
+@pytest.mark.slow
+def test_interrupted_cli_run_resumes_to_the_same_result(one_process, stage1_workdir, inputs, tmp_path):
+    """`python -m percov2_jax.evaluate` stopped after one shard, then run again, equals the
+    uninterrupted run; the finished shard is not redone. Then a changed run in that workdir is refused."""
+    workdir = tmp_path / "kodak"
+    paths = inputs["kodak"]
+    cmd = [sys.executable, "-m", "percov2_jax.evaluate", "--config", os.path.join(eval_setup.ROOT, "configs",
+                                                                                 "eval_tiny.py"),
+           "--checkpoint", stage1_workdir, "--dataset", "kodak", "--data_dir", paths["root"], "--image_list",
+           paths["image_list"], "--workdir", str(workdir), "--modes",
+           "steps=2,guidance=3;steps=1,guidance=1,entropy_mode=uniform", "--config.dataset.conditioning=none",
+           "--config.shard_size=2", "--config.batch_size=2", "--config.metrics.kid_subsets=5",
+           "--config.metrics.names=psnr,ms_ssim,lpips,fid,kid", "--noprogress"]
+    first = subprocess.run(cmd + ["--max_shards", "1"], env=_env(), capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout + first.stderr[-4000:]
+    assert "evaluation incomplete: 2 of 3 shards left" in first.stdout
+    done = os.path.getmtime(workdir / "shards" / "shard_00000.json")
+    second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout + second.stderr[-4000:]
+    assert "| s2_g3 |" in second.stdout  # the summary table is printed
+    assert os.path.getmtime(workdir / "shards" / "shard_00000.json") == done
+    with open(workdir / "summary.json", encoding="utf-8") as f:
+        summary = json.load(f)
+    reference = one_process["summaries"]["kodak"]
+    assert summary["modes"] == [{**m, "metrics": {**m["metrics"], "clip_score": None, "clip_score_original": None}}
+                                for m in reference["modes"]]
+    reference_records = eval_setup.read_records(os.path.join(one_process["out"], "kodak"))
+    assert eval_setup.read_records(str(workdir)) == [{k: v for k, v in r.items() if k != "clip_score"}
+                                                     for r in reference_records]
+    changed = subprocess.run([c if c != "steps=2,guidance=3;steps=1,guidance=1,entropy_mode=uniform" else "steps=3"
+                              for c in cmd], env=_env(), capture_output=True, text=True, timeout=900)
+    assert changed.returncode != 0 and "holds another evaluation run" in changed.stderr
+    assert "modes" in changed.stderr
+
+
+def test_modes_parse_and_fail_loudly():
+    from percov2_jax.evaluation.modes import parse_modes
+
+    modes = parse_modes("steps=20,cfg=3; steps=2,guidance=1,hybrid_groups=2,schedule=qlds ;name=x", 28, 7.0)
+    assert [(m.name, m.sample_steps, m.guidance_scale) for m in modes] == [
+        ("s20_g3", 20, 3.0), ("s2_g1_qlds_h2", 2, 1.0), ("x", 28, 7.0)]
+    assert modes[1].coding_overrides == {"hybrid_groups": 2, "schedule": "qlds"}
+    assert [m.name for m in parse_modes("", 20, 3.0)] == ["s20_g3"]
+    for bad, match in [("steps=2,speed=3", "speed"), ("steps=x", "not a number"), ("steps=0", ">= 1"),
+                       ("steps=2;steps=2", "same name"), ("guidance", "key=value"), ("steps=1,steps=2", "twice")]:
+        with pytest.raises(ValueError, match=match):
+            parse_modes(bad, 20, 3.0)
+
+
+def test_metrics_without_weights_fail_at_start():
+    import ml_collections
+
+    from percov2_jax.evaluation.defaults import base_eval_config
+    from percov2_jax.evaluation.metric_suite import MetricSuite
+
+    cfg = base_eval_config().metrics
+    with pytest.raises(ValueError) as e:
+        MetricSuite.from_config(cfg)
+    for expected in ("lpips_backbone", "metrics.inception", "clip_model", "random_weights"):
+        assert expected in str(e.value)
+    with pytest.raises(ValueError, match="unknown metrics"):
+        MetricSuite.from_config(ml_collections.ConfigDict(dict(names="psnr,miou")))
+    assert MetricSuite.from_config(ml_collections.ConfigDict(dict(names="psnr"))).names == ("psnr",)
