@@ -5,7 +5,8 @@
 
 Evaluates the Kodak-style and the COCO-format folders of ``inputs.json`` (written by the test:
 their paths and the tiny CLIP folder) into ``OUT/kodak`` and ``OUT/coco30k``, joining
-``jax.distributed`` on 127.0.0.1 first when asked.
+``jax.distributed`` on 127.0.0.1 first when asked. The Kodak run is interrupted after one shard
+per process and resumed (in the same process, so nothing compiles twice).
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ def main():
     if args.num_processes > 1:
         jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
     import eval_setup
-    from percov2_jax.evaluate import evaluate
+    from percov2_jax.evaluation.run import evaluate
 
     with open(args.inputs, encoding="utf-8") as f:
         inputs = json.load(f)
     for dataset in ("kodak", "coco30k"):
         config = eval_setup.eval_config(args.stage1, dataset, inputs[dataset], inputs.get("clip"))
+        if dataset == "kodak":
+            assert evaluate(config, f"{args.out}/{dataset}", max_shards=1, show_progress=False) is None
         evaluate(config, f"{args.out}/{dataset}", show_progress=False)
 
 

@@ -1,8 +1,8 @@
 """The evaluation run (percov2_jax.evaluate): batched codec calls equal one-image calls; a tiny
 evaluation of a Kodak-style folder and a COCO-format folder (missing and corrupt images,
 ground-truth captions, CLIP score with a tiny random CLIP) gives identical summaries and records
-on 1 process and on 2 processes joined by jax.distributed, and when interrupted and resumed
-through the command line; a workdir of another run is refused."""
+on 1 process and on 2 processes joined by jax.distributed (interrupted and resumed there), and
+when the command line is interrupted and the run resumed; a workdir of another run is refused."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(prior_workdir, stage1_workdir, inputs, tmp_path_factory):
     """Both evaluations in this process (one CPU device): the reference."""
-    from percov2_jax.evaluate import evaluate
+    from percov2_jax.evaluation.run import evaluate
 
     out = tmp_path_factory.mktemp("eval_one")
     summaries = {}
@@ -94,7 +94,7 @@ def test_outputs_count_every_image_once(one_process):
 def test_record_equals_a_user_round_trip(one_process, prior_workdir, stage1_workdir, inputs):
     """The evaluation's bytes are `Codec.compress`'s and its PSNR is that of `Codec.decompress`."""
     from percov2_jax.codec.api import Codec
-    from percov2_jax.evaluate import build_dataset
+    from percov2_jax.evaluation.run import build_dataset
     from percov2_jax.metrics import pixel
 
     config = eval_setup.eval_config(stage1_workdir, "coco30k", inputs["coco30k"], inputs["clip"])
@@ -122,8 +122,8 @@ def test_record_equals_a_user_round_trip(one_process, prior_workdir, stage1_work
 
 @pytest.mark.slow
 def test_two_processes_equal_one(one_process, stage1_workdir, inputs, tmp_path):
-    """Two processes (one CPU device each) split the shards; the summaries and the per-image
-    records equal the one-process run's exactly."""
+    """Two processes (one CPU device each) split the shards, the Kodak run stopped after one shard
+    each and resumed; the summaries and the per-image records equal the one-process run's exactly."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -148,37 +148,35 @@ def test_two_processes_equal_one(one_process, stage1_workdir, inputs, tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_cli_run_resumes_to_the_same_result(one_process, stage1_workdir, inputs, tmp_path):
-    """`python -m percov2_jax.evaluate` stopped after one shard, then run again, equals the
-    uninterrupted run; the finished shard is not redone. Then a changed run in that workdir is refused."""
+    """`python -m percov2_jax.evaluate` stopped after one shard, then the run resumed (here, in this
+    process) equals the uninterrupted run without redoing that shard; then a changed run in that
+    workdir is refused, naming the change."""
+    from percov2_jax.evaluation.run import evaluate
+
     workdir = tmp_path / "kodak"
     paths = inputs["kodak"]
-    cmd = [sys.executable, "-m", "percov2_jax.evaluate", "--config", os.path.join(eval_setup.ROOT, "configs",
-                                                                                 "eval_tiny.py"),
-           "--checkpoint", stage1_workdir, "--dataset", "kodak", "--data_dir", paths["root"], "--image_list",
-           paths["image_list"], "--workdir", str(workdir), "--modes",
-           "steps=2,guidance=3;steps=1,guidance=1,entropy_mode=uniform", "--config.dataset.conditioning=none",
-           "--config.shard_size=2", "--config.batch_size=2", "--config.metrics.kid_subsets=5",
-           "--config.metrics.names=psnr,ms_ssim,lpips,fid,kid", "--noprogress"]
-    first = subprocess.run(cmd + ["--max_shards", "1"], env=_env(), capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "percov2_jax.evaluate", "--config",
+           os.path.join(eval_setup.ROOT, "configs", "eval_tiny.py"), "--checkpoint", stage1_workdir,
+           "--dataset", "kodak", "--data_dir", paths["root"], "--image_list", paths["image_list"],
+           "--workdir", str(workdir), "--modes", "steps=2,guidance=3;steps=1,guidance=1,entropy_mode=uniform",
+           "--config.dataset.conditioning=none", "--config.dataset.strict_list=false", "--config.shard_size=2",
+           "--config.batch_size=2", "--config.metrics.kid_subsets=5", "--max_shards", "1", "--noprogress"]
+    first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr[-4000:]
     assert "evaluation incomplete: 2 of 3 shards left" in first.stdout
     done = os.path.getmtime(workdir / "shards" / "shard_00000.json")
-    second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stdout + second.stderr[-4000:]
-    assert "| s2_g3 |" in second.stdout  # the summary table is printed
+    config = eval_setup.eval_config(stage1_workdir, "kodak", paths)  # what the flags above say
+    summary = evaluate(config, str(workdir), show_progress=False)
     assert os.path.getmtime(workdir / "shards" / "shard_00000.json") == done
-    with open(workdir / "summary.json", encoding="utf-8") as f:
-        summary = json.load(f)
     reference = one_process["summaries"]["kodak"]
     assert summary["modes"] == [{**m, "metrics": {**m["metrics"], "clip_score": None, "clip_score_original": None}}
                                 for m in reference["modes"]]
     reference_records = eval_setup.read_records(os.path.join(one_process["out"], "kodak"))
     assert eval_setup.read_records(str(workdir)) == [{k: v for k, v in r.items() if k != "clip_score"}
                                                      for r in reference_records]
-    changed = subprocess.run([c if c != "steps=2,guidance=3;steps=1,guidance=1,entropy_mode=uniform" else "steps=3"
-                              for c in cmd], env=_env(), capture_output=True, text=True, timeout=900)
-    assert changed.returncode != 0 and "holds another evaluation run" in changed.stderr
-    assert "modes" in changed.stderr
+    config.modes = "steps=3"
+    with pytest.raises(ValueError, match="holds another evaluation run.*modes"):
+        evaluate(config, str(workdir), show_progress=False)
 
 
 def test_modes_parse_and_fail_loudly():

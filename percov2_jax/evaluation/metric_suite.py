@@ -60,10 +60,6 @@ class MetricSuite:
         self._clip = clip
         if clip is not None:
             self._clip_params = (_put(clip.text_params, mesh), _put(clip.vision_params, mesh))
-        self._pixel_fn = jax.jit(self._pixel_metrics)
-        if self._inception is not None:
-            module, _ = self._inception
-            self._inception_fn = jax.jit(lambda p, x: module.apply({"params": p}, x))
 
     @classmethod
     def from_config(cls, cfg, mesh=None) -> "MetricSuite":
@@ -143,18 +139,6 @@ class MetricSuite:
 
     # ---------------------------------------------------------------- metrics
 
-    def _pixel_metrics(self, lpips_params, a, b):
-        out = {}
-        if "psnr" in self.names:
-            out["psnr"] = pixel.psnr(a, b)
-        if "ms_ssim" in self.names and min(a.shape[1:3]) >= MS_SSIM_MIN_SIDE:
-            out["ms_ssim"] = pixel.ms_ssim(a, b, data_range=255.0)
-        if self._lpips is not None:
-            module = self._lpips[0]
-            to_unit = lambda x: x.astype(jnp.float32) / 127.5 - 1.0  # noqa: E731
-            out["lpips"] = module.apply({"params": lpips_params}, to_unit(a), to_unit(b))
-        return out
-
     def per_image(self, originals: np.ndarray, reconstructions: np.ndarray) -> dict[str, list]:
         """uint8 ``[B, H, W, 3]`` pairs -> ``{metric: [B] floats (None where undefined)}`` for the
         per-image metrics in ``names`` (psnr, ms_ssim, lpips)."""
@@ -163,7 +147,8 @@ class MetricSuite:
             raise ValueError(f"per_image expects two uint8 [B, H, W, 3] batches of one shape, got "
                              f"{originals.shape} {originals.dtype} and {reconstructions.shape} {reconstructions.dtype}")
         n = len(originals)
-        values = self._pixel_fn(self._lpips[1] if self._lpips else None, self._shard(originals),
+        values = _pixel_metrics(self.names, self._lpips[0] if self._lpips else None,
+                                self._lpips[1] if self._lpips else None, self._shard(originals),
                                 self._shard(reconstructions))
         out = {k: [float(v) for v in np.asarray(values[k], np.float64)[:n]] for k in values}
         if "ms_ssim" in self.names and "ms_ssim" not in out:
@@ -181,7 +166,7 @@ class MetricSuite:
 
         x = np.stack([clean_fid_resize(np.asarray(image)) for image in images]).astype(np.float32)
         module, params = self._inception
-        return np.asarray(self._inception_fn(params, self._shard(x)), np.float32)[: len(images)]
+        return np.asarray(_apply(module, params, self._shard(x)), np.float32)[: len(images)]
 
     @property
     def wants_clip(self) -> bool:
@@ -192,15 +177,37 @@ class MetricSuite:
         from percov2_jax.metrics.clip_score import preprocess
 
         x = preprocess(list(images), self._clip.image_size)
-        return np.asarray(self._clip._image(self._clip_params[1], self._shard(x)), np.float32)[: len(images)]
+        out = _apply(self._clip.vision_module, self._clip_params[1], self._shard(x)).image_embeds
+        return np.asarray(out, np.float32)[: len(images)]
 
     def clip_text_embeds(self, captions: Sequence[str]) -> np.ndarray:
         """Captions -> projected CLIP text embeddings ``[B, D]`` float32."""
         from percov2_jax.metrics.clip_score import tokenize
 
         ids, mask = tokenize(self._clip.tokenizer, list(captions), self._clip.text_length)
-        out = self._clip._text(self._clip_params[0], self._shard(ids), self._shard(mask))
+        out = _apply(self._clip.text_module, self._clip_params[0], self._shard(ids), self._shard(mask)).text_embeds
         return np.asarray(out, np.float32)[: len(captions)]
+
+
+# Module-level jitted functions with the (hashable) Flax modules as static arguments: a new
+# MetricSuite over the same networks reuses the compiled code.
+
+@jax.jit(static_argnums=(0,))
+def _apply(module, params, *inputs):
+    return module.apply({"params": params}, *inputs)
+
+
+@jax.jit(static_argnums=(0, 1))
+def _pixel_metrics(names, lpips_module, lpips_params, a, b):
+    out = {}
+    if "psnr" in names:
+        out["psnr"] = pixel.psnr(a, b)
+    if "ms_ssim" in names and min(a.shape[1:3]) >= MS_SSIM_MIN_SIDE:
+        out["ms_ssim"] = pixel.ms_ssim(a, b, data_range=255.0)
+    if lpips_module is not None:
+        to_unit = lambda x: x.astype(jnp.float32) / 127.5 - 1.0  # noqa: E731
+        out["lpips"] = lpips_module.apply({"params": lpips_params}, to_unit(a), to_unit(b))
+    return out
 
 
 def random_params(module, example_inputs: tuple, seed: int) -> Any:
