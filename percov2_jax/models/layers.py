@@ -69,18 +69,47 @@ def conv(
     )
 
 
-def group_norm(num_groups: int, *, name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-6) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+    """GroupNorm over the last (channel) axis of ``[B, ..., C]`` inputs with PyTorch's semantics:
+    two-pass variance, ``eps`` inside the root, affine ``scale`` / ``bias`` per channel
+    (flax.linen.GroupNorm's parameter names), statistics in at least float32.
+
+    The statistics are per-channel sums over the positions first, then sums over each group's
+    channels: XLA:CPU reduces ``[B, P, C]`` over ``P`` about 9x faster than the
+    ``[B, P, G, C/G]`` reduction flax.linen.GroupNorm does (2x128x128x64 map: 1.7 ms vs 16 ms;
+    PyTorch 0.8 ms), which made the VAE twice as slow as PyTorch's on CPU.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, c, g = x.shape[0], x.shape[-1], self.num_groups
+        if c % g:
+            raise ValueError(f"GroupNorm: {c} channels do not split into {g} groups")
+        scale = self.param("scale", _boxed(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype)
+        bias = self.param("bias", _boxed(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype)
+        stats = _stats_dtype(x.dtype)
+        flat = x.reshape(b, -1, c).astype(stats)
+        count = flat.shape[1] * (c // g)
+
+        def per_group_mean(values):  # [B, P, C] -> [B, 1, C]: the mean of each channel's group
+            sums = values.sum(axis=1).reshape(b, g, c // g).sum(axis=-1) / count
+            return jnp.repeat(sums, c // g, axis=1)[:, None, :]
+
+        centered = flat - per_group_mean(flat)
+        var = per_group_mean(centered * centered)
+        y = centered * jax.lax.rsqrt(var + self.epsilon) * scale.astype(stats) + bias.astype(stats)
+        out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
+        return y.reshape(x.shape).astype(out_dtype)
+
+
+def group_norm(num_groups: int, *, name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-6) -> GroupNorm:
     """GroupNorm over NHWC channels (two-pass variance, as PyTorch)."""
-    return nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=eps,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        use_fast_variance=False,
-        scale_init=_boxed(nn.initializers.ones_init(), ("norm",)),
-        bias_init=_boxed(nn.initializers.zeros_init(), ("norm",)),
-        name=name,
-    )
+    return GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def _stats_dtype(dtype) -> Any:
