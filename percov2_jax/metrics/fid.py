@@ -46,7 +46,7 @@ def trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """``Tr sqrtm(sigma1 @ sigma2)`` for symmetric PSD covariances through two symmetric
     eigendecompositions: with ``A = sigma1^(1/2)``, ``sigma1 sigma2`` is similar to the PSD matrix
     ``A sigma2 A``, so the trace is the sum of the roots of its eigenvalues (negative rounding
-    noise clipped to 0). About 10x faster than scipy's ``sqrtm`` at D = 2048 and free of its
+    noise clipped to 0). About 5x faster than scipy's ``sqrtm`` at D = 2048 (2.6 s vs 13.8 s on 2 cores) and free of its
     complex-noise retries."""
     w, v = np.linalg.eigh(sigma1)
     root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
