@@ -58,7 +58,6 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from percov2_jax import flow
 from percov2_jax.codec import api, bitstream, token_codec
 from percov2_jax.codec.token_codec import TokenCoding
 from percov2_jax.entropy import coder, schedules
@@ -178,25 +177,8 @@ def _hyper_tokens(model, params, vq_stats, latents):
     return model.apply(variables, latents.astype(jnp.float32), method="hyper_latent_tokens").indices
 
 
-@jax.jit(static_argnums=(0, 9, 10))
-def _sample_latents(model, params, vq_stats, indices, seq, pooled, null_seq, null_pooled, key, num_steps,
-                    guidance_scale):
-    """``api._decode`` up to the sampled latents (same code, same order)."""
-    variables = {"params": params, "vq_stats": vq_stats}
-    features = model.apply(variables, indices, method="token_features")
-    f = model.config.hyper_encoder
-    cells = f.latent_side // f.hyper_side
-    b, rows, cols = indices.shape
-    shape = (b, rows * cells, cols * cells, model.config.latent_channels)
-
-    def velocity(x, t, c):
-        return model.apply(variables, x, c["features"], c["text"], c["pooled"], t, method="velocity").astype(jnp.float32)
-
-    cond = {"features": features, "text": seq, "pooled": pooled}
-    uncond = {"features": features, "text": jnp.broadcast_to(null_seq, seq.shape),
-              "pooled": jnp.broadcast_to(null_pooled, pooled.shape)}
-    noise = jnp.broadcast_to(jax.random.normal(key, (1,) + shape[1:], jnp.float32), shape)
-    return flow.sample(velocity, noise, cond, uncond, num_steps=num_steps, guidance_scale=guidance_scale)
+# ``api._decode`` up to the sampled latents: the codec's own function, jitted alone to time it apart.
+_sample_latents = jax.jit(api.sample_latents, static_argnums=(0, 9, 10))
 
 
 @jax.jit(static_argnums=0)

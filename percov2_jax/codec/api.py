@@ -197,19 +197,11 @@ class Codec:
                           self._shard_batch(x))
         return np.asarray(indices)[: len(coded)], [c[1] for c in coded], [c[2] for c in coded]
 
-    def _batch_multiple(self) -> int:
-        return 1 if self.mesh is None else int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
-
     def _shard_batch(self, x: np.ndarray):
-        """Pad the batch (repeating its last row) to a multiple of the mesh's batch axes and place it."""
-        m = self._batch_multiple()
-        if len(x) % m:
-            x = np.concatenate([x, np.repeat(x[-1:], m - len(x) % m, axis=0)])
-        if self.mesh is None:
-            return jnp.asarray(x)
-        from percov2_jax.train.state import batch_sharding
+        """Pad the batch to the mesh's batch axes and place it (`train.state.place_padded_batch`)."""
+        from percov2_jax.train.state import place_padded_batch
 
-        return jax.device_put(x, batch_sharding(self.mesh))
+        return place_padded_batch(x, self.mesh)
 
     def caption_embedding(self, caption: str) -> np.ndarray | None:
         """The prior's caption input: the pooled text embedding ``[P]`` float32 (None if unconditioned)."""
@@ -359,9 +351,10 @@ def _encode(model, latent_codec, params, vq_stats, vae_params, images):
     return q.indices
 
 
-@jax.jit(static_argnums=(0, 1, 11, 12))
-def _decode(model, latent_codec, params, vq_stats, vae_params, indices, seq, pooled, null_seq, null_pooled, key,
-            num_steps, guidance_scale):
+def sample_latents(model, params, vq_stats, indices, seq, pooled, null_seq, null_pooled, key, num_steps,
+                   guidance_scale):
+    """Token indices ``[B, h, w]`` + caption embeddings -> sampled latents ``[B, H, W, C]`` float32
+    (Euler, caption-only CFG): the decoder up to the latent codec. Traced inside `_decode`."""
     variables = {"params": params, "vq_stats": vq_stats}
     features = model.apply(variables, indices, method="token_features")
     f = model.config.hyper_encoder
@@ -378,6 +371,12 @@ def _decode(model, latent_codec, params, vq_stats, vae_params, indices, seq, poo
     # Every row starts from the noise of a one-image decode: a batch decodes each stream as
     # `decompress` does, whatever its neighbours.
     noise = jnp.broadcast_to(jax.random.normal(key, (1,) + shape[1:], jnp.float32), shape)
-    latents = flow.sample(velocity, noise, cond, uncond, num_steps=num_steps,
-                          guidance_scale=guidance_scale)
+    return flow.sample(velocity, noise, cond, uncond, num_steps=num_steps, guidance_scale=guidance_scale)
+
+
+@jax.jit(static_argnums=(0, 1, 11, 12))
+def _decode(model, latent_codec, params, vq_stats, vae_params, indices, seq, pooled, null_seq, null_pooled, key,
+            num_steps, guidance_scale):
+    latents = sample_latents(model, params, vq_stats, indices, seq, pooled, null_seq, null_pooled, key, num_steps,
+                             guidance_scale)
     return latent_codec.apply({"params": vae_params}, latents, method="decode_latents").astype(jnp.float32)

@@ -125,17 +125,14 @@ class MetricSuite:
 
     @property
     def batch_multiple(self) -> int:
-        return 1 if self.mesh is None else int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        from percov2_jax.train.state import batch_multiple
+
+        return batch_multiple(self.mesh)
 
     def _shard(self, x: np.ndarray):
-        m = self.batch_multiple
-        if len(x) % m:
-            x = np.concatenate([x, np.repeat(x[-1:], m - len(x) % m, axis=0)])
-        if self.mesh is None:
-            return jnp.asarray(x)
-        from percov2_jax.train.state import batch_sharding
+        from percov2_jax.train.state import place_padded_batch
 
-        return jax.device_put(x, batch_sharding(self.mesh))
+        return place_padded_batch(x, self.mesh)
 
     # ---------------------------------------------------------------- metrics
 

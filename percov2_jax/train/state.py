@@ -65,6 +65,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def batch_multiple(mesh: Mesh | None) -> int:
+    """Rows a batch must be a multiple of to split over ``(data, fsdp)`` (1 without a mesh)."""
+    return 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def place_padded_batch(x, mesh: Mesh | None) -> jax.Array:
+    """A host batch padded (its last row repeated) to `batch_multiple` rows and placed with
+    `batch_sharding` (on the default device without a mesh); callers drop the padding rows."""
+    import numpy as np
+
+    x = np.asarray(x)
+    m = batch_multiple(mesh)
+    if len(x) % m:
+        x = np.concatenate([x, np.repeat(x[-1:], m - len(x) % m, axis=0)])
+    return jax.numpy.asarray(x) if mesh is None else jax.device_put(x, batch_sharding(mesh))
+
+
 def build_state_spec(model: nn.Module, example_inputs: tuple, optim_cfg, mesh: Mesh, *, ema: bool) -> StateSpec:
     """Abstract state, optimizer and shardings for ``model`` on ``mesh`` (no arrays allocated)."""
     rngs = {"params": jax.random.key(0), "vq": jax.random.key(0)}
