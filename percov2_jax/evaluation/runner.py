@@ -163,8 +163,8 @@ class Evaluator:
                 failures.append({"index": int(index), "id": dataset.ids[index], "kind": "corrupt", "error": str(e)})
             else:
                 items.append((int(index), item))
-            if progress is not None and items and items[-1][0] != index:
-                progress.update(1)
+        if progress is not None:
+            progress.update(len(failures))
         records, arrays = [], {}
         for batch in _batches(items, self.batch_size):
             records += self._evaluate_batch(batch, arrays)
@@ -319,6 +319,10 @@ def dataset_metrics(records: list, arrays: dict, modes: Sequence[Mode], names: S
     from percov2_jax.metrics import fid as fid_lib
     from percov2_jax.metrics.clip_score import clip_score
 
+    clip_original = None  # the same for every mode: the originals against their scored captions
+    if "original/clip" in arrays and len(arrays["original/clip"]):
+        clip_original = float(np.mean(np.asarray(clip_score(arrays["original/clip"], arrays["caption/clip"]),
+                                                 np.float64)))
     out = []
     for mode in modes:
         rows = [r for r in records if r["mode"] == mode.name]
@@ -335,10 +339,7 @@ def dataset_metrics(records: list, arrays: dict, modes: Sequence[Mode], names: S
             if "kid" in names:
                 metrics["kid"] = fid_lib.kernel_inception_distance(real, fake, num_subsets=kid_subsets,
                                                                    max_subset_size=kid_subset_size, seed=seed)
-        metrics["clip_score_original"] = None
-        if "original/clip" in arrays and len(arrays["original/clip"]):
-            metrics["clip_score_original"] = float(np.mean(np.asarray(
-                clip_score(arrays["original/clip"], arrays["caption/clip"]), np.float64)))
+        metrics["clip_score_original"] = clip_original
         metrics["images"] = n
         out.append({**mode.describe(), "metrics": metrics})
     return out
