@@ -1,10 +1,11 @@
 # The two commands: `make demo` and `make test`. Both create .venv on first use.
+# Also: `make test-fast` (the unit tier, a few minutes) and `make lint` (ruff).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test install libtpu clean
+.PHONY: demo test test-fast lint install libtpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# libtpu (XLA's TPU compiler) in a private directory: tools/plan.py compiles for TPU slices with it
+# libtpu (XLA's TPU compiler) in a private directory: the planner compiles for TPU slices with it
 # on any machine; kept off the venv's path so JAX does not probe for a TPU at every start. The
 # version is the one jax's [tpu] extra pins.
 LIBTPU := $(VENV)/libtpu
@@ -27,10 +28,20 @@ $(LIBTPU)/.installed: $(STAMP)
 libtpu: $(LIBTPU)/.installed
 
 demo: $(STAMP)
-	$(PY) -m percov2_jax.demo --config configs/demo.py --workdir $${WORKDIR:-/tmp/percov2_demo}
+	$(PY) demos/end_to_end.py --config configs/demo.py --prior_config configs/prior_demo.py \
+	    --workdir $${WORKDIR:-/tmp/percov2_demo}
 
 test: $(STAMP) $(LIBTPU)/.installed
 	PERCOV2_LIBTPU_PATH=$(abspath $(LIBTPU)) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The unit tier: no subprocesses, no multi-device or multi-process runs, no model training, no
+# PyTorch reference models (markers in pyproject.toml); `make test` runs everything.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not integration and not parity" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .jax_cache

@@ -1,7 +1,7 @@
 """A smoke evaluation of a tiny-config run on 2 CPU cores, without any downloaded weights.
 
-  python -m percov2_jax.evaluate --config configs/eval_tiny.py --checkpoint /tmp/percov2_demo \
-      --workdir /tmp/eval_tiny
+  python -m percov2_jax.evaluate --config configs/eval_tiny.py --workdir /tmp/eval_tiny \
+      --config.checkpoint=/tmp/percov2_demo
 
 The built-in photographs at 192 x 192 (MS-SSIM needs 160 px), two operating modes, LPIPS and the
 Inception network with random weights (the code path is the real one; LPIPS / FID / KID numbers
@@ -16,7 +16,7 @@ def get_config():
     c = base_eval_config()
     c.dataset.name = "builtin"
     c.dataset.size = 192
-    c.modes = "steps=4,guidance=3;steps=1,guidance=1"
+    c.modes = (dict(sample_steps=4, guidance_scale=3.0), dict(sample_steps=1, guidance_scale=1.0))
     c.metrics.names = "psnr,ms_ssim,lpips,fid,kid"
     c.metrics.random_weights = True
     c.metrics.kid_subsets = 10

@@ -18,9 +18,20 @@ def get_config():
     c.rate = "extreme"  # 32x32 tokens at 512^2 -> 8x8 tokens at 128^2 (V=256)
     c.image_size = 128
     c.model.transformer = dict(
-        sample_size=16, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=16, num_attention_heads=4,
-        joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64, out_channels=16,
-        pos_embed_max_size=64, dual_attention_layers=(), qk_norm=None)  # 64 patches: images up to 1024 px
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        num_layers=4,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=64,
+        pooled_projection_dim=64,
+        out_channels=16,
+        pos_embed_max_size=64,
+        dual_attention_layers=(),
+        qk_norm=None,
+    )  # 64 patches: images up to 1024 px
     c.model.hyper_channels = 32  # PerCo: 192
     c.model.hyper_out_channels = 32  # PerCo: 320
     c.model.codebook_dim = 8  # PerCo: 32
@@ -30,7 +41,7 @@ def get_config():
     c.vae.kind = "patch_pca"
     c.vae.fit_images = 64
     c.text.kind = "hashed"
-    c.text.length = 16
+    c.text.max_sequence_length = 16  # hashed words per caption
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 20
     c.optim.schedule = "cosine"

@@ -1,7 +1,11 @@
 """Wall-clock of percov2-jax (jit) against diffusers PyTorch (eager and ``torch.compile``) on one CPU.
 
-  python experiments/bench_vs_diffusers.py                       # the full run, < 10 min on 2 idle cores
-  python experiments/bench_vs_diffusers.py --quick --out /tmp/bench   # smoke test, tiny sizes
+  python experiments/bench_vs_diffusers.py                            # the full run, < 10 min on 2 idle cores
+  python experiments/bench_vs_diffusers.py --quick --out /tmp/bench   # smoke test: tiny sizes, no torch.compile
+
+``--quick``: 2 blocks of width 64, 64 px, 2 repeats, and no torch.compile unless
+``--torch-compile`` is given (its cold compiles take minutes even at these sizes); every other
+step, the parity checks and the report are the full run's.
 
 Run it on an idle machine. Every number is a wall-clock median, and PyTorch's spin-waiting
 OpenMP threads make it many times slower under any competing load (10-20x was seen on 2 cores
@@ -38,7 +42,7 @@ torch median / JAX median (> 1: JAX is faster). MM-DiT blocks are unrolled in JA
 MFU of the training step = FLOPs per step / (median step time x measured peak), the peak being
 the better median GFLOP/s of a ``--matmul-size`` float32 matmul in JAX or torch; FLOPs from
 XLA's cost analysis of the compiled step (all ops), cross-checked by the step's jaxpr matmul
-count (``percov2_jax.train.flops.traced_matmul_flops``) and 3x the analytic forward count.
+count (``percov2_jax.flops.traced_matmul_flops``) and 3x the analytic forward count.
 
 Output: ``bench_vs_diffusers.json`` (config, versions, machine, every raw time) and
 ``bench_vs_diffusers.md`` in ``--out`` (``_quick`` is appended with ``--quick``).
@@ -48,27 +52,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import results_io
 import torch
 import torch.nn.functional as F
 
 from percov2_jax import flow
 from percov2_jax.convert import load_diffusers_component
-from percov2_jax.train.flops import mmdit_forward_flops, traced_matmul_flops
+from percov2_jax.flops import cost_analysis_flops, mmdit_forward_flops, traced_matmul_flops
 
 LATENT_CHANNELS = 16
 PATCH = 2
@@ -79,11 +82,6 @@ FROZEN = ("pos_embed", "pos_embed")  # diffusers' buffer; our parameter
 
 
 # ------------------------------------------------------------------------------ timing
-
-def summary(seconds: list[float]) -> dict[str, Any]:
-    ms = np.asarray(seconds) * 1e3
-    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
-            "p90_ms": float(np.percentile(ms, 90)), "times_ms": [round(float(t), 3) for t in ms]}
 
 
 def time_calls(fn: Callable[[], Any], repeats: int) -> list[float]:
@@ -105,8 +103,9 @@ def jax_compile(jitted, *args) -> tuple[Any, dict[str, float]]:
     return compiled, {"lower_s": lowered_at - start, "compile_s": time.perf_counter() - lowered_at}
 
 
-def timed_first_then_repeats(fn: Callable[[], Any], repeats: int,
-                             after_first: Callable[[], Any] | None = None) -> tuple[Any, dict[str, Any]]:
+def timed_first_then_repeats(
+    fn: Callable[[], Any], repeats: int, after_first: Callable[[], Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """First call (timed apart), ``after_first()`` untimed, one untimed warm-up, then ``repeats`` timed calls."""
     start = time.perf_counter()
     out = fn()
@@ -114,7 +113,7 @@ def timed_first_then_repeats(fn: Callable[[], Any], repeats: int,
     if after_first is not None:
         after_first()
     fn()
-    return out, {"first_call_s": first, **summary(time_calls(fn, repeats))}
+    return out, {"first_call_s": first, **results_io.spread_ms(time_calls(fn, repeats), raw=True)}
 
 
 def jax_bench(jitted, args: tuple, repeats: int) -> tuple[Any, dict[str, Any]]:
@@ -124,8 +123,9 @@ def jax_bench(jitted, args: tuple, repeats: int) -> tuple[Any, dict[str, Any]]:
     return out, {**compile_times, **stats}
 
 
-def torch_bench(fn: Callable[[], Any], repeats: int, grad: bool = False,
-                after_first: Callable[[], Any] | None = None) -> tuple[Any, dict[str, Any]]:
+def torch_bench(
+    fn: Callable[[], Any], repeats: int, grad: bool = False, after_first: Callable[[], Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
     with torch.set_grad_enabled(grad):
         return timed_first_then_repeats(fn, repeats, after_first)
 
@@ -140,6 +140,7 @@ def guarded(what: str, fn: Callable[[], Any]) -> Any:
 
 
 # ------------------------------------------------------------------------------ models and data
+
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Seeded variance-preserving weights: matrices N(0, 1/fan_in), norm scales ~1, small biases."""
@@ -164,8 +165,12 @@ def nhwc(x: torch.Tensor) -> np.ndarray:
 
 def torch_inputs(x: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
     """``mmdit_inputs`` as the positional arguments of diffusers' ``SD3Transformer2DModel``."""
-    return nchw(x["latents"]), torch.from_numpy(x["context"]), torch.from_numpy(x["pooled"]), \
-        torch.from_numpy(x["timestep"])
+    return (
+        nchw(x["latents"]),
+        torch.from_numpy(x["context"]),
+        torch.from_numpy(x["pooled"]),
+        torch.from_numpy(x["timestep"]),
+    )
 
 
 def rel_scalar(ours: float, ref: float) -> float:
@@ -181,11 +186,22 @@ def build_mmdit(args, folder: str):
     from diffusers import SD3Transformer2DModel
 
     latent = args.size // VAE_FACTOR
-    torch_model = randomize_(SD3Transformer2DModel(
-        sample_size=latent, patch_size=PATCH, in_channels=LATENT_CHANNELS, num_layers=args.layers,
-        attention_head_dim=args.head_dim, num_attention_heads=args.width // args.head_dim,
-        joint_attention_dim=args.context_dim, caption_projection_dim=args.width, pooled_projection_dim=args.context_dim,
-        out_channels=LATENT_CHANNELS, pos_embed_max_size=latent // PATCH), seed=0)
+    torch_model = randomize_(
+        SD3Transformer2DModel(
+            sample_size=latent,
+            patch_size=PATCH,
+            in_channels=LATENT_CHANNELS,
+            num_layers=args.layers,
+            attention_head_dim=args.head_dim,
+            num_attention_heads=args.width // args.head_dim,
+            joint_attention_dim=args.context_dim,
+            caption_projection_dim=args.width,
+            pooled_projection_dim=args.context_dim,
+            out_channels=LATENT_CHANNELS,
+            pos_embed_max_size=latent // PATCH,
+        ),
+        seed=0,
+    )
     torch_model.save_pretrained(folder)
     module, params = load_diffusers_component(folder, scan_layers=args.scan_layers)
     return torch_model, module, params
@@ -195,11 +211,24 @@ def build_vae(args, folder: str):
     from diffusers import AutoencoderKL
 
     n = len(args.vae_channels)
-    torch_vae = randomize_(AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(args.vae_channels), layers_per_block=2,
-        latent_channels=LATENT_CHANNELS, norm_num_groups=32, sample_size=args.size, use_quant_conv=False,
-        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305), seed=1)
+    torch_vae = randomize_(
+        AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(args.vae_channels),
+            layers_per_block=2,
+            latent_channels=LATENT_CHANNELS,
+            norm_num_groups=32,
+            sample_size=args.size,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5305,
+        ),
+        seed=1,
+    )
     torch_vae.save_pretrained(folder)
     module, params = load_diffusers_component(folder)
     return torch_vae, module, params
@@ -208,13 +237,16 @@ def build_vae(args, folder: str):
 def mmdit_inputs(args, batch: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.RandomState(seed)
     latent = args.size // VAE_FACTOR
-    return {"latents": rng.randn(batch, latent, latent, LATENT_CHANNELS).astype(np.float32),
-            "context": rng.randn(batch, args.text_len, args.context_dim).astype(np.float32),
-            "pooled": rng.randn(batch, args.context_dim).astype(np.float32),
-            "timestep": rng.uniform(0, 1000, batch).astype(np.float32)}
+    return {
+        "latents": rng.randn(batch, latent, latent, LATENT_CHANNELS).astype(np.float32),
+        "context": rng.randn(batch, args.text_len, args.context_dim).astype(np.float32),
+        "pooled": rng.randn(batch, args.context_dim).astype(np.float32),
+        "timestep": rng.uniform(0, 1000, batch).astype(np.float32),
+    }
 
 
 # ------------------------------------------------------------------------------ workloads
+
 
 def bench_forward(args, torch_model, compiled_model, module, params) -> dict:
     x = mmdit_inputs(args, args.batch, seed=2)
@@ -224,9 +256,11 @@ def bench_forward(args, torch_model, compiled_model, module, params) -> dict:
     ref, result_eager = torch_bench(lambda: torch_model(*xt, return_dict=False)[0], args.repeats)
     out = {"jax": result, "torch_eager": result_eager, "parity_rel_max": rel_err(ours, nhwc(ref))}
     if compiled_model is not None:
+
         def compiled_run():
             c_out, stats = torch_bench(lambda: compiled_model(*xt, return_dict=False)[0], args.repeats)
             return {**stats, "parity_rel_max_vs_eager": rel_err(nhwc(c_out), nhwc(ref))}
+
         out["torch_compile"] = guarded("torch.compile forward", compiled_run)
     return out
 
@@ -257,9 +291,7 @@ def bench_train(args, torch_model, module, params) -> dict:
     step = jax.jit(train_step, donate_argnums=(0, 1))
     state = [jax.tree.map(jnp.copy, trainable), tx.init(trainable)]
     compiled, compile_times = jax_compile(step, state[0], state[1], frozen, batch)
-    analysis = compiled.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    xla_flops = float(analysis["flops"]) if analysis and analysis.get("flops", -1) >= 0 else None
+    xla_flops = cost_analysis_flops(compiled)
     matmul_flops = traced_matmul_flops(train_step, state[0], state[1], frozen, batch)
 
     losses, grad_norm = [], []
@@ -279,8 +311,13 @@ def bench_train(args, torch_model, module, params) -> dict:
 
     def torch_run(model, compile_it: bool):
         model = copy.deepcopy(model).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=ADAMW["lr"], betas=(ADAMW["b1"], ADAMW["b2"]), eps=ADAMW["eps"],
-                                weight_decay=ADAMW["weight_decay"])
+        opt = torch.optim.AdamW(
+            model.parameters(),
+            lr=ADAMW["lr"],
+            betas=(ADAMW["b1"], ADAMW["b2"]),
+            eps=ADAMW["eps"],
+            weight_decay=ADAMW["weight_decay"],
+        )
         run = torch.compile(model) if compile_it else model
         t_losses, norm = [], []
 
@@ -299,19 +336,29 @@ def bench_train(args, torch_model, module, params) -> dict:
 
     eager = torch_run(torch_model, False)
     result["torch_eager"] = eager
-    result["parity"] = {"loss_step0_rel": rel_scalar(losses[0], eager["loss_step0"]),
-                        "loss_after_one_update_rel": rel_scalar(losses[1], eager["loss_step1"]),
-                        "grad_norm_rel": rel_scalar(grad_norm[0], eager["grad_norm_step0"]),
-                        "jax_loss_step0": float(losses[0]), "torch_loss_step0": eager["loss_step0"]}
+    result["parity"] = {
+        "loss_step0_rel": rel_scalar(losses[0], eager["loss_step0"]),
+        "loss_after_one_update_rel": rel_scalar(losses[1], eager["loss_step1"]),
+        "grad_norm_rel": rel_scalar(grad_norm[0], eager["grad_norm_step0"]),
+        "jax_loss_step0": float(losses[0]),
+        "torch_loss_step0": eager["loss_step0"],
+    }
     if args.torch_compile:
         result["torch_compile"] = guarded("torch.compile training step", lambda: torch_run(torch_model, True))
     latent = args.size // VAE_FACTOR
     forward_matmuls = mmdit_forward_flops(module.config, args.batch, latent, latent, args.text_len)
-    result["flops"] = {"xla_cost_analysis": xla_flops, "jaxpr_matmuls": float(matmul_flops),
-                       "analytic_forward_matmuls": float(forward_matmuls),
-                       "scan_layers": args.scan_layers,
-                       "note": ("XLA counts a while-loop (scan) body once, so with scan_layers the cost analysis "
-                                "undercounts; MFU then uses the jaxpr matmul count") if args.scan_layers else ""}
+    result["flops"] = {
+        "xla_cost_analysis": xla_flops,
+        "jaxpr_matmuls": float(matmul_flops),
+        "analytic_forward_matmuls": float(forward_matmuls),
+        "scan_layers": args.scan_layers,
+        "note": (
+            "XLA counts a while-loop (scan) body once, so with scan_layers the cost analysis "
+            "undercounts; MFU then uses the jaxpr matmul count"
+        )
+        if args.scan_layers
+        else "",
+    }
     return result
 
 
@@ -327,8 +374,11 @@ def bench_sampling(args, torch_model, compiled_model, module, params) -> dict:
     def velocity(p, x, t, c):
         return module.apply({"params": p}, x, c["context"], c["pooled"], t)
 
-    sampler = jax.jit(lambda p, z, c, u: flow.sample(lambda x, t, cc: velocity(p, x, t, cc), z, c, u,
-                                                     num_steps=args.steps, guidance_scale=GUIDANCE))
+    sampler = jax.jit(
+        lambda p, z, c, u: flow.sample(
+            lambda x, t, cc: velocity(p, x, t, cc), z, c, u, num_steps=args.steps, guidance_scale=GUIDANCE
+        )
+    )
     ours, result = jax_bench(sampler, (params, noise, jcond, juncond), args.repeats)
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=flow.SHIFT)
@@ -346,13 +396,23 @@ def bench_sampling(args, torch_model, compiled_model, module, params) -> dict:
         return x
 
     ref, eager = torch_bench(lambda: torch_sample(torch_model), args.repeats)
-    out = {"jax": result, "torch_eager": eager, "parity_rel_max": rel_err(ours, nhwc(ref)),
-           "samples": n, "model_batch": 2 * n}
+    out = {
+        "jax": result,
+        "torch_eager": eager,
+        "parity_rel_max": rel_err(ours, nhwc(ref)),
+        "samples": n,
+        "model_batch": 2 * n,
+    }
     if compiled_model is not None:
+
         def compiled_run():
             c_out, stats = torch_bench(lambda: torch_sample(compiled_model), args.repeats)
-            return {**stats, "parity_rel_max_vs_eager": rel_err(nhwc(c_out), nhwc(ref)),
-                    "note": "reuses the forward workload's compiled module (same shapes)"}
+            return {
+                **stats,
+                "parity_rel_max_vs_eager": rel_err(nhwc(c_out), nhwc(ref)),
+                "note": "reuses the forward workload's compiled module (same shapes)",
+            }
+
         out["torch_compile"] = guarded("torch.compile sampling", compiled_run)
     return out
 
@@ -381,17 +441,19 @@ def bench_vae(args, torch_vae, module, params) -> dict:
     if args.torch_compile:
         cases = (("encode", t_encode, images_t, ref_mean), ("decode", t_decode, latents_t, ref_decoded))
         for name, fn, arg, ref in cases:
+
             def compiled_run(fn=fn, arg=arg, ref=ref, name=name):
                 compiled = torch.compile(fn)
                 c_out, stats = torch_bench(lambda: compiled(arg), args.repeats)
                 return {**stats, "parity_rel_max_vs_eager": rel_err(nhwc(c_out), nhwc(ref))}
+
             out[name]["torch_compile"] = guarded(f"torch.compile VAE {name}", compiled_run)
     return out
 
 
 def bench_matmul_peak(n: int, repeats: int) -> dict:
     """Median GFLOP/s of an ``n x n`` float32 matmul, JAX and torch."""
-    flops = 2.0 * n ** 3
+    flops = 2.0 * n**3
     rng = np.random.RandomState(9)
     a, b = rng.randn(n, n).astype(np.float32), rng.randn(n, n).astype(np.float32)
     _, jax_stats = jax_bench(jax.jit(jnp.matmul), (a, b), repeats)
@@ -406,32 +468,9 @@ def bench_matmul_peak(n: int, repeats: int) -> dict:
 
 # ------------------------------------------------------------------------------ report
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-            f.seek(0)
-            flags = next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "")
-        cpu = names[0] if names else cpu
-        simd = [s for s in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if s in flags.split()]
-    except OSError:
-        simd = []
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "simd": simd,
-            "platform": platform.platform(), "python": sys.version.split()[0],
-            "jax_devices": [str(d) for d in jax.devices()], "torch_threads": torch.get_num_threads(),
-            "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
-                                                      "XLA_FLAGS", "MKL_NUM_THREADS") if k in os.environ},
-            "load_average_at_start": os.getloadavg()}
-
 
 def versions() -> dict:
-    import diffusers
-    import flax
-    import jaxlib
-
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "numpy": np.__version__}
+    return results_io.versions("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "numpy")
 
 
 def _ms(stats) -> str:
@@ -440,32 +479,44 @@ def _ms(stats) -> str:
 
 def markdown(report: dict) -> str:
     cfg, mach, w = report["config"], report["machine"], report["workloads"]
-    rows = [("MM-DiT forward", w["forward"]), ("training step (fwd+bwd+AdamW)", w["train"]),
-            (f"Euler sampling, {cfg['steps']} steps, CFG", w["sampling"]),
-            ("VAE encode", w["vae"]["encode"]), ("VAE decode", w["vae"]["decode"])]
+    rows = [
+        ("MM-DiT forward", w["forward"]),
+        ("training step (fwd+bwd+AdamW)", w["train"]),
+        (f"Euler sampling, {cfg['steps']} steps, CFG", w["sampling"]),
+        ("VAE encode", w["vae"]["encode"]),
+        ("VAE decode", w["vae"]["decode"]),
+    ]
     quick = " — QUICK smoke sizes" if cfg["quick"] else ""
-    lines = [f"# percov2-jax vs diffusers (PyTorch), wall clock on CPU{quick}",
-             "", f"Command: `{report['command']}`", "",
-             f"Machine: {mach['cpu']}, {mach['cpu_count']} logical cores ({mach['affinity']} usable; "
-             f"SIMD {', '.join(mach['simd']) or 'n/a'}), no accelerator; torch threads {mach['torch_threads']}, "
-             f"JAX default CPU thread pool; load average at start {mach['load_average_at_start'][0]:.2f}. "
-             + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", "",
-             f"Config: MM-DiT {cfg['layers']} blocks, width {cfg['width']} ({cfg['width'] // cfg['head_dim']} heads x "
-             f"{cfg['head_dim']}), {cfg['size']} px (latent {cfg['size'] // VAE_FACTOR}² x {LATENT_CHANNELS}, "
-             f"{(cfg['size'] // VAE_FACTOR // PATCH) ** 2} image tokens), {cfg['text_len']} context tokens of width "
-             f"{cfg['context_dim']}, batch {cfg['batch']}, scan_layers={cfg['scan_layers']}; sampling "
-             f"{w['sampling']['samples']} sample(s), model batch {w['sampling']['model_batch']}; VAE channels "
-             f"{tuple(cfg['vae_channels'])}, batch {cfg['batch']}. float32. {cfg['repeats']} timed repeats after a "
-             "first call and one warm-up.", "",
-             "Times in ms: median (p10–p90). Ratio = PyTorch median / JAX median (> 1: JAX faster). "
-             "Compile s: JAX lower + compile / torch.compile first call (includes one run).", ""]
-    if mach["load_average_at_start"][0] > 0.5:
-        lines += [f"**Warning: the machine was not idle (1-min load average {mach['load_average_at_start'][0]:.2f} "
-                  "at start): PyTorch's spin-waiting OpenMP threads slow it down many times over under "
-                  "competing load, so these numbers do not measure the frameworks.**", ""]
-    lines += ["| workload | JAX median ms | PyTorch eager median ms | ratio | torch.compile median ms | ratio "
-              "| compile s (JAX / torch.compile) | max rel diff JAX vs torch |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# percov2-jax vs diffusers (PyTorch), wall clock on CPU{quick}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {results_io.describe_machine(mach)} No accelerator; torch threads {mach['torch_threads']}, "
+        f"JAX default CPU thread pool. {results_io.describe_versions(report['versions'])}.",
+        "",
+        f"Config: MM-DiT {cfg['layers']} blocks, width {cfg['width']} ({cfg['width'] // cfg['head_dim']} heads x "
+        f"{cfg['head_dim']}), {cfg['size']} px (latent {cfg['size'] // VAE_FACTOR}² x {LATENT_CHANNELS}, "
+        f"{(cfg['size'] // VAE_FACTOR // PATCH) ** 2} image tokens), {cfg['text_len']} context tokens of width "
+        f"{cfg['context_dim']}, batch {cfg['batch']}, scan_layers={cfg['scan_layers']}; sampling "
+        f"{w['sampling']['samples']} sample(s), model batch {w['sampling']['model_batch']}; VAE channels "
+        f"{tuple(cfg['vae_channels'])}, batch {cfg['batch']}. float32. {cfg['repeats']} timed repeats after a "
+        "first call and one warm-up.",
+        "",
+        "Times in ms: median (p10–p90). Ratio = PyTorch median / JAX median (> 1: JAX faster). "
+        "Compile s: JAX lower + compile / torch.compile first call (includes one run).",
+        "",
+    ]
+    lines += results_io.busy_warning(
+        mach,
+        "PyTorch's spin-waiting OpenMP threads slow it down many times over "
+        "under competing load, so these numbers do not measure the frameworks.",
+    )
+    lines += [
+        "| workload | JAX median ms | PyTorch eager median ms | ratio | torch.compile median ms | ratio "
+        "| compile s (JAX / torch.compile) | max rel diff JAX vs torch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in rows:
         j, e, c = r["jax"], r["torch_eager"], r.get("torch_compile")
         if c is None:
@@ -477,22 +528,31 @@ def markdown(report: dict) -> str:
         parity = r.get("parity_rel_max")
         if parity is None:
             p = r["parity"]
-            parity_text = (f"loss {p['loss_step0_rel']:.1e}, grad norm {p['grad_norm_rel']:.1e}, "
-                           f"loss after update {p['loss_after_one_update_rel']:.1e}")
+            parity_text = (
+                f"loss {p['loss_step0_rel']:.1e}, grad norm {p['grad_norm_rel']:.1e}, "
+                f"loss after update {p['loss_after_one_update_rel']:.1e}"
+            )
         else:
             parity_text = f"{parity:.1e}"
-        lines.append(f"| {name} | {_ms(j)} | {_ms(e)} | {e['median_ms'] / j['median_ms']:.2f} | {c_ms} | {c_ratio} | "
-                     f"{j['lower_s'] + j['compile_s']:.1f} / {c_s} | {parity_text} |")
+        lines.append(
+            f"| {name} | {_ms(j)} | {_ms(e)} | {e['median_ms'] / j['median_ms']:.2f} | {c_ms} | {c_ratio} | "
+            f"{j['lower_s'] + j['compile_s']:.1f} / {c_s} | {parity_text} |"
+        )
     peak, fl, train = report["matmul_peak"], w["train"]["flops"], w["train"]
     use_xla = not fl["scan_layers"] and fl["xla_cost_analysis"] is not None
     step_flops = fl["xla_cost_analysis"] if use_xla else fl["jaxpr_matmuls"]
-    lines += ["", f"Matmul peak ({peak['n']}² float32): JAX {peak['jax']['gflops_median']:.1f} GFLOP/s, torch "
-              f"{peak['torch']['gflops_median']:.1f} GFLOP/s (medians); peak used = {peak['peak_gflops']:.1f} GFLOP/s.",
-              ""]
+    lines += [
+        "",
+        f"Matmul peak ({peak['n']}² float32): JAX {peak['jax']['gflops_median']:.1f} GFLOP/s, torch "
+        f"{peak['torch']['gflops_median']:.1f} GFLOP/s (medians); peak used = {peak['peak_gflops']:.1f} GFLOP/s.",
+        "",
+    ]
     xla = fl["xla_cost_analysis"] / 1e9 if fl["xla_cost_analysis"] else float("nan")
-    flops_text = (f"{step_flops / 1e9:.2f} GFLOP per step ({'XLA cost analysis' if use_xla else 'jaxpr matmuls'}; "
-                  f"XLA {xla:.2f}, jaxpr matmuls {fl['jaxpr_matmuls'] / 1e9:.2f}, "
-                  f"3 x analytic forward matmuls {3 * fl['analytic_forward_matmuls'] / 1e9:.2f})")
+    flops_text = (
+        f"{step_flops / 1e9:.2f} GFLOP per step ({'XLA cost analysis' if use_xla else 'jaxpr matmuls'}; "
+        f"XLA {xla:.2f}, jaxpr matmuls {fl['jaxpr_matmuls'] / 1e9:.2f}, "
+        f"3 x analytic forward matmuls {3 * fl['analytic_forward_matmuls'] / 1e9:.2f})"
+    )
     mfu = [f"Training-step MFU: {flops_text}."]
     for label, key in (("JAX", "jax"), ("PyTorch eager", "torch_eager"), ("torch.compile", "torch_compile")):
         stats = train.get(key)
@@ -510,20 +570,30 @@ def markdown(report: dict) -> str:
             compiled_parity.append(f"{name} loss {rel_scalar(c['loss_step0'], r['torch_eager']['loss_step0']):.1e}")
     if compiled_parity:
         notes.append("torch.compile vs eager, max rel diff: " + ", ".join(compiled_parity) + ".")
-    notes.append("torch AdamW runs with its CPU defaults (neither foreach nor fused: a loop over tensors); the "
-                 "torch.compile step compiles the model (forward and backward), not the optimizer.")
+    notes.append(
+        "torch AdamW runs with its CPU defaults (neither foreach nor fused: a loop over tensors); the "
+        "torch.compile step compiles the model (forward and backward), not the optimizer."
+    )
     if fl["note"]:
         notes.append(fl["note"] + ".")
     lines += ["", "Notes: " + " ".join(notes), ""]
     return "\n".join(lines)
 
 
-def torch_compile_status(workloads: dict, enabled: bool) -> str:
+def torch_compile_status(workloads: dict, enabled: bool, quick: bool) -> str:
     if not enabled:
-        return "not run (--no-torch-compile)"
-    entries = [workloads["forward"].get("torch_compile"), workloads["train"].get("torch_compile"),
-               workloads["sampling"].get("torch_compile"), workloads["vae"]["encode"].get("torch_compile"),
-               workloads["vae"]["decode"].get("torch_compile")]
+        return (
+            "not run (--quick: its cold compiles take minutes; add --torch-compile)"
+            if quick
+            else "not run (--no-torch-compile)"
+        )
+    entries = [
+        workloads["forward"].get("torch_compile"),
+        workloads["train"].get("torch_compile"),
+        workloads["sampling"].get("torch_compile"),
+        workloads["vae"]["encode"].get("torch_compile"),
+        workloads["vae"]["decode"].get("torch_compile"),
+    ]
     errors = [e["error"] for e in entries if isinstance(e, dict) and "error" in e]
     if errors:
         return f"failed on {len(errors)} workload(s): {errors[0][:300]}"
@@ -532,9 +602,9 @@ def torch_compile_status(workloads: dict, enabled: bool) -> str:
 
 # ------------------------------------------------------------------------------ main
 
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--width", type=int, default=384, help="heads x head_dim")
@@ -547,12 +617,19 @@ def parse_args(argv=None):
     ap.add_argument("--vae-channels", type=lambda s: [int(c) for c in s.split(",")], default=[32, 64, 64, 64])
     ap.add_argument("--matmul-size", type=int, default=2048)
     ap.add_argument("--scan-layers", action="store_true", help="JAX: lax.scan over the blocks (training default)")
-    ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats, for a smoke test")
+    ap.add_argument(
+        "--torch-compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torch.compile (default: on, off with --quick)",
+    )
+    results_io.add_output_arguments(ap, "tiny sizes and 2 repeats, no torch.compile, for a smoke test")
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats, args.layers, args.width, args.head_dim, args.size = 2, 2, 64, 32, 64
         args.text_len, args.context_dim, args.steps, args.vae_channels, args.matmul_size = 16, 32, 2, [32, 32], 512
+    if args.torch_compile is None:  # torch.compile's cold compiles alone take minutes even at the quick sizes
+        args.torch_compile = not args.quick
     if args.width % args.head_dim:
         ap.error(f"--width {args.width} is not a multiple of --head-dim {args.head_dim}")
     if args.size % (VAE_FACTOR * PATCH):
@@ -563,15 +640,24 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count())
-    # A fresh inductor cache, so torch.compile's first call is a cold compile like JAX's (whose
-    # persistent compilation cache is off by default) and not a hit from an earlier run.
+    # Cold compiles on both sides: JAX's persistent compilation cache off (an environment such as
+    # the test suite's may turn it on), and a fresh inductor cache, so torch.compile's first call
+    # is not a hit from an earlier run either.
+    jax.config.update("jax_enable_compilation_cache", False)
     inductor_cache = tempfile.mkdtemp(prefix="bench_inductor_")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
     torch.manual_seed(0)
-    report = {"command": " ".join(["python"] + sys.argv), "config": vars(args), "machine": machine(),
-              "versions": versions(), "workloads": {}}
-    print(f"{report['machine']['cpu']}, {os.cpu_count()} cores; "
-          + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), flush=True)
+    report = {
+        "command": results_io.command(),
+        "config": vars(args),
+        "machine": results_io.machine(),
+        "versions": versions(),
+        "workloads": {},
+    }
+    print(
+        f"{report['machine']['cpu']}, {os.cpu_count()} cores; {results_io.describe_versions(report['versions'])}",
+        flush=True,
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         torch_model, module, params = build_mmdit(args, os.path.join(tmp, "transformer"))
@@ -579,11 +665,13 @@ def main(argv=None):
     compiled_model = torch.compile(torch_model) if args.torch_compile else None  # compiles on first call
     w = report["workloads"]
     try:
-        for name, run in (("matmul_peak", lambda: bench_matmul_peak(args.matmul_size, args.repeats)),
-                          ("forward", lambda: bench_forward(args, torch_model, compiled_model, module, params)),
-                          ("train", lambda: bench_train(args, torch_model, module, params)),
-                          ("sampling", lambda: bench_sampling(args, torch_model, compiled_model, module, params)),
-                          ("vae", lambda: bench_vae(args, torch_vae, vae_module, vae_params))):
+        for name, run in (
+            ("matmul_peak", lambda: bench_matmul_peak(args.matmul_size, args.repeats)),
+            ("forward", lambda: bench_forward(args, torch_model, compiled_model, module, params)),
+            ("train", lambda: bench_train(args, torch_model, module, params)),
+            ("sampling", lambda: bench_sampling(args, torch_model, compiled_model, module, params)),
+            ("vae", lambda: bench_vae(args, torch_vae, vae_module, vae_params)),
+        ):
             t0 = time.perf_counter()
             print(f"{name} ...", flush=True)
             w[name] = run()
@@ -591,12 +679,11 @@ def main(argv=None):
     finally:
         shutil.rmtree(inductor_cache, ignore_errors=True)
     report["matmul_peak"] = w.pop("matmul_peak")
-    report["torch_compile_status"] = torch_compile_status(w, args.torch_compile)
+    report["torch_compile_status"] = torch_compile_status(w, args.torch_compile, args.quick)
     report["total_s"] = time.perf_counter() - started
     report["torch_inductor_cache_dir"] = inductor_cache + " (fresh, cold; removed)"
-    report["machine"]["load_average_at_end"] = os.getloadavg()
-
-    write_report(args.out, "bench_vs_diffusers" + ("_quick" if args.quick else ""), report, markdown(report))
+    results_io.finish_machine(report["machine"])
+    results_io.write_report(args.out, results_io.stem("bench_vs_diffusers", args.quick), report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -18,39 +18,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
 
 def _convert(args) -> int:
-    from percov2_jax.convert.to_checkpoint import convert_to_checkpoint, describe, parse_overrides
+    from percov2_jax import pretrained
+    from percov2_jax.convert import CheckpointFormatError, ConversionError
 
     components = [c for c in args.components.split(",") if c] if args.components else None
     try:
-        overrides = parse_overrides(args.override)
+        overrides = pretrained.parse_overrides(args.override)
     except ValueError as e:
         raise SystemExit(f"percov2 convert: {e}") from None
-    summary = convert_to_checkpoint(args.input, args.output, dtype=args.dtype, scan_layers=args.scan_layers,
-                                    components=components, config_overrides=overrides, overwrite=args.overwrite)
-    print(describe(summary, args.output))
+    if os.path.exists(args.output) and not args.overwrite:
+        raise SystemExit(f"percov2 convert: {args.output} exists; pass --overwrite to replace it")
+    try:
+        summary = pretrained.convert(
+            args.input,
+            args.output,
+            dtype=args.dtype,
+            scan_layers=args.scan_layers,
+            components=components,
+            config_overrides=overrides,
+            overwrite=args.overwrite,
+        )
+    except (ConversionError, CheckpointFormatError) as e:
+        raise SystemExit(f"percov2 convert: {e}") from None
+    print(pretrained.describe(summary, args.output))
     return 0
 
 
 def _inspect(args) -> int:
     import jax
 
-    from percov2_jax import checkpoints
+    from percov2_jax import pretrained
 
-    for name, (module, params) in checkpoints.load(args.checkpoint).items():
+    for name, (module, params) in pretrained.load(args.checkpoint).items():
         leaves = jax.tree.leaves(params)
         dtypes = sorted({str(x.dtype) for x in leaves})
-        print(f"{name}: {type(module).__name__}, {sum(x.size for x in leaves):,} parameters in {len(leaves)} arrays "
-              f"({', '.join(dtypes)})")
+        print(
+            f"{name}: {type(module).__name__}, {sum(x.size for x in leaves):,} parameters in {len(leaves)} arrays "
+            f"({', '.join(dtypes)})"
+        )
         print("  " + json.dumps(module.config.to_dict(), sort_keys=True))
     return 0
-
-
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def _inputs(path: str, suffixes) -> list[pathlib.Path]:
@@ -82,24 +95,42 @@ def _compress(args) -> int:
 
     from percov2_jax.codec.api import Codec
     from percov2_jax.codec.bitstream import BitstreamError
-    from percov2_jax.data.sources import read_image
+    from percov2_jax.data.sources import IMAGE_EXTENSIONS, read_image
 
-    files = _inputs(args.input, _IMAGE_SUFFIXES)
-    captions = {}
+    files = _inputs(args.input, IMAGE_EXTENSIONS)
+    caption_file = None
     if args.captions:
-        from percov2_jax.captions import load_captions
+        from percov2_jax.captions import CaptionFile
 
-        captions = load_captions(args.captions)
+        caption_file = CaptionFile(args.captions)
     codec = Codec.from_workdir(args.checkpoint, prior=_prior_arg(args.prior))
-    coding = {k: v for k, v in dict(entropy_mode=args.entropy_mode, schedule=args.schedule, steps=args.steps,
-                                    hybrid_groups=args.hybrid_groups, temperature=args.temperature,
-                                    seed=args.hybrid_seed).items() if v is not None}
+    coding = {
+        k: v
+        for k, v in dict(
+            entropy_mode=args.entropy_mode,
+            schedule=args.schedule,
+            steps=args.steps,
+            hybrid_groups=args.hybrid_groups,
+            temperature=args.temperature,
+            seed=args.hybrid_seed,
+        ).items()
+        if v is not None
+    }
     many = pathlib.Path(args.input).is_dir()
     for f in tqdm(files, disable=not many, desc="compress"):
-        caption = args.caption if args.caption is not None else captions.get(f.name, "")
+        if args.caption is not None:
+            caption = args.caption
+        elif caption_file is not None:
+            try:
+                caption = caption_file.caption_for(f.name)
+            except KeyError as e:
+                raise SystemExit(f"percov2 compress: {e.args[0]}") from None
+        else:
+            caption = ""
         try:
-            data = codec.compress(read_image(f), caption, caption_coder=args.caption_coder,
-                                  resize_policy=args.resize_policy, **coding)
+            data = codec.compress(
+                read_image(f), caption, caption_coder=args.caption_coder, resize_policy=args.resize_policy, **coding
+            )
         except ValueError as e:
             if isinstance(e, BitstreamError):
                 raise
@@ -119,8 +150,12 @@ def _decompress(args) -> int:
     from percov2_jax.codec.api import Codec
 
     files = _inputs(args.input, (".pcv2",))
-    codec = Codec.from_workdir(args.checkpoint, prior=_prior_arg(args.prior), **({} if args.steps is None else {"sample_steps": args.steps}),
-                               **({} if args.guidance is None else {"guidance_scale": args.guidance}))
+    codec = Codec.from_workdir(
+        args.checkpoint,
+        prior=_prior_arg(args.prior),
+        **({} if args.steps is None else {"sample_steps": args.steps}),
+        **({} if args.guidance is None else {"guidance_scale": args.guidance}),
+    )
     many = pathlib.Path(args.input).is_dir()
     for f in tqdm(files, disable=not many, desc="decompress"):
         pixels = codec.decompress(f.read_bytes(), seed=args.seed)
@@ -139,16 +174,24 @@ def _info(args) -> int:
         stream = bitstream.unpack(data)
         budget = bitstream.bit_budget(data)
         h = stream.header
-        print(f"{f}: {h.width}x{h.height} px, rate {h.rate}, {h.entropy_mode} tokens {h.token_grid[1]}x{h.token_grid[0]}, "
-              f"model {h.model_id:06x}, caption {stream.caption()!r}")
+        print(
+            f"{f}: {h.width}x{h.height} px, rate {h.rate}, "
+            f"{h.entropy_mode} tokens {h.token_grid[1]}x{h.token_grid[0]}, "
+            f"model {h.model_id:06x}, caption {stream.caption()!r}"
+        )
         if h.has_schedule:
             try:
                 name = schedules.schedule_from_id(h.schedule_id)
             except ValueError:
                 name = f"unknown id {h.schedule_id}"
-            hybrid = "" if not h.hybrid_groups else (
-                f"; hybrid: first {h.hybrid_groups} groups sent, the rest generated "
-                + ("by argmax" if not h.temperature else f"at temperature {h.temperature:g}, seed {h.seed}"))
+            hybrid = (
+                ""
+                if not h.hybrid_groups
+                else (
+                    f"; hybrid: first {h.hybrid_groups} groups sent, the rest generated "
+                    + ("by argmax" if not h.temperature else f"at temperature {h.temperature:g}, seed {h.seed}")
+                )
+            )
             print(f"  schedule {name}, {h.steps} groups{hybrid}")
         for part in ("header", "caption", "tokens", "padding", "checksum", "total"):
             print(f"  {part:9s} {budget[part + '_bits']:6d} bits  {budget[part + '_bpp']:.5f} bpp")
@@ -164,8 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     conv.add_argument("--scan-layers", action="store_true", help="store MM-DiT blocks stacked for scan_layers=True")
     conv.add_argument("--components", default=None, help="comma-separated components (default: all in the input)")
-    conv.add_argument("--override", action="append", default=[],
-                      help="config field the weights do not determine, e.g. transformer.attention_head_dim=64")
+    conv.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="config field the weights do not determine, e.g. transformer.attention_head_dim=64",
+    )
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(func=_convert)
     insp = sub.add_parser("inspect", help="list the components, configs and parameter counts of a checkpoint")
@@ -176,21 +223,43 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--output", required=True, help="output .pcv2 file, or folder when the input is a folder")
     comp.add_argument("--checkpoint", required=True, help="a stage-1 training workdir (python -m percov2_jax.train)")
     comp.add_argument("--caption", default=None, help="the caption to send (default: from --captions, else empty)")
-    comp.add_argument("--captions", default=None, help="captions file (TSV, JSONL or COCO) keyed by image file name")
+    comp.add_argument(
+        "--captions",
+        default=None,
+        help="captions file (TSV, JSONL or COCO) keyed by image file name; an image it does not caption is an error",
+    )
     comp.add_argument("--caption-coder", default="zlib")
-    comp.add_argument("--prior", default=None, help="stage-2 prior workdir (default: CHECKPOINT/prior if trained; "
-                                                    "'none': uniform coding)")
-    comp.add_argument("--entropy-mode", default=None, choices=["prior", "uniform"],
-                      help="token coding (default: prior when one is loaded)")
-    comp.add_argument("--schedule", default=None, help="coding schedule: qlds (default), implicit_var, quincunx, "
-                                                       "checkerboard, raster, random")
+    comp.add_argument(
+        "--prior",
+        default=None,
+        help="stage-2 prior workdir (default: CHECKPOINT/prior if trained; 'none': uniform coding)",
+    )
+    comp.add_argument(
+        "--entropy-mode",
+        default=None,
+        choices=["prior", "uniform"],
+        help="token coding (default: prior when one is loaded)",
+    )
+    comp.add_argument(
+        "--schedule",
+        default=None,
+        help="coding schedule: qlds (default), implicit_var, quincunx, checkerboard, raster, random",
+    )
     comp.add_argument("--steps", type=int, default=None, help="schedule groups (qlds, raster, random; default 12)")
-    comp.add_argument("--hybrid-groups", type=int, default=None,
-                      help="send only the first k groups; the decoder generates the rest with the prior")
+    comp.add_argument(
+        "--hybrid-groups",
+        type=int,
+        default=None,
+        help="send only the first k groups; the decoder generates the rest with the prior",
+    )
     comp.add_argument("--temperature", type=float, default=None, help="hybrid generation temperature (0 = argmax)")
     comp.add_argument("--hybrid-seed", type=int, default=None, help="hybrid sampling seed (recorded in the stream)")
-    comp.add_argument("--resize-policy", default=None, choices=["pad", "resize"],
-                      help="sides that are not multiples of 64: pad (default; cropped on decode) or resize")
+    comp.add_argument(
+        "--resize-policy",
+        default=None,
+        choices=["pad", "resize"],
+        help="sides that are not multiples of 64: pad (default; cropped on decode) or resize",
+    )
     comp.set_defaults(func=_compress)
     dec = sub.add_parser("decompress", help=".pcv2 (or a folder of them) -> PNG at the original size")
     dec.add_argument("input")

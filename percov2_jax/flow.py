@@ -20,7 +20,8 @@ diffusers' exact dtype path; everything else is a pure, jittable function of arr
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ VelocityFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
 # ----------------------------------------------------------------------------- schedules
+
 
 def shift_sigmas(sigmas, shift: float):
     """``shift·σ / (1 + (shift − 1)·σ)``, elementwise; keeps the array type and float dtype of ``sigmas``
@@ -53,8 +55,9 @@ def training_sigma_table(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, shift: 
     return shift_sigmas(t / np.float32(num_train_timesteps), shift).astype(np.float32)
 
 
-def euler_sigmas(num_steps: int, shift: float = SHIFT,
-                 num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[np.ndarray, np.ndarray]:
+def euler_sigmas(
+    num_steps: int, shift: float = SHIFT, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
+) -> tuple[np.ndarray, np.ndarray]:
     """``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)``'s ``(sigmas, timesteps)``.
 
     diffusers' path, reproduced bit for bit: the endpoints are the float32 table's first and last
@@ -77,8 +80,10 @@ def euler_sigmas(num_steps: int, shift: float = SHIFT,
 
 # ----------------------------------------------------------------------------- training
 
-def density_from_draws(draws: jax.Array, *, scheme: str, logit_mean: float = 0.0, logit_std: float = 1.0,
-                       mode_scale: float = 1.29) -> jax.Array:
+
+def density_from_draws(
+    draws: jax.Array, *, scheme: str, logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29
+) -> jax.Array:
     """``u ∈ [0, 1]`` from raw draws, as diffusers' ``compute_density_for_timestep_sampling``.
 
     ``draws`` float32 ``[B]``: standard normals for ``"logit_normal"`` (``u = sigmoid(mean + std·z)``),
@@ -96,8 +101,9 @@ def density_from_draws(draws: jax.Array, *, scheme: str, logit_mean: float = 0.0
     raise ValueError(f"unknown timestep density scheme {scheme!r}; expected one of {DENSITY_SCHEMES}")
 
 
-def sigmas_from_density(u: jax.Array, *, shift: float = SHIFT, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-                        discrete: bool = True) -> jax.Array:
+def sigmas_from_density(
+    u: jax.Array, *, shift: float = SHIFT, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, discrete: bool = True
+) -> jax.Array:
     """Training noise levels ``σ`` float32 ``[B]`` from density samples ``u`` float32 ``[B]``.
 
     ``discrete=True`` is the diffusers SD3 scripts' index math: ``i = int(u·N)`` (truncation, in
@@ -119,9 +125,18 @@ def sigmas_from_density(u: jax.Array, *, shift: float = SHIFT, num_train_timeste
     return shift_sigmas(jnp.clip(u, 1.0 / num_train_timesteps, 1.0), shift).astype(jnp.float32)
 
 
-def sample_training_sigmas(rng: jax.Array, batch: int, *, scheme: str = "logit_normal", logit_mean: float = 0.0,
-                           logit_std: float = 1.0, mode_scale: float = 1.29, shift: float = SHIFT,
-                           num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, discrete: bool = True) -> jax.Array:
+def sample_training_sigmas(
+    rng: jax.Array,
+    batch: int,
+    *,
+    scheme: str = "logit_normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    shift: float = SHIFT,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+    discrete: bool = True,
+) -> jax.Array:
     """Per-example training noise levels ``σ`` float32 ``[batch]`` in ``(0, 1]``.
 
     ``scheme`` ∈ ``DENSITY_SCHEMES`` picks the draw (``density_from_draws``); ``discrete`` picks the
@@ -148,9 +163,9 @@ def loss_weighting(sigmas: jax.Array, scheme: str = "none") -> jax.Array:
     if scheme == "none":
         return jnp.ones_like(sigmas)
     if scheme == "sigma_sqrt":
-        return sigmas ** -2.0
+        return sigmas**-2.0
     if scheme == "cosmap":
-        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
     raise ValueError(f"unknown loss weighting scheme {scheme!r}; expected one of {WEIGHTING_SCHEMES}")
 
 
@@ -175,8 +190,9 @@ def velocity_target(x0: jax.Array, noise: jax.Array) -> jax.Array:
     return noise - x0
 
 
-def flow_matching_loss(pred: jax.Array, target: jax.Array, weights: jax.Array | None = None, *,
-                       per_example: bool = False) -> jax.Array:
+def flow_matching_loss(
+    pred: jax.Array, target: jax.Array, weights: jax.Array | None = None, *, per_example: bool = False
+) -> jax.Array:
     """``mean_b mean_{h,w,c} w_b·(pred − target)²`` in float32, as the diffusers SD3 scripts reduce it.
 
     ``pred``, ``target`` ``[B, ...]``; ``weights`` ``[B]`` (``loss_weighting``) or None for 1.
@@ -190,6 +206,7 @@ def flow_matching_loss(pred: jax.Array, target: jax.Array, weights: jax.Array | 
 
 
 # ----------------------------------------------------------------------------- sampling
+
 
 def initial_noise(rng: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """The sampler's starting point ``ε ~ N(0, I)`` (``shape`` = latent ``[B, H, W, C]``), float32.
@@ -215,14 +232,25 @@ def euler_step(x: jax.Array, v: jax.Array, sigma, sigma_next) -> jax.Array:
 def _concat_batch(first: Any, second: Any) -> Any:
     """Concatenate two pytrees of batch-major arrays along axis 0 (same structure required)."""
     if jax.tree.structure(first) != jax.tree.structure(second):
-        raise ValueError("cond and uncond must be pytrees of the same structure: "
-                         f"{jax.tree.structure(second)} vs {jax.tree.structure(first)}")
+        raise ValueError(
+            "cond and uncond must be pytrees of the same structure: "
+            f"{jax.tree.structure(second)} vs {jax.tree.structure(first)}"
+        )
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), first, second)
 
 
-def sample(velocity_fn: VelocityFn, noise: jax.Array, cond: Any, uncond: Any = None, *, num_steps: int,
-           guidance_scale: float | jax.Array = 1.0, shift: float = SHIFT,
-           num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, return_trajectory: bool = False):
+def sample(
+    velocity_fn: VelocityFn,
+    noise: jax.Array,
+    cond: Any,
+    uncond: Any = None,
+    *,
+    num_steps: int,
+    guidance_scale: float | jax.Array = 1.0,
+    shift: float = SHIFT,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+    return_trajectory: bool = False,
+):
     """Euler sampling of the flow ODE from ``σ = 1`` (``noise``) to ``σ = 0`` with classifier-free guidance.
 
     Args:

@@ -5,7 +5,7 @@ model). ``hyper_side`` is the side of the token grid for a 512x512 image; one to
 ``512 / hyper_side`` pixels on each side whatever the image size, so a 768x512 Kodak image
 at the 8x8 rate has a 12x8 grid. Adding a rate means adding one row to ``RATES``.
 
-Sources (percov2-method.md §2.3): the seven PerCo rows are PerCo (SD)'s ``rate_cfg``
+Sources (docs/method.md §2.1, §2.3): the seven PerCo rows are PerCo (SD)'s ``rate_cfg``
 (PerCo Table 2) [verified]; the two PerCoV2 regimes are inferences [not stated by the paper]:
 "ultra-low" = 8x8 tokens, V=256 and "extreme" = 32x32 tokens, V=256.
 """
@@ -83,4 +83,5 @@ def check_image_size(height: int, width: int) -> None:
         if not isinstance(side, int) or side <= 0 or side % IMAGE_MULTIPLE:
             raise ValueError(
                 f"image {label} {side!r} is not a positive multiple of {IMAGE_MULTIPLE}: PerCoV2 token grids need "
-                f"sides divisible by {IMAGE_MULTIPLE} (resize or crop first, e.g. 512x512 or 768x512)")
+                f"sides divisible by {IMAGE_MULTIPLE} (resize or crop first, e.g. 512x512 or 768x512)"
+            )

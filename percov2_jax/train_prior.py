@@ -1,38 +1,31 @@
-"""Stage-2 entry point: ``python -m percov2_jax.train_prior --config configs/prior_tiny.py --workdir DIR``.
+"""Stage-2 training: ``python -m percov2_jax.train_prior --config configs/prior_tiny.py --workdir DIR``.
 
+  python -m percov2_jax.train_prior --config configs/prior_tiny.py --workdir STAGE1/prior \
+      --config.stage1=STAGE1 [--config.mesh.fsdp=8]
+
+Train in ``STAGE1/prior`` and the codec finds the prior. Restarting the same command resumes.
 Multi-host: the same command on every host with ``--distributed`` or the coordinator flags
-(``percov2_jax.train.distributed``), as for stage 1.
+(`percov2_jax.jobs`).
 """
 
 from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from percov2_jax import jobs
 
-from percov2_jax.train import distributed
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "stage-2 config file (configs/prior_*.py)", lock_config=True)
-flags.DEFINE_string("workdir", None, "checkpoints and logs of the prior (resumes if present)")
-distributed.define_flags()
-flags.mark_flags_as_required(["config", "workdir"])
+jobs.define_flags("stage-2 config file (configs/prior_*.py)", "checkpoints and logs of the prior (resumes if present)")
 
 
-def main(argv):
-    del argv
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+def main() -> None:
     import jax
 
-    distributed.initialize(FLAGS)
     from percov2_jax.train.prior import train_prior
 
-    history = train_prior(FLAGS.config, FLAGS.workdir)
+    history = train_prior(jobs.FLAGS.config, jobs.FLAGS.workdir)
     if history and jax.process_index() == 0:
         print(json.dumps({"first": history[0], "last": history[-1]}, sort_keys=True))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    jobs.run(main)

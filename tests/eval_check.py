@@ -29,7 +29,8 @@ def main():
     if args.num_processes > 1:
         jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
     import eval_setup
-    from percov2_jax.evaluation.run import evaluate
+
+    from percov2_jax.evaluation.job import evaluate
 
     with open(args.inputs, encoding="utf-8") as f:
         inputs = json.load(f)

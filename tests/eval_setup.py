@@ -42,9 +42,11 @@ def coco_folder(root: pathlib.Path) -> dict:
         names = SHARED_COCO_LIST.read_text().split()[:4]
     else:
         names = ["000000000009.jpg", "000000000034.jpg", "000000000049.jpg", "000000000071.jpg"]
-    captions = [["a woman in a space suit", "an astronaut with a flag"],
-                ["coffee in a white cup", "a cup of coffee on a saucer", "a hot drink"],
-                ["a ginger cat looking up"]]
+    captions = [
+        ["a woman in a space suit", "an astronaut with a flag"],
+        ["coffee in a white cup", "a cup of coffee on a saucer", "a hot drink"],
+        ["a ginger cat looking up"],
+    ]
     images, annotations = [], []
     for k, (name, photo, texts) in enumerate(zip(names, _photos(4)[1:], captions)):
         Image.fromarray(photo).resize((80 + 16 * k, 64), Image.Resampling.BICUBIC).save(root / name, quality=90)
@@ -60,10 +62,7 @@ def coco_folder(root: pathlib.Path) -> dict:
 def eval_config(stage1: str, dataset: str, paths: dict, clip: dict | None = None):
     """configs/eval_tiny.py on ``dataset`` ("kodak" or "coco30k") at 192x192: two modes (the
     prior at 2 steps + CFG 3, uniform tokens at 1 step), shards of 2 images, batches of 2."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "configs"))
-    import eval_tiny
+    from configs import eval_tiny
 
     c = eval_tiny.get_config()
     c.checkpoint = stage1
@@ -73,7 +72,10 @@ def eval_config(stage1: str, dataset: str, paths: dict, clip: dict | None = None
     c.dataset.annotations = paths.get("annotations", "")
     c.dataset.conditioning = "gt" if dataset == "coco30k" else "none"
     c.dataset.strict_list = False
-    c.modes = "steps=2,guidance=3;steps=1,guidance=1,entropy_mode=uniform"
+    c.modes = (
+        dict(sample_steps=2, guidance_scale=3.0),
+        dict(sample_steps=1, guidance_scale=1.0, coding=dict(entropy_mode="uniform")),
+    )
     c.metrics.kid_subsets = 5
     c.shard_size = 2
     c.batch_size = 2

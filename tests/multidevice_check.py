@@ -25,11 +25,13 @@ def main():
     import jax
 
     if args.num_processes > 1:
-        jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
-                                   initialization_timeout=120)
-    from jax.sharding import NamedSharding, PartitionSpec as P
+        jax.distributed.initialize(
+            f"127.0.0.1:{args.port}", args.num_processes, args.process_id, initialization_timeout=120
+        )
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from percov2_jax import checkpoints, sharding
+    from percov2_jax import pretrained, sharding
     from percov2_jax.convert import load_diffusers_component, load_transformers_component
 
     assert jax.device_count() == 8, jax.devices()
@@ -47,10 +49,13 @@ def main():
         if source == "folder":
             module, params = load_diffusers_component(args.folder, mesh=mesh, scan_layers=True)
         else:
-            module, params = checkpoints.load(args.checkpoint, mesh=mesh)["transformer"]
+            module, params = pretrained.load(args.checkpoint, mesh=mesh)["transformer"]
         # Parameters sit on their logical-axis shardings: q/k/v kernels are (embed -> fsdp, heads -> tensor).
-        to_q = params["transformer_blocks_0_to_1"]["attn"]["to_q"]["kernel"] if source == "folder" \
+        to_q = (
+            params["transformer_blocks_0_to_1"]["attn"]["to_q"]["kernel"]
+            if source == "folder"
             else params["transformer_blocks_0"]["attn"]["to_q"]["kernel"]
+        )
         spec = to_q.sharding.spec
         assert tuple(spec)[-2:] == ("fsdp", "tensor"), (source, spec)
         assert len(to_q.addressable_shards) == 8 // args.num_processes
@@ -64,10 +69,14 @@ def main():
 
     # The T5 encoder shards the same way: vocab and heads/mlp over tensor, embed over fsdp.
     module, params = load_transformers_component(args.t5, mesh=mesh)
-    assert tuple(params["shared"]["embedding"].sharding.spec) == ("tensor", "fsdp"), params["shared"]["embedding"].sharding
+    assert tuple(params["shared"]["embedding"].sharding.spec) == ("tensor", "fsdp"), params["shared"][
+        "embedding"
+    ].sharding
     ids = global_array(data["t5_ids"])
     with sharding.activation_constraints(mesh):
-        out = jax.jit(lambda p, i: module.apply({"params": p}, i).last_hidden_state, out_shardings=replicated)(params, ids)
+        out = jax.jit(lambda p, i: module.apply({"params": p}, i).last_hidden_state, out_shardings=replicated)(
+            params, ids
+        )
     out = np.asarray(out.addressable_data(0))
     err = np.abs(out - data["t5_reference"]).max() / np.abs(data["t5_reference"]).max()
     print(f"process {args.process_id} t5: relative error {err:.2e}", flush=True)

@@ -20,14 +20,14 @@ import argparse
 import json
 
 
-def run(codec, stage1: str, workdir: str, segments: list):
+def run(stage1_model, stage1: str, workdir: str, segments: list):
     """``(losses, params gathered to host numpy)`` after training ``segments`` in ``workdir``;
-    ``codec``: the stage-1 model of ``stage1``, loaded once for all runs."""
+    ``stage1_model``: the `Stage1Model` of ``stage1``, loaded once for all runs."""
     import jax
     import numpy as np
+    import train_setup
     from jax.experimental import multihost_utils
 
-    import train_setup
     from percov2_jax.train.prior import PriorTrainer
 
     losses, trainer, mesh_of_trainer = [], None, None
@@ -43,7 +43,7 @@ def run(codec, stage1: str, workdir: str, segments: list):
                 config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
                 config.prior.dtype = config.prior.param_dtype = "float64"
                 devices = jax.devices()[:1] if mesh == [1, 1, 1] else None
-                trainer, mesh_of_trainer = PriorTrainer(config, workdir, devices, codec), mesh
+                trainer, mesh_of_trainer = PriorTrainer(config, workdir, devices, stage1_model), mesh
             else:
                 trainer.train_steps(steps)  # moves the state and the data on; restore() must undo both
                 trainer.restore()
@@ -71,14 +71,16 @@ def main():
 
     jax.config.update("jax_enable_x64", True)
     if args.num_processes > 1:
-        jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
-                                   initialization_timeout=120)
+        jax.distributed.initialize(
+            f"127.0.0.1:{args.port}", args.num_processes, args.process_id, initialization_timeout=120
+        )
     import train_setup
-    from percov2_jax.train.prior import load_stage1_codec
 
-    codec = load_stage1_codec(args.stage1)
+    from percov2_jax.runs.stage1 import load_stage1
+
+    stage1_model = load_stage1(args.stage1)
     for i, segments in enumerate(json.loads(args.runs)):
-        losses, params = run(codec, args.stage1, f"{args.workdir}/{i}", segments)
+        losses, params = run(stage1_model, args.stage1, f"{args.workdir}/{i}", segments)
         if jax.process_index() == 0:
             train_setup.save_result(f"{args.output}_{i}.npz", losses, params)
         path = " -> ".join(f"{'x'.join(map(str, mesh))} ({steps})" for mesh, steps in segments)

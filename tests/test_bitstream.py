@@ -14,8 +14,7 @@ import pytest
 from percov2_jax import rates
 from percov2_jax.captions import CODERS, get_coder
 from percov2_jax.codec import bitstream as bs
-from percov2_jax.codec.bitstream import (BitstreamError, CompressedImage, StreamHeader, bit_budget, pack,
-                                         unpack)
+from percov2_jax.codec.bitstream import BitstreamError, CompressedImage, StreamHeader, bit_budget, pack, unpack
 
 MODEL = bs.model_fingerprint({"model": "tiny", "rate": "ultra-low"})
 CAPTION = zlib.compress(b"a man riding a horse on a dirt road near a barn in the countryside", 9)  # 62 bytes
@@ -29,8 +28,18 @@ def typical() -> CompressedImage:
 
 def hybrid() -> CompressedImage:
     """500x375 padded, extreme rate, hybrid k=3 with temperature 0.7 and seed 1234, ngram caption."""
-    header = StreamHeader(MODEL, 500, 375, rate="extreme", schedule_id=4, steps=12, hybrid_groups=3,
-                          temperature=0.7, seed=1234, caption_coder="word-ngram-v1")
+    header = StreamHeader(
+        MODEL,
+        500,
+        375,
+        rate="extreme",
+        schedule_id=4,
+        steps=12,
+        hybrid_groups=3,
+        temperature=0.7,
+        seed=1234,
+        caption_coder="word-ngram-v1",
+    )
     return CompressedImage(header, get_coder("word-ngram-v1").encode("a red barn"), bytes(range(100, 140)))
 
 
@@ -40,9 +49,24 @@ def seal(w: bs._BitWriter) -> bytes:
     return body + (binascii.crc_hqx(body, 0xFFFF) ^ 0xFFFF).to_bytes(2, "big")
 
 
-def raw_stream(*, version=1, model_id=MODEL, rate_id=0, size_mode=0, sides=(7, 7), entropy_mode=0, k=0,
-               schedule=(4, 11), temperature=None, seed=None, coder=0, caption=b"", caption_length=None,
-               tokens=b"", padding=0) -> bytes:
+def raw_stream(
+    *,
+    version=1,
+    model_id=MODEL,
+    rate_id=0,
+    size_mode=0,
+    sides=(7, 7),
+    entropy_mode=0,
+    k=0,
+    schedule=(4, 11),
+    temperature=None,
+    seed=None,
+    coder=0,
+    caption=b"",
+    caption_length=None,
+    tokens=b"",
+    padding=0,
+) -> bytes:
     """A stream written field by field from raw code values, as the layout table in the module
     docstring states it (an independent statement of the layout; see test_layout_matches_table)."""
     w = bs._BitWriter()
@@ -95,9 +119,18 @@ def test_exp_golomb_round_trip_and_length(k):
 def test_layout_matches_table():
     assert pack(typical()) == raw_stream(sides=(7, 7), schedule=(4, 11), caption=CAPTION, tokens=TOKENS)
     caption = get_coder("word-ngram-v1").encode("a red barn")
-    assert pack(hybrid()) == raw_stream(rate_id=1, size_mode=1, sides=(499, 374), k=3, schedule=(4, 11),
-                                        temperature=7, seed=1234, coder=1, caption=caption,
-                                        tokens=bytes(range(100, 140)))
+    assert pack(hybrid()) == raw_stream(
+        rate_id=1,
+        size_mode=1,
+        sides=(499, 374),
+        k=3,
+        schedule=(4, 11),
+        temperature=7,
+        seed=1234,
+        coder=1,
+        caption=caption,
+        tokens=bytes(range(100, 140)),
+    )
     uniform = CompressedImage(StreamHeader(MODEL, 768, 512, entropy_mode="uniform", schedule_id=4, steps=12), b"", b"")
     assert uniform.header.schedule_id is None and uniform.header.steps is None
     assert pack(uniform) == raw_stream(sides=(11, 7), entropy_mode=1, schedule=None)
@@ -105,8 +138,17 @@ def test_layout_matches_table():
 
 def test_id_tables_are_stable_and_complete():
     # Pinned: a new rate or coder appends an id; an existing id never changes.
-    assert bs.RATE_IDS == {"ultra-low": 0, "extreme": 1, "0.1250": 2, "0.0937": 3, "0.0507": 4, "0.0313": 5,
-                           "0.0098": 6, "0.0024": 7, "0.0019": 8}
+    assert bs.RATE_IDS == {
+        "ultra-low": 0,
+        "extreme": 1,
+        "0.1250": 2,
+        "0.0937": 3,
+        "0.0507": 4,
+        "0.0313": 5,
+        "0.0098": 6,
+        "0.0024": 7,
+        "0.0019": 8,
+    }
     assert bs.CAPTION_CODER_IDS == {"zlib": 0, "word-ngram-v1": 1, "word-ngram-v1+crc8": 2, "deflate-dict-v1": 3}
     assert bs.ENTROPY_MODE_IDS == {"prior": 0, "uniform": 1}
     assert bs.RESIZE_POLICY_IDS == {"pad": 1, "resize": 2}
@@ -146,13 +188,15 @@ def test_golden_streams():
     assert pack(typical()).hex() == (
         "ac2c5aba07ffb3ebcf1b41b91821b0060180780ab793442239a068ee5b60fb7a7bfd3112f0456941f11a33d13acc3282fb81"
         "851d2262e5b29608dc5dd5bcadeadc81ff7962ede00020406080a0c0e10121416181a1c1e20222426282a2c2e30323436383"
-        "a3c3e40424446484a4c4e50525456585a5c5e60626466686a6c6e70727476787a7c7e07e1f")
+        "a3c3e40424446484a4c4e50525456585a5c5e60626466686a6c6e70727476787a7c7e07e1f"
+    )
     assert pack(hybrid()).hex() == GOLDEN_HYBRID
 
 
 GOLDEN_HYBRID = (
     "ac2c5aba024bcd3b48cf580134d455db4c8caccced0d2d4d6d8dadcdee0e2e4e6e8eaeceef0f2f4f6f8fafcff0"
-    "1030507090b0d0f111315160503d")
+    "1030507090b0d0f111315160503d"
+)
 
 
 def test_model_fingerprint():
@@ -175,10 +219,19 @@ def random_image(rng: random.Random) -> CompressedImage:
     steps = rng.randrange(1, 70) if rng.random() < 0.9 else rng.choice([1, bs.MAX_STEPS])
     k = rng.randrange(0, steps) if rng.random() < 0.5 else 0
     header = StreamHeader(
-        model_id=rng.randrange(2**24), height=side(), width=side(), rate=rng.choice(list(bs.RATE_IDS)),
-        entropy_mode=entropy_mode, schedule_id=rng.randrange(0, 256), steps=steps, hybrid_groups=k,
-        temperature=rng.randrange(0, 256) / 10, seed=rng.choice([0, rng.randrange(2**32), 2**32 - 1]),
-        resize_policy=rng.choice(list(bs.RESIZE_POLICY_IDS)), caption_coder=rng.choice(list(bs.CAPTION_CODER_IDS)))
+        model_id=rng.randrange(2**24),
+        height=side(),
+        width=side(),
+        rate=rng.choice(list(bs.RATE_IDS)),
+        entropy_mode=entropy_mode,
+        schedule_id=rng.randrange(0, 256),
+        steps=steps,
+        hybrid_groups=k,
+        temperature=rng.randrange(0, 256) / 10,
+        seed=rng.choice([0, rng.randrange(2**32), 2**32 - 1]),
+        resize_policy=rng.choice(list(bs.RESIZE_POLICY_IDS)),
+        caption_coder=rng.choice(list(bs.CAPTION_CODER_IDS)),
+    )
     caption = rng.randbytes(rng.choice([0, rng.randrange(1, 300)]))
     tokens = rng.randbytes(rng.choice([0, 1, rng.randrange(2, 2000)]))
     return CompressedImage(header, caption, tokens)
@@ -200,8 +253,9 @@ def test_round_trip_random():
 
 
 def test_header_canonicalisation():
-    h = StreamHeader(MODEL, 512, 768, entropy_mode="uniform", schedule_id=3, steps=9, temperature=1.5, seed=7,
-                     resize_policy="resize")
+    h = StreamHeader(
+        MODEL, 512, 768, entropy_mode="uniform", schedule_id=3, steps=9, temperature=1.5, seed=7, resize_policy="resize"
+    )
     assert (h.schedule_id, h.steps, h.temperature, h.seed, h.resize_policy) == (None, None, None, None, None)
     h = StreamHeader(MODEL, 500, 512, schedule_id=4, steps=12, hybrid_groups=2, seed=9)
     assert (h.temperature, h.seed, h.resize_policy) == (0.0, None, "pad")  # argmax: no seed
@@ -220,25 +274,28 @@ def test_coded_size_and_token_grid():
     assert StreamHeader(MODEL, 512, 512, rate="extreme", schedule_id=4, steps=12).token_grid == (32, 32)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"model_id": 2**24}, "model_id must be an int"),
-    ({"height": 0}, "height must be an int"),
-    ({"width": 65537}, "width must be an int"),
-    ({"height": 512.0}, "height must be an int"),
-    ({"rate": "0.5"}, "unknown rate '0.5'"),
-    ({"height": 500, "resize_policy": None}, "resize_policy must be one of pad, resize"),
-    ({"entropy_mode": "var"}, "unknown entropy mode"),
-    ({"schedule_id": None}, "needs schedule_id and steps"),
-    ({"schedule_id": 256}, "schedule_id must be an int"),
-    ({"steps": 0}, "steps must be an int"),
-    ({"hybrid_groups": 12}, "hybrid_groups must be below steps=12"),
-    ({"hybrid_groups": 1, "temperature": 0.75}, "multiple of 0.1"),
-    ({"hybrid_groups": 1, "temperature": -0.1}, "multiple of 0.1"),
-    ({"hybrid_groups": 1, "temperature": float("nan")}, "finite number"),
-    ({"hybrid_groups": 1, "temperature": 1.0, "seed": 2**32}, "seed must be an int"),
-    ({"caption_coder": "gzip"}, "unknown caption coder"),
-    ({"version": 2}, "writes format version 1"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model_id": 2**24}, "model_id must be an int"),
+        ({"height": 0}, "height must be an int"),
+        ({"width": 65537}, "width must be an int"),
+        ({"height": 512.0}, "height must be an int"),
+        ({"rate": "0.5"}, "unknown rate '0.5'"),
+        ({"height": 500, "resize_policy": None}, "resize_policy must be one of pad, resize"),
+        ({"entropy_mode": "var"}, "unknown entropy mode"),
+        ({"schedule_id": None}, "needs schedule_id and steps"),
+        ({"schedule_id": 256}, "schedule_id must be an int"),
+        ({"steps": 0}, "steps must be an int"),
+        ({"hybrid_groups": 12}, "hybrid_groups must be below steps=12"),
+        ({"hybrid_groups": 1, "temperature": 0.75}, "multiple of 0.1"),
+        ({"hybrid_groups": 1, "temperature": -0.1}, "multiple of 0.1"),
+        ({"hybrid_groups": 1, "temperature": float("nan")}, "finite number"),
+        ({"hybrid_groups": 1, "temperature": 1.0, "seed": 2**32}, "seed must be an int"),
+        ({"caption_coder": "gzip"}, "unknown caption coder"),
+        ({"version": 2}, "writes format version 1"),
+    ],
+)
 def test_invalid_header_arguments(changes, message):
     fields = {"model_id": MODEL, "height": 512, "width": 512, "schedule_id": 4, "steps": 12, **changes}
     with pytest.raises(ValueError, match=message):
@@ -274,8 +331,14 @@ def test_error_truncated():
 
 
 def test_error_magic():
-    for data in (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", zlib.compress(b"x"), b"\x80\x04\x95",
-                 b"\xac\x30" + pack(typical())[2:]):
+    for data in (
+        b"\x89PNG\r\n\x1a\n",
+        b"\xff\xd8\xff\xe0",
+        b"GIF89a",
+        zlib.compress(b"x"),
+        b"\x80\x04\x95",
+        b"\xac\x30" + pack(typical())[2:],
+    ):
         expect(data, "magic", "not a .pcv2 stream")
 
 
@@ -312,27 +375,29 @@ def test_error_version():
 
 def test_error_model():
     data = pack(typical())
-    err = expect(data, "model", f"made by model {MODEL:06x}, but this decoder's model is 000001",
-                 expected_model_id=1)
+    err = expect(data, "model", f"made by model {MODEL:06x}, but this decoder's model is 000001", expected_model_id=1)
     assert "force" in str(err)
     assert unpack(data, expected_model_id=None) == typical()
 
 
-@pytest.mark.parametrize("stream, message", [
-    (dict(rate_id=200), "unknown rate id 200"),
-    (dict(entropy_mode=5), "unknown entropy mode 5"),
-    (dict(size_mode=3, sides=(0, 0)), "unknown size mode 3"),
-    (dict(coder=9), "unknown caption coder id 9"),
-    (dict(size_mode=1, sides=(511, 511)), "size mode pad for 512x512, which needs none"),
-    (dict(sides=(1024, 0)), "height 1024 is above its maximum 1023"),
-    (dict(size_mode=2, sides=(499, 70000)), "width 70000 is above its maximum 65535"),
-    (dict(k=12, schedule=(4, 11), temperature=0), "hybrid_groups must be below steps=12"),
-    (dict(k=1, schedule=(4, 11), temperature=300), "temperature 300 is above its maximum 255"),
-    (dict(k=1, schedule=(4, 11), temperature=10, seed=2**32), "seed 4294967296 is above its maximum"),
-    (dict(schedule=(256, 0)), "schedule id 256 is above its maximum 255"),
-    (dict(caption_length=70000), "caption length 70000 is above its maximum 65535"),
-    (dict(padding=1), "padding bits are not zero"),
-])
+@pytest.mark.parametrize(
+    "stream, message",
+    [
+        (dict(rate_id=200), "unknown rate id 200"),
+        (dict(entropy_mode=5), "unknown entropy mode 5"),
+        (dict(size_mode=3, sides=(0, 0)), "unknown size mode 3"),
+        (dict(coder=9), "unknown caption coder id 9"),
+        (dict(size_mode=1, sides=(511, 511)), "size mode pad for 512x512, which needs none"),
+        (dict(sides=(1024, 0)), "height 1024 is above its maximum 1023"),
+        (dict(size_mode=2, sides=(499, 70000)), "width 70000 is above its maximum 65535"),
+        (dict(k=12, schedule=(4, 11), temperature=0), "hybrid_groups must be below steps=12"),
+        (dict(k=1, schedule=(4, 11), temperature=300), "temperature 300 is above its maximum 255"),
+        (dict(k=1, schedule=(4, 11), temperature=10, seed=2**32), "seed 4294967296 is above its maximum"),
+        (dict(schedule=(256, 0)), "schedule id 256 is above its maximum 255"),
+        (dict(caption_length=70000), "caption length 70000 is above its maximum 65535"),
+        (dict(padding=1), "padding bits are not zero"),
+    ],
+)
 def test_error_field(stream, message):
     expect(raw_stream(**stream), "field", message)
 
@@ -385,7 +450,7 @@ def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
     elif kind == "delete":
         del b[rng.randrange(len(b))]
     elif kind == "truncate":
-        del b[rng.randrange(len(b)):]
+        del b[rng.randrange(len(b)) :]
     elif kind == "append":
         b += rng.randbytes(rng.randrange(1, 5))
     elif kind == "swap":
@@ -395,7 +460,7 @@ def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
         b[i], b[j] = b[j], b[i]
     else:
         i = rng.randrange(len(b))
-        b[i:i + 4] = rng.randbytes(len(b[i:i + 4]))
+        b[i : i + 4] = rng.randbytes(len(b[i : i + 4]))
     if bytes(b) == data:  # a no-op mutation (e.g. a random burst equal to the original) is no test
         b[0] ^= 0x01
     return kind, bytes(b)

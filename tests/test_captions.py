@@ -12,9 +12,20 @@ import zlib
 
 import pytest
 
-from percov2_jax.captions import (CODERS, CaptionDecodeError, CaptionFile, CaptionFileError, CaptionPolicy,
-                                  CaptionTooLongError, FixedCaption, get_coder, image_key, load_captions)
-from percov2_jax.captions import fit, ngram
+from percov2_jax.captions import (
+    CODERS,
+    CaptionDecodeError,
+    CaptionFile,
+    CaptionFileError,
+    CaptionPolicy,
+    CaptionTooLongError,
+    FixedCaption,
+    fit,
+    get_coder,
+    image_key,
+    load_captions,
+    ngram,
+)
 from percov2_jax.captions.range_coder import RangeDecodeError, RangeDecoder, RangeEncoder
 
 TRAIN = fit.read_caption_lines(fit.TRAIN_CAPTIONS_PATH)
@@ -56,6 +67,7 @@ RANDOM_TEXTS = [random_text(random.Random(seed)) for seed in range(300)]
 
 
 # coders ----------------------------------------------------------------------------------
+
 
 def test_zlib_is_the_papers_coder_and_the_default():
     assert get_coder().name == "zlib"
@@ -123,6 +135,7 @@ def test_stored_tables_are_fitted_on_the_training_captions_only():
 
 
 # damaged data ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["zlib", "deflate-dict-v1"])
 def test_deflate_coders_reject_truncation_and_padding(name):
@@ -197,7 +210,7 @@ def test_range_coder_round_trip_and_termination():
         tables = []
         for _ in range(rng.randrange(1, 40)):
             freqs = [rng.randrange(1, 1000) for _ in range(rng.randrange(1, 20))]
-            tables.append([0, *[sum(freqs[:i + 1]) for i in range(len(freqs))]])
+            tables.append([0, *[sum(freqs[: i + 1]) for i in range(len(freqs))]])
         symbols = [rng.randrange(len(t) - 1) for t in tables]
         enc = RangeEncoder()
         info = math.log2(10)
@@ -218,14 +231,20 @@ def test_range_coder_round_trip_and_termination():
 
 def test_ngram_tables_are_valid_distributions():
     words, chars = ngram.load_models(fit.NGRAM_MODEL_PATH)
-    for model, history in [(words, [ngram.WORD_START] * 2), (words, ["a", "man"]), (words, [ngram.WORD_UNKNOWN]),
-                           (chars, [ngram.CHAR_START] * 2), (chars, ["q", "x"])]:
+    for model, history in [
+        (words, [ngram.WORD_START] * 2),
+        (words, ["a", "man"]),
+        (words, [ngram.WORD_UNKNOWN]),
+        (chars, [ngram.CHAR_START] * 2),
+        (chars, ["q", "x"]),
+    ]:
         cum = model.table(history)
         assert len(cum) == len(model.symbols) + 1 and cum[0] == 0 and cum[-1] <= ngram.QUANTIZED_TOTAL
         assert all(b > a for a, b in zip(cum, cum[1:]))  # every symbol has frequency >= 1
 
 
 # policy ----------------------------------------------------------------------------------
+
 
 def test_policy_counts_whitespace_words():
     policy = CaptionPolicy(max_tokens=3)
@@ -254,8 +273,9 @@ def test_policy_with_a_custom_count():
         CaptionPolicy(max_tokens=7, count_tokens=len).apply("abcdefghij")
 
 
-@pytest.mark.parametrize("kwargs", [{"max_tokens": 0}, {"max_tokens": 2.5}, {"max_tokens": True},
-                                    {"on_overflow": "drop"}])
+@pytest.mark.parametrize(
+    "kwargs", [{"max_tokens": 0}, {"max_tokens": 2.5}, {"max_tokens": True}, {"on_overflow": "drop"}]
+)
 def test_policy_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         CaptionPolicy(**kwargs)
@@ -263,10 +283,12 @@ def test_policy_rejects_bad_settings(kwargs):
 
 # caption files ---------------------------------------------------------------------------
 
+
 def test_tsv_captions(tmp_path):
     path = tmp_path / "captions.txt"
-    path.write_text("kodak/kodim01.png\ta red door \n\nkodim02.png\tleft\ttab kept\nkodim01.png\ta red door\n",
-                    encoding="utf-8")
+    path.write_text(
+        "kodak/kodim01.png\ta red door \n\nkodim02.png\tleft\ttab kept\nkodim01.png\ta red door\n", encoding="utf-8"
+    )
     assert load_captions(path) == {"kodim01.png": "a red door", "kodim02.png": "left\ttab kept"}
     source = CaptionFile(path)
     assert source.caption_for("/data/kodim01.png") == "a red door"
@@ -277,17 +299,25 @@ def test_tsv_captions(tmp_path):
 
 def test_jsonl_captions(tmp_path):
     path = tmp_path / "captions.jsonl"
-    path.write_text('{"image": "a/x.png", "caption": "café"}\n{"image": "y.png", "caption": "", "score": 1}\n',
-                    encoding="utf-8")
+    path.write_text(
+        '{"image": "a/x.png", "caption": "café"}\n{"image": "y.png", "caption": "", "score": 1}\n', encoding="utf-8"
+    )
     assert load_captions(path) == {"x.png": "café", "y.png": ""}
 
 
 def test_coco_captions_take_the_smallest_annotation_id(tmp_path):
-    coco = {"images": [{"id": 7, "file_name": "000007.jpg"}, {"id": 9, "file_name": "000009.jpg"},
-                       {"id": 3, "file_name": "000003.jpg"}],
-            "annotations": [{"id": 50, "image_id": 7, "caption": "A dog.\n"},
-                            {"id": 12, "image_id": 7, "caption": "A brown dog on grass."},
-                            {"id": 30, "image_id": 9, "caption": "A cat."}]}
+    coco = {
+        "images": [
+            {"id": 7, "file_name": "000007.jpg"},
+            {"id": 9, "file_name": "000009.jpg"},
+            {"id": 3, "file_name": "000003.jpg"},
+        ],
+        "annotations": [
+            {"id": 50, "image_id": 7, "caption": "A dog.\n"},
+            {"id": 12, "image_id": 7, "caption": "A brown dog on grass."},
+            {"id": 30, "image_id": 9, "caption": "A cat."},
+        ],
+    }
     path = tmp_path / "captions_val2017.json"
     path.write_text(json.dumps(coco), encoding="utf-8")
     assert load_captions(path) == {"000007.jpg": "A brown dog on grass.", "000009.jpg": "A cat."}
@@ -299,18 +329,47 @@ def test_coco_captions_take_the_smallest_annotation_id(tmp_path):
         load_captions(path)
 
 
-@pytest.mark.parametrize("content, match", [
-    ("x.png a dog\n", "line 1: expected 'name<TAB>caption'"),
-    ("x.png\ta dog\ny.png\tok\nx.png\ta cat\n", "'x.png' has two different captions: line 1: 'a dog' and line 3"),
-    ("\tno name\n", "non-empty"),
-    ('{"image": "x.png", "caption": "a"}\n{"image": "y.png"\n', "line 2: not JSON"),
-    ('{"image": "x.png", "text": "a"}\n', "line 1: expected an object with 'image' and 'caption'"),
-    ('{"image": "x.png", "caption": 3}\n', "caption must be a string"),
-    ('{"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": [{"image_id": 1}]}',
-     "not a COCO captions file.*KeyError: 'id'"),
-    ('{"images": [{"id": 1, "file_name": "x.jpg"}, {"id": 1, "file_name": "y.jpg"}], "annotations": []}',
-     "image id 1 listed twice"),
-])
+def test_coco_captions_all_per_image_in_file_order(tmp_path):
+    from percov2_jax.captions.sources import coco_captions, read_coco_captions
+
+    coco = {
+        "images": [{"id": 7, "file_name": "train/000007.jpg"}, {"id": 3, "file_name": "000003.jpg"}],
+        "annotations": [
+            {"id": 50, "image_id": 7, "caption": " A dog.\n"},
+            {"id": 12, "image_id": 7, "caption": "A brown dog on grass."},
+        ],
+    }
+    path = tmp_path / "captions_train2017.json"
+    path.write_text(json.dumps(coco), encoding="utf-8")
+    assert read_coco_captions(path) == {"000007.jpg": ["A dog.", "A brown dog on grass."], "000003.jpg": []}
+    assert load_captions(path) == {"000007.jpg": "A brown dog on grass."}  # the smallest annotation id
+    twice = {**coco, "images": coco["images"] + [{"id": 8, "file_name": "000007.jpg"}]}
+    with pytest.raises(CaptionFileError, match="'000007.jpg' is listed under several image ids"):
+        coco_captions(twice, "twice.json")
+    bad = {**coco, "annotations": coco["annotations"] + [{"id": 1, "image_id": 3, "caption": 5}]}
+    with pytest.raises(CaptionFileError, match=r"bad.json: annotations\[2\]: caption is not a string"):
+        coco_captions(bad, "bad.json")
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("x.png a dog\n", "line 1: expected 'name<TAB>caption'"),
+        ("x.png\ta dog\ny.png\tok\nx.png\ta cat\n", "'x.png' has two different captions: line 1: 'a dog' and line 3"),
+        ("\tno name\n", "non-empty"),
+        ('{"image": "x.png", "caption": "a"}\n{"image": "y.png"\n', "line 2: not JSON"),
+        ('{"image": "x.png", "text": "a"}\n', "line 1: expected an object with 'image' and 'caption'"),
+        ('{"image": "x.png", "caption": 3}\n', "caption must be a string"),
+        (
+            '{"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": [{"image_id": 1}]}',
+            "not a COCO captions file.*KeyError: 'id'",
+        ),
+        (
+            '{"images": [{"id": 1, "file_name": "x.jpg"}, {"id": 1, "file_name": "y.jpg"}], "annotations": []}',
+            "image id 1 listed twice",
+        ),
+    ],
+)
 def test_caption_file_errors(tmp_path, content, match):
     path = tmp_path / "captions.txt"
     path.write_text(content, encoding="utf-8")
@@ -329,6 +388,8 @@ def test_ambiguous_stem_and_fixed_caption(tmp_path):
 
 # captioner -------------------------------------------------------------------------------
 
+
+@pytest.mark.slow
 def test_package_imports_without_torch():
     code = "import sys, percov2_jax.captions, percov2_jax.captions.captioner; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -349,23 +410,41 @@ def save_tiny_blip2(folder) -> None:
     """A random 1-layer BLIP-2 (OPT) whose language model always says "cat", with its processor."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
-                              PreTrainedTokenizerFast)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     words = ["<pad>", "<unk>", "</s>", "<s>", "a", "cat", "dog"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     processor = Blip2Processor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer, num_query_tokens=4)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     config = Blip2Config(
         vision_config=dict(small, image_size=32, patch_size=16),
         qformer_config=dict(small, encoder_hidden_size=32, vocab_size=16),
-        text_config=dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=len(tokenizer), word_embed_proj_dim=32, max_position_embeddings=64,
-                         bos_token_id=3, eos_token_id=2, pad_token_id=0),
-        num_query_tokens=4, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+        text_config=dict(
+            model_type="opt",
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=len(tokenizer),
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            bos_token_id=3,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        num_query_tokens=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
     torch.manual_seed(0)
     model = Blip2ForConditionalGeneration(config).eval()
     decoder = model.language_model.model.decoder

@@ -11,27 +11,46 @@ from __future__ import annotations
 
 import json
 
+import clip_setup
 import jax
 import numpy as np
 import pytest
 import torch
+from torch_reference import max_rel_error, randomize_
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from percov2_jax.convert import ConversionError
-from percov2_jax.convert.clip_vision_weights import load_clip_model, load_clip_vision
+from percov2_jax.convert.clip_vision_weights import load_clip_model, load_clip_scorer, load_clip_vision
 from percov2_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
 from percov2_jax.metrics import clip_score as cs
-import clip_setup
-from torch_reference import max_rel_error, randomize_
+
+pytestmark = pytest.mark.parity  # against PyTorch reference models
 
 F32_TOL = 1e-5
 JAX_PREPROCESS_TOL = 0.1  # max, normalised units (1/255 is ~0.015; measured 0.071 astronaut, 0.015 chelsea)
 JAX_PREPROCESS_MEAN_TOL = 0.01  # mean |diff| (measured 0.0037, 0.0044)
 VISION_CONFIGS = {
-    "quick_gelu": dict(hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2,
-                       num_attention_heads=4, image_size=30, patch_size=6, hidden_act="quick_gelu"),
-    "gelu": dict(hidden_size=40, intermediate_size=52, projection_dim=16, num_hidden_layers=2, num_attention_heads=5,
-                 image_size=28, patch_size=7, hidden_act="gelu", layer_norm_eps=1e-6),
+    "quick_gelu": dict(
+        hidden_size=32,
+        intermediate_size=37,
+        projection_dim=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=30,
+        patch_size=6,
+        hidden_act="quick_gelu",
+    ),
+    "gelu": dict(
+        hidden_size=40,
+        intermediate_size=52,
+        projection_dim=16,
+        num_hidden_layers=2,
+        num_attention_heads=5,
+        image_size=28,
+        patch_size=7,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+    ),
 }
 
 
@@ -47,7 +66,9 @@ def vision_case(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(folder)
     c = VISION_CONFIGS[request.param]
-    return dict(model=model, folder=folder, size=c["image_size"], positions=(c["image_size"] // c["patch_size"]) ** 2 + 1)
+    return dict(
+        model=model, folder=folder, size=c["image_size"], positions=(c["image_size"] // c["patch_size"]) ** 2 + 1
+    )
 
 
 def test_vision_parity_float32(vision_case):
@@ -71,6 +92,7 @@ def test_wrong_image_size_is_loud(vision_case):
 
 
 # ---------------------------------------------------------------- converter ------------------
+
 
 def _copy_folder(src, dst, state):
     dst.mkdir()
@@ -96,8 +118,12 @@ def test_converter_errors_are_loud(vision_case, tmp_path):
     with pytest.raises(ConversionError) as info:
         load_clip_vision(_copy_folder(src, tmp_path / "broken", broken))
     msg = str(info.value)
-    for expected in ("vision_model.encoder.layers.0.mlp.fc3.weight", "vision_model/post_layernorm/bias",
-                     "vision_model.embeddings.class_embedding: checkpoint shape [7]", "logit_scale"):
+    for expected in (
+        "vision_model.encoder.layers.0.mlp.fc3.weight",
+        "vision_model/post_layernorm/bias",
+        "vision_model.embeddings.class_embedding: checkpoint shape [7]",
+        "logit_scale",
+    ):
         assert expected in msg, expected
     write_safetensors(tmp_path / "lone.safetensors", state)
     with pytest.raises(ConversionError, match="needs config="):
@@ -108,6 +134,7 @@ def test_converter_errors_are_loud(vision_case, tmp_path):
 
 
 # ---------------------------------------------------------------- CLIPModel + score ----------
+
 
 @pytest.fixture(scope="module")
 def clip_case(tmp_path_factory):
@@ -121,7 +148,7 @@ def test_clip_score_matches_transformers_clipmodel(clip_case):
     from transformers import CLIPImageProcessorPil
 
     images = _photos() + [_photos()[1][::-1]]
-    scorer = cs.CLIPScorer.from_pretrained(clip_case["folder"], clip_case["tokenizer_folder"])
+    scorer = load_clip_scorer(clip_case["folder"], clip_case["tokenizer_folder"])
     ours = np.asarray(scorer(images, CAPTIONS))
     # torchmetrics' recipe: processor, untruncated tokens cut to max_position_embeddings, CLIPModel.
     processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
@@ -133,9 +160,11 @@ def test_clip_score_matches_transformers_clipmodel(clip_case):
     cos = (out.image_embeds * out.text_embeds).sum(-1).numpy()  # both already unit-normalised
     ref = 100 * np.maximum(cos, 0)
     np.testing.assert_allclose(ours, ref, atol=1e-3)
-    np.testing.assert_allclose(np.asarray(cs.torchmetrics_clip_score(scorer.image_embeds(images),
-                                                                     scorer.text_embeds(CAPTIONS))),
-                               max(100 * cos.mean(), 0), atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(cs.torchmetrics_clip_score(scorer.image_embeds(images), scorer.text_embeds(CAPTIONS))),
+        max(100 * cos.mean(), 0),
+        atol=1e-3,
+    )
     # The projected embeddings themselves (not only their cosines).
     with torch.no_grad():
         ref_img = clip_case["model"].get_image_features(pixels).pooler_output.numpy()
@@ -169,6 +198,7 @@ def test_clip_score_definition():
 
 
 # ---------------------------------------------------------------- preprocessing --------------
+
 
 def test_preprocess_equals_clip_image_processor_on_photos():
     from transformers import CLIPImageProcessorPil

@@ -5,10 +5,13 @@ prior's code length; hybrid streams keep the transmitted tokens verbatim."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.integration  # trains models or runs whole jobs
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +69,19 @@ def test_foreign_or_damaged_streams_fail_loudly(codec):
     from percov2_jax.codec import bitstream
 
     data = codec.compress(np.zeros((64, 64, 3), np.uint8), "black")
-    other = bitstream.pack(bitstream.CompressedImage(
-        bitstream.StreamHeader(model_id=(codec.model_id + 1) % 2**24, height=64, width=64, rate=codec.config.rate,
-                               entropy_mode="uniform"), b"", bitstream.unpack(data).token_bytes))
+    other = bitstream.pack(
+        bitstream.CompressedImage(
+            bitstream.StreamHeader(
+                model_id=(codec.model_id + 1) % 2**24,
+                height=64,
+                width=64,
+                rate=codec.config.rate,
+                entropy_mode="uniform",
+            ),
+            b"",
+            bitstream.unpack(data).token_bytes,
+        )
+    )
     with pytest.raises(bitstream.BitstreamError, match="model"):
         codec.decompress(other)
     with pytest.raises(bitstream.BitstreamError):
@@ -82,15 +95,76 @@ def test_command_line(workdir, tmp_path):
     folder.mkdir()
     Image.fromarray(np.full((64, 128, 3), 90, np.uint8)).save(folder / "a.png")
     Image.fromarray(np.full((70, 64, 3), 200, np.uint8)).save(folder / "b.jpg")
-    assert cli.main(["compress", str(folder), "-o", str(tmp_path / "z"), "--checkpoint", str(workdir),
-                     "--caption", "grey"]) == 0
+    assert (
+        cli.main(
+            ["compress", str(folder), "-o", str(tmp_path / "z"), "--checkpoint", str(workdir), "--caption", "grey"]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (tmp_path / "z").iterdir()) == ["a.pcv2", "b.pcv2"]
     assert cli.main(["info", str(tmp_path / "z" / "a.pcv2")]) == 0
-    assert cli.main(["decompress", str(tmp_path / "z"), "-o", str(tmp_path / "out"), "--checkpoint", str(workdir),
-                     "--steps", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "decompress",
+                str(tmp_path / "z"),
+                "-o",
+                str(tmp_path / "out"),
+                "--checkpoint",
+                str(workdir),
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "out" / "b.png").size == (64, 70)
     (tmp_path / "bad.pcv2").write_bytes(b"\x00garbage")
     assert cli.main(["info", str(tmp_path / "bad.pcv2")]) == 2
+
+
+def test_command_line_relative_checkpoint_and_captions_file(workdir, tmp_path, monkeypatch):
+    """A relative --checkpoint works (orbax wants absolute paths); a --captions file that does not
+    caption an image stops with the image's name instead of sending an empty caption."""
+    from percov2_jax import cli
+    from percov2_jax.codec import bitstream
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.full((64, 64, 3), 20, np.uint8)).save(folder / "b.png")
+    (tmp_path / "captions.tsv").write_text("a.jpg\ta grey square\n")  # stem fallback: serves a.png
+    monkeypatch.chdir(os.path.dirname(workdir))
+    relative = os.path.basename(workdir)
+    assert (
+        cli.main(
+            [
+                "compress",
+                str(folder / "a.png"),
+                "-o",
+                str(tmp_path / "a.pcv2"),
+                "--checkpoint",
+                relative,
+                "--captions",
+                str(tmp_path / "captions.tsv"),
+            ]
+        )
+        == 0
+    )
+    assert bitstream.unpack((tmp_path / "a.pcv2").read_bytes()).caption() == "a grey square"
+    with pytest.raises(SystemExit, match="b.png"):
+        cli.main(
+            [
+                "compress",
+                str(folder),
+                "-o",
+                str(tmp_path / "z"),
+                "--checkpoint",
+                relative,
+                "--captions",
+                str(tmp_path / "captions.tsv"),
+            ]
+        )
 
 
 def test_command_line_prior_and_hybrid(workdir, prior_workdir, tmp_path, capsys):
@@ -99,24 +173,89 @@ def test_command_line_prior_and_hybrid(workdir, prior_workdir, tmp_path, capsys)
 
     image = tmp_path / "a.png"
     Image.fromarray(np.tile(np.arange(128, dtype=np.uint8)[:, None, None], (1, 128, 3))).save(image)
-    assert cli.main(["compress", str(image), "-o", str(tmp_path / "a.pcv2"), "--checkpoint", workdir,
-                     "--schedule", "qlds", "--steps", "5", "--hybrid-groups", "2", "--temperature", "0.5",
-                     "--hybrid-seed", "9", "--caption", "a ramp"]) == 0
+    assert (
+        cli.main(
+            [
+                "compress",
+                str(image),
+                "-o",
+                str(tmp_path / "a.pcv2"),
+                "--checkpoint",
+                workdir,
+                "--schedule",
+                "qlds",
+                "--steps",
+                "5",
+                "--hybrid-groups",
+                "2",
+                "--temperature",
+                "0.5",
+                "--hybrid-seed",
+                "9",
+                "--caption",
+                "a ramp",
+            ]
+        )
+        == 0
+    )
     header = bitstream.unpack((tmp_path / "a.pcv2").read_bytes()).header
-    assert (header.entropy_mode, header.steps, header.hybrid_groups, header.temperature, header.seed) == \
-        ("prior", 5, 2, 0.5, 9)
+    assert (header.entropy_mode, header.steps, header.hybrid_groups, header.temperature, header.seed) == (
+        "prior",
+        5,
+        2,
+        0.5,
+        9,
+    )
     capsys.readouterr()
     assert cli.main(["info", str(tmp_path / "a.pcv2")]) == 0
     assert "schedule qlds, 5 groups; hybrid: first 2 groups sent" in capsys.readouterr().out
-    assert cli.main(["decompress", str(tmp_path / "a.pcv2"), "-o", str(tmp_path / "a_out.png"), "--checkpoint",
-                     workdir, "--steps", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "decompress",
+                str(tmp_path / "a.pcv2"),
+                "-o",
+                str(tmp_path / "a_out.png"),
+                "--checkpoint",
+                workdir,
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     # Without the prior the stream cannot be decoded: exit 2 with the reason.
-    assert cli.main(["decompress", str(tmp_path / "a.pcv2"), "-o", str(tmp_path / "b.png"), "--checkpoint",
-                     workdir, "--prior", "none"]) == 2
+    assert (
+        cli.main(
+            [
+                "decompress",
+                str(tmp_path / "a.pcv2"),
+                "-o",
+                str(tmp_path / "b.png"),
+                "--checkpoint",
+                workdir,
+                "--prior",
+                "none",
+            ]
+        )
+        == 2
+    )
     assert "needs a stage-2 prior" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="hybrid_groups=2 must be below"):
-        cli.main(["compress", str(image), "-o", str(tmp_path / "c.pcv2"), "--checkpoint", workdir,
-                  "--schedule", "checkerboard", "--hybrid-groups", "2"])
+        cli.main(
+            [
+                "compress",
+                str(image),
+                "-o",
+                str(tmp_path / "c.pcv2"),
+                "--checkpoint",
+                workdir,
+                "--schedule",
+                "checkerboard",
+                "--hybrid-groups",
+                "2",
+            ]
+        )
 
 
 def test_prior_codes_every_schedule_exactly(prior_codec, photo):
@@ -132,14 +271,18 @@ def test_prior_codes_every_schedule_exactly(prior_codec, photo):
         data = prior_codec.compress(photo, caption, schedule=name)
         header = bitstream.unpack(data).header
         schedule = schedules.make_schedule(name, *indices.shape)
-        assert (header.entropy_mode, header.schedule_id, header.steps) == ("prior", schedules.schedule_id(name),
-                                                                           schedule.num_steps)
+        assert (header.entropy_mode, header.schedule_id, header.steps) == (
+            "prior",
+            schedules.schedule_id(name),
+            schedule.num_steps,
+        )
         assert header.model_id == prior_codec.prior_model_id
         decoded, _ = prior_codec.decode_tokens(data)
         np.testing.assert_array_equal(decoded, indices, err_msg=name)
         # The payload costs the prior's code length (quantised tables; a few bits of termination).
-        _, bits = mim.schedule_log2_probs(prior_codec.prior.model.apply, prior_codec.prior.params, indices,
-                                          schedule, embedding)
+        _, bits = mim.schedule_log2_probs(
+            prior_codec.prior.model.apply, prior_codec.prior.params, indices, schedule, embedding
+        )
         token_bits = bitstream.bit_budget(data)["tokens_bits"]
         assert abs(token_bits - bits.sum()) <= 0.005 * bits.sum() + 16, (name, token_bits, bits.sum())
 
@@ -154,14 +297,21 @@ def test_hybrid_streams_keep_sent_tokens_and_generate_the_rest(prior_codec, phot
     full_bits = bitstream.bit_budget(prior_codec.compress(photo, "x"))["tokens_bits"]
     prior = prior_codec.prior
     for mode, temperature, seed in (("prior", 0.0, 0), ("prior", 0.7, 5), ("uniform", 0.0, 0)):
-        data = prior_codec.compress(photo, "x", entropy_mode=mode, hybrid_groups=3, temperature=temperature,
-                                    seed=seed)
+        data = prior_codec.compress(photo, "x", entropy_mode=mode, hybrid_groups=3, temperature=temperature, seed=seed)
         header = bitstream.unpack(data).header
         assert (header.hybrid_groups, header.temperature) == (3, temperature)
         decoded, _ = prior_codec.decode_tokens(data)
         np.testing.assert_array_equal(decoded.reshape(-1)[sent], indices.reshape(-1)[sent])  # verbatim
-        expected = mim.hybrid_complete(prior.apply, prior.params, indices, schedule, 3, temperature=temperature,
-                                       seed=seed, caption=prior_codec.caption_embedding("x"))
+        expected = mim.hybrid_complete(
+            prior.apply,
+            prior.params,
+            indices,
+            schedule,
+            3,
+            temperature=temperature,
+            seed=seed,
+            caption=prior_codec.caption_embedding("x"),
+        )
         np.testing.assert_array_equal(decoded, expected)
         bits = bitstream.bit_budget(data)["tokens_bits"]
         if mode == "uniform":
@@ -191,9 +341,13 @@ def test_prior_streams_need_the_prior(codec, prior_codec, photo, workdir, prior_
         prior_codec.compress(photo, "x", schedule="checkerboard", hybrid_groups=2)  # 8x12: 2 groups
     # A prior stream whose model id is changed is refused by model, not decoded into garbage.
     stream = bitstream.unpack(data)
-    forged = bitstream.pack(bitstream.CompressedImage(
-        bitstream.StreamHeader(**{**stream.header.__dict__, "model_id": codec.model_id}), stream.caption_bytes,
-        stream.token_bytes))
+    forged = bitstream.pack(
+        bitstream.CompressedImage(
+            bitstream.StreamHeader(**{**stream.header.__dict__, "model_id": codec.model_id}),
+            stream.caption_bytes,
+            stream.token_bytes,
+        )
+    )
     with pytest.raises(bitstream.BitstreamError, match="model"):
         prior_codec.decode_tokens(forged)
 

@@ -10,9 +10,19 @@ import constriction
 import numpy as np
 import pytest
 
-from percov2_jax.entropy.coder import (CodingError, TokenDecoder, TokenEncoder, cross_entropy_bits,
-                                       decode_tokens, decode_uniform, encode_tokens, encode_uniform,
-                                       payload_bits, quantize_probabilities, uniform_bits)
+from percov2_jax.entropy.coder import (
+    CodingError,
+    TokenDecoder,
+    TokenEncoder,
+    cross_entropy_bits,
+    decode_tokens,
+    decode_uniform,
+    encode_tokens,
+    encode_uniform,
+    payload_bits,
+    quantize_probabilities,
+    uniform_bits,
+)
 
 
 def softmax_rows(rng, n, vocab, scales=(0.3, 1.0, 3.0, 10.0, 30.0)):
@@ -140,8 +150,9 @@ def test_size_matches_cross_entropy():
         assert ce_quantized - 64 <= bits <= 1.005 * ce_quantized + 64, (bits, ce_quantized)
         assert abs(bits - ce_float) <= 0.005 * ce_float + 64, (bits, ce_float)
         assert 8 * len(data) - bits < 8
-        np.testing.assert_array_equal(np.concatenate(decode_tokens(data, [f for f, _ in steps])),
-                                      np.concatenate([s for _, s in steps]))
+        np.testing.assert_array_equal(
+            np.concatenate(decode_tokens(data, [f for f, _ in steps])), np.concatenate([s for _, s in steps])
+        )
 
 
 def test_short_messages_cost_at_most_a_few_bits_over_cross_entropy():
@@ -268,8 +279,10 @@ def test_quantize_robust_to_one_ulp(vocab, n):
     f = quantize_probabilities(p)
     changed_all = (quantize_probabilities(_perturb_all(rng, p)) != f).any(axis=1).mean()
     changed_one = (quantize_probabilities(_perturb_one(rng, p)) != f).any(axis=1).mean()
-    print(f"V={vocab}: tables changed by a 1-ulp change of every entry {100 * changed_all:.2f}% "
-          f"of rows, of one entry {100 * changed_one:.3f}%")
+    print(
+        f"V={vocab}: tables changed by a 1-ulp change of every entry {100 * changed_all:.2f}% "
+        f"of rows, of one entry {100 * changed_one:.3f}%"
+    )
     assert changed_all <= 0.01 and changed_one <= 0.01
 
 
@@ -295,8 +308,10 @@ def test_wrong_tables_fail_or_change_symbols():
     one-count change in the true symbol's entry raises, yields other tokens, or, when the change
     does not alter the bytes, the right tokens. Never a crash or a hang."""
     rng = np.random.default_rng(9)
-    outcomes = {"other model": {"error": 0, "different": 0, "same": 0},
-                "one count": {"error": 0, "different": 0, "same": 0}}
+    outcomes = {
+        "other model": {"error": 0, "different": 0, "same": 0},
+        "one count": {"error": 0, "different": 0, "same": 0},
+    }
     for trial in range(120):
         p = softmax_rows(rng, 32, 256)
         f, s = quantize_probabilities(p), sample(rng, p)
@@ -371,17 +386,20 @@ def test_garbage_raises_and_a_failed_decoder_stays_failed():
         decoder.finish()
 
 
-@pytest.mark.parametrize("bad", [
-    np.ones((4,), np.float32) / 4,  # not [n, V]
-    np.ones((2, 1), np.float32),  # V < 2
-    np.array([[0.5, -0.1, 0.6]], np.float32),
-    np.array([[0.5, np.nan, 0.5]], np.float32),
-    np.array([[0.5, np.inf, 0.5]], np.float32),
-    np.array([[1.5, 0.0]], np.float32),
-    np.array([[0.0, 0.0]], np.float32),  # no mass
-    np.array([[1, 0]], np.int64),  # integer "probabilities"
-    np.array([["0.5", "0.5"]]),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.ones((4,), np.float32) / 4,  # not [n, V]
+        np.ones((2, 1), np.float32),  # V < 2
+        np.array([[0.5, -0.1, 0.6]], np.float32),
+        np.array([[0.5, np.nan, 0.5]], np.float32),
+        np.array([[0.5, np.inf, 0.5]], np.float32),
+        np.array([[1.5, 0.0]], np.float32),
+        np.array([[0.0, 0.0]], np.float32),  # no mass
+        np.array([[1, 0]], np.int64),  # integer "probabilities"
+        np.array([["0.5", "0.5"]]),
+    ],
+)
 def test_quantize_rejects_bad_probabilities(bad):
     with pytest.raises(CodingError):
         quantize_probabilities(bad)
@@ -402,8 +420,13 @@ def test_coder_rejects_bad_tables_and_symbols():
     f = quantize_probabilities(np.full((2, 4), 0.25, np.float32))
     encoder = TokenEncoder()
     bad_calls = [
-        (f, [0, 4]), (f, [-1, 0]), (f, [0]), (f, [[0, 1]]), (f, [0.0, 1.0]),  # symbols
-        (f[0], [0]), (f.astype(np.float64), [0, 1]),  # shapes and dtypes
+        (f, [0, 4]),
+        (f, [-1, 0]),
+        (f, [0]),
+        (f, [[0, 1]]),
+        (f, [0.0, 1.0]),  # symbols
+        (f[0], [0]),
+        (f.astype(np.float64), [0, 1]),  # shapes and dtypes
         (f + np.array([[-f[0, 0], f[0, 0], 0, 0]]), [1, 1]),  # a zero count
         (f + np.array([[1, 0, 0, 0]]), [0, 1]),  # wrong sum
         (quantize_probabilities(np.full((2, 4), 0.25, np.float32), 16), [0, 1]),  # other precision

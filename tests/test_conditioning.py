@@ -14,19 +14,27 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from percov2_jax.conditioning import PromptEncoder, load_tokenizers
-from percov2_jax.convert.to_checkpoint import convert_to_checkpoint
 from torch_reference import max_rel_error, randomize_, tiny_vae
+
+from percov2_jax import pretrained
+from percov2_jax.text.prompt_encoder import PromptEncoder, load_tokenizers
+
+pytestmark = pytest.mark.parity  # against PyTorch reference models
 
 TOL = 1e-5
 T5_LENGTH = 24
-CAPTIONS = ["a photo of a cat sitting on a mat", "", "café au lait – 東京 🚀",
-            "a very long caption " + "with many many words " * 20]
+CAPTIONS = [
+    "a photo of a cat sitting on a mat",
+    "",
+    "café au lait – 東京 🚀",
+    "a very long caption " + "with many many words " * 20,
+]
 
 
 def _bytes_to_unicode() -> list[str]:
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = [], 0
     for b in range(256):
         if b in keep:
@@ -48,8 +56,9 @@ def _clip_tokenizer(folder, pad_token):
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=pad_token,
-                        model_max_length=77)
+    tok = CLIPTokenizer(
+        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77
+    )
     return tok
 
 
@@ -62,8 +71,12 @@ def _t5_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
-    tok.train_from_iterator([c for c in CAPTIONS if c] * 4 + ["a dog running in a park", "two people riding bikes"], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    tok.train_from_iterator(
+        [c for c in CAPTIONS if c] * 4 + ["a dog running in a park", "two people riding bikes"], trainer
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
     return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
 
 
@@ -74,24 +87,71 @@ def sd3_text(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sd3_text")
     clip = dict(vocab_size=514, intermediate_size=37, num_hidden_layers=3, max_position_embeddings=77, bos_token_id=512)
-    text_encoder = randomize_(CLIPTextModelWithProjection(CLIPTextConfig(
-        hidden_size=32, projection_dim=32, num_attention_heads=4, hidden_act="quick_gelu", eos_token_id=2, **clip)), 81)
-    text_encoder_2 = randomize_(CLIPTextModelWithProjection(CLIPTextConfig(
-        hidden_size=40, projection_dim=24, num_attention_heads=5, hidden_act="gelu", eos_token_id=513, **clip)), 82)
-    text_encoder_3 = randomize_(T5EncoderModel(T5Config(vocab_size=150, d_model=80, d_kv=8, d_ff=50, num_layers=2,
-                                                        num_heads=4, feed_forward_proj="gated-gelu",
-                                                        relative_attention_num_buckets=8)), 83)
-    transformer = randomize_(SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2,
-                                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=80,
-                                                   caption_projection_dim=16, pooled_projection_dim=56, out_channels=16,
-                                                   pos_embed_max_size=8), 84)
+    text_encoder = randomize_(
+        CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                hidden_size=32,
+                projection_dim=32,
+                num_attention_heads=4,
+                hidden_act="quick_gelu",
+                eos_token_id=2,
+                **clip,
+            )
+        ),
+        81,
+    )
+    text_encoder_2 = randomize_(
+        CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                hidden_size=40, projection_dim=24, num_attention_heads=5, hidden_act="gelu", eos_token_id=513, **clip
+            )
+        ),
+        82,
+    )
+    text_encoder_3 = randomize_(
+        T5EncoderModel(
+            T5Config(
+                vocab_size=150,
+                d_model=80,
+                d_kv=8,
+                d_ff=50,
+                num_layers=2,
+                num_heads=4,
+                feed_forward_proj="gated-gelu",
+                relative_attention_num_buckets=8,
+            )
+        ),
+        83,
+    )
+    transformer = randomize_(
+        SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=80,
+            caption_projection_dim=16,
+            pooled_projection_dim=56,
+            out_channels=16,
+            pos_embed_max_size=8,
+        ),
+        84,
+    )
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(seed=85),
-        text_encoder=text_encoder, tokenizer=_clip_tokenizer(root / "vocab_l", "<|endoftext|>"),
-        text_encoder_2=text_encoder_2, tokenizer_2=_clip_tokenizer(root / "vocab_g", "!"),
-        text_encoder_3=text_encoder_3, tokenizer_3=_t5_tokenizer())
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(seed=85),
+        text_encoder=text_encoder,
+        tokenizer=_clip_tokenizer(root / "vocab_l", "<|endoftext|>"),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=_clip_tokenizer(root / "vocab_g", "!"),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=_t5_tokenizer(),
+    )
     pipe.save_pretrained(root / "pipeline")
-    convert_to_checkpoint(str(root / "pipeline"), str(root / "ckpt"), progress=False)
+    pretrained.convert(str(root / "pipeline"), str(root / "ckpt"), progress=False)
     return dict(pipe=pipe, root=root)
 
 
@@ -101,9 +161,9 @@ def _reference(pipe, captions, use_t5=True):
         pipe.text_encoder_3 = None
     try:
         with torch.no_grad():
-            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(captions, None, None, device="cpu",
-                                                                 do_classifier_free_guidance=True,
-                                                                 max_sequence_length=T5_LENGTH)
+            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+                captions, None, None, device="cpu", do_classifier_free_guidance=True, max_sequence_length=T5_LENGTH
+            )
     finally:
         pipe.text_encoder_3 = saved
     return embeds.numpy(), pooled.numpy(), neg.numpy(), neg_pooled.numpy()
@@ -111,8 +171,9 @@ def _reference(pipe, captions, use_t5=True):
 
 @pytest.mark.parametrize("use_t5", [True, False])
 def test_prompt_embeddings_match_diffusers(sd3_text, use_t5):
-    encoder = PromptEncoder.from_checkpoint(sd3_text["root"] / "ckpt", use_t5=use_t5, max_sequence_length=T5_LENGTH,
-                                            joint_attention_dim=80)
+    encoder = PromptEncoder.from_checkpoint(
+        sd3_text["root"] / "ckpt", use_t5=use_t5, max_sequence_length=T5_LENGTH, joint_attention_dim=80
+    )
     ref_embeds, ref_pooled, ref_neg, ref_neg_pooled = _reference(sd3_text["pipe"], CAPTIONS, use_t5)
     embeds, pooled = encoder(CAPTIONS)
     assert embeds.shape == ref_embeds.shape == (4, 77 + T5_LENGTH, 80)
@@ -134,6 +195,7 @@ def test_tokenizers_travel_with_the_checkpoint(sd3_text):
         load_tokenizers(sd3_text["root"] / "vocab_l")
 
 
+@pytest.mark.slow
 def test_precomputed_text_store(sd3_text, tmp_path):
     import os
     import subprocess
@@ -141,14 +203,16 @@ def test_precomputed_text_store(sd3_text, tmp_path):
 
     import ml_dtypes
 
-    from percov2_jax.data.text_store import EMPTY_PROMPT_ID, TextEmbeddingStore, precompute_text_embeddings
+    from percov2_jax.text.store import EMPTY_PROMPT_ID, TextEmbeddingStore, precompute_text_embeddings
 
-    encoder = PromptEncoder.from_checkpoint(sd3_text["root"] / "ckpt", max_sequence_length=T5_LENGTH,
-                                            joint_attention_dim=80)
+    encoder = PromptEncoder.from_checkpoint(
+        sd3_text["root"] / "ckpt", max_sequence_length=T5_LENGTH, joint_attention_dim=80
+    )
     captions = {f"img{i:03d}.jpg": c for i, c in enumerate(CAPTIONS + ["a red bus on a wet street"])}
     for shard in range(2):  # two hosts, each its round-robin share
-        precompute_text_embeddings(encoder, captions, str(tmp_path / "store"), batch_size=2, shard_index=shard,
-                                   shard_count=2, progress=False)
+        precompute_text_embeddings(
+            encoder, captions, str(tmp_path / "store"), batch_size=2, shard_index=shard, shard_count=2, progress=False
+        )
     store = TextEmbeddingStore(str(tmp_path / "store"))
     # Every store also carries the empty prompt (dropped captions, CFG).
     assert len(store) == 6 and sorted(store.ids()) == sorted([*captions, EMPTY_PROMPT_ID])
@@ -168,12 +232,31 @@ def test_precomputed_text_store(sd3_text, tmp_path):
         TextEmbeddingStore(str(tmp_path / "store"))
 
     # The command-line tool, bfloat16 storage, from a JSONL captions file.
-    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps({"image": k, "caption": v}) for k, v in captions.items()))
+    (tmp_path / "captions.jsonl").write_text(
+        "\n".join(json.dumps({"image": k, "caption": v}) for k, v in captions.items())
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, os.path.join(root, "tools", "precompute_text.py"), "--checkpoint",
-                             str(sd3_text["root"] / "ckpt"), "--captions", str(tmp_path / "captions.jsonl"), "--output",
-                             str(tmp_path / "tool_store"), "--max_sequence_length", str(T5_LENGTH), "--dtype", "bfloat16",
-                             "--batch_size", "2"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "tools", "precompute_text.py"),
+            "--checkpoint",
+            str(sd3_text["root"] / "ckpt"),
+            "--captions",
+            str(tmp_path / "captions.jsonl"),
+            "--output",
+            str(tmp_path / "tool_store"),
+            "--max_sequence_length",
+            str(T5_LENGTH),
+            "--dtype",
+            "bfloat16",
+            "--batch_size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     record = TextEmbeddingStore(str(tmp_path / "tool_store"))["img001.jpg"]
     assert record["prompt_embeds"].dtype == ml_dtypes.bfloat16

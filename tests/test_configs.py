@@ -3,30 +3,24 @@ memory) with the documented sharding, and the tiny one is what the demo trains."
 
 from __future__ import annotations
 
-import os
-import sys
-
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 
 def _spec(name):
     import importlib
 
+    from percov2_jax import build
     from percov2_jax import sharding as sharding_lib
     from percov2_jax.models.percov2 import count_params
-    from percov2_jax.train import components
     from percov2_jax.train.state import build_state_spec
 
-    config = importlib.import_module(name).get_config()
+    config = importlib.import_module(f"configs.{name}").get_config()
     mesh = sharding_lib.make_mesh()
-    rate = components.validate_config(config, mesh=mesh)
-    model = components.build_model(config, rate)
-    inputs = components.init_inputs(model, rate, int(config.text.length))
+    rate = build.validate_config(config, mesh=mesh)
+    model = build.build_model(config, rate)
+    inputs = build.init_inputs(model, rate)
     spec = build_state_spec(model, inputs, config.optim, mesh, ema=False)
     return config, model, spec, count_params(spec.abstract.params)
 
@@ -59,3 +53,24 @@ def test_sd3_medium_configs_build_abstractly(name, hyper_side):
 def test_tiny_config_is_small():
     _, _, _, n = _spec("tiny")
     assert n < 2e6, n
+
+
+@pytest.mark.parametrize("name", ["prior_base", "prior_tiny", "prior_demo"])
+def test_prior_configs_build_abstractly(name):
+    """Every shipped stage-2 config builds its prior and optimizer from the schema's own fields."""
+    import importlib
+
+    import jax.numpy as jnp
+
+    from percov2_jax import sharding as sharding_lib
+    from percov2_jax.entropy import mim
+    from percov2_jax.train.prior import prior_model_config
+    from percov2_jax.train.state import build_state_spec
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.optim.decay_steps == config.train.num_steps  # the schedule ends with the run
+    model = mim.MaskedTokenPrior(prior_model_config(config, 256, 2048))
+    inputs = (jnp.zeros((1, 8, 8), jnp.int32), jnp.zeros((1, 8, 8), bool), None)
+    spec = build_state_spec(model, inputs, config.optim, sharding_lib.make_mesh(), ema=False)
+    n = sum(x.size for x in jax.tree_util.tree_leaves(spec.abstract.params))
+    assert (n > 80e6) if name == "prior_base" else (n < 1e6), n

@@ -1,5 +1,5 @@
 """The converter: both front-ends agree, strictness (every bad key is named), sharded folders,
-half-precision upcasts, the ``tools/convert_sd3.py`` tool and ``percov2_jax.checkpoints``."""
+half-precision upcasts, the ``percov2 convert`` command and ``percov2_jax.pretrained``."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from torch_reference import SD3_VARIANTS, max_rel_error, nhwc, sd3_to_original, tiny_sd3, tiny_vae, vae_to_original
 
-from percov2_jax import checkpoints
+from percov2_jax import pretrained
 from percov2_jax.convert import CheckpointFormatError, ConversionError, load_diffusers_component, load_single_file
 from percov2_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
-from percov2_jax.convert.to_checkpoint import convert_to_checkpoint
-from torch_reference import SD3_VARIANTS, max_rel_error, nhwc, sd3_to_original, tiny_sd3, tiny_vae, vae_to_original
+
+pytestmark = pytest.mark.parity  # against PyTorch reference models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -48,13 +49,16 @@ def pipeline(tmp_path_factory):
 
 # ------------------------------------------------------------------ front-ends agree ---------
 
+
 @pytest.mark.parametrize("variant", list(SD3_VARIANTS))
 def test_single_file_and_diffusers_folder_agree(variant, tmp_path):
     transformer, vae = tiny_sd3(variant, seed=41), tiny_vae(seed=42)
     transformer.save_pretrained(tmp_path / "transformer")
     vae.save_pretrained(tmp_path / "vae")
-    original = {**sd3_to_original(_numpy_state(transformer), transformer.config.num_layers),
-                **vae_to_original(_numpy_state(vae), len(vae.config.block_out_channels))}
+    original = {
+        **sd3_to_original(_numpy_state(transformer), transformer.config.num_layers),
+        **vae_to_original(_numpy_state(vae), len(vae.config.block_out_channels)),
+    }
     write_safetensors(tmp_path / "sd3_single.safetensors", original)
 
     # Weights do not reveal head_dim without qk-norm, nor the VAE's group count or tiling size: give them.
@@ -80,8 +84,11 @@ def test_single_file_component_selection_and_unknown_prefixes(pipeline, tmp_path
         load_single_file(tmp_path / "bundle.safetensors")
     with pytest.raises(ConversionError, match="text_model.embeddings.token_embedding.weight"):
         load_single_file(tmp_path / "bundle.safetensors", config_overrides={"transformer": {"attention_head_dim": 8}})
-    out = load_single_file(tmp_path / "bundle.safetensors", components=("transformer",),
-                           config_overrides={"transformer": {"attention_head_dim": 8}})
+    out = load_single_file(
+        tmp_path / "bundle.safetensors",
+        components=("transformer",),
+        config_overrides={"transformer": {"attention_head_dim": 8}},
+    )
     assert list(out) == ["transformer"]
     with pytest.raises(ConversionError, match=r"components \['vae'\] not in the file"):
         load_single_file(tmp_path / "bundle.safetensors", components=("vae",))
@@ -92,6 +99,7 @@ def test_single_file_component_selection_and_unknown_prefixes(pipeline, tmp_path
 
 
 # ------------------------------------------------------------------ strictness ---------------
+
 
 def _folder_with(tmp_path, pipeline, edit):
     folder = tmp_path / "transformer"
@@ -154,14 +162,17 @@ def test_folder_errors(tmp_path, pipeline):
 
 # ------------------------------------------------------------------ formats ------------------
 
+
 def test_sharded_folder_equals_single_file(pipeline, tmp_path):
     folder = tmp_path / "sharded"
     folder.mkdir()
     shutil.copy(pipeline["root"] / "transformer" / "config.json", folder)
     state = dict(SafetensorsFile(pipeline["root"] / "transformer" / WEIGHTS).items())
     keys = sorted(state)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    shards = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2],
+    }
     weight_map = {}
     for name, part in shards.items():
         write_safetensors(folder / name, {k: state[k] for k in part})
@@ -193,23 +204,37 @@ def test_half_precision_checkpoints_upcast_exactly(pipeline, tmp_path, torch_dty
 
 # ------------------------------------------------------------------ tool and checkpoints -----
 
+
 def _sd3_reference(transformer):
     rng = np.random.RandomState(7)
-    x = dict(latents=rng.randn(1, 8, 12, 16).astype(np.float32), context=rng.randn(1, 3, 12).astype(np.float32),
-             pooled=rng.randn(1, 10).astype(np.float32), timestep=np.array([500.0], np.float32))
+    x = dict(
+        latents=rng.randn(1, 8, 12, 16).astype(np.float32),
+        context=rng.randn(1, 3, 12).astype(np.float32),
+        pooled=rng.randn(1, 10).astype(np.float32),
+        timestep=np.array([500.0], np.float32),
+    )
     with torch.no_grad():
-        ref = transformer(torch.from_numpy(x["latents"].transpose(0, 3, 1, 2).copy()), torch.from_numpy(x["context"]),
-                          torch.from_numpy(x["pooled"]), torch.from_numpy(x["timestep"])).sample
+        ref = transformer(
+            torch.from_numpy(x["latents"].transpose(0, 3, 1, 2).copy()),
+            torch.from_numpy(x["context"]),
+            torch.from_numpy(x["pooled"]),
+            torch.from_numpy(x["timestep"]),
+        ).sample
     return x, nhwc(ref)
 
 
+@pytest.mark.slow
 def test_convert_tool_end_to_end(pipeline, tmp_path):
     dst = tmp_path / "sd3_flax"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_sd3.py"), "--input",
-                             str(pipeline["root"]), "--output", str(dst)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "percov2_jax.cli", "convert", "--input", str(pipeline["root"]), "--output", str(dst)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transformer:" in result.stdout and "wrote" in result.stdout
-    loaded = checkpoints.load(dst)
+    loaded = pretrained.load(dst)
     assert sorted(loaded) == ["transformer", "vae"]
     module, params = loaded["transformer"]
     x, ref = _sd3_reference(pipeline["transformer"])
@@ -225,32 +250,37 @@ def test_convert_tool_end_to_end(pipeline, tmp_path):
 
 def test_checkpoint_layout_and_dtype_options(pipeline, tmp_path):
     dst = tmp_path / "bf16_scanned"
-    summary = convert_to_checkpoint(str(pipeline["root"]), str(dst), dtype="bfloat16", scan_layers=True, progress=False)
-    assert summary["transformer"]["params"] == sum(p.numel() for p in pipeline["transformer"].parameters()) + \
-        pipeline["transformer"].pos_embed.pos_embed.numel()
-    module, params = checkpoints.load(dst, components=("transformer",))["transformer"]
+    summary = pretrained.convert(str(pipeline["root"]), str(dst), dtype="bfloat16", scan_layers=True, progress=False)
+    assert (
+        summary["transformer"]["params"]
+        == sum(p.numel() for p in pipeline["transformer"].parameters())
+        + pipeline["transformer"].pos_embed.pos_embed.numel()
+    )
+    module, params = pretrained.load(dst, components=("transformer",))["transformer"]
     assert module.scan_layers and "transformer_blocks_0_to_1" in params
     assert params["proj_out"]["kernel"].dtype == jnp.bfloat16
     # Asking for the other layout converts it on load.
-    loop_module, loop_params = checkpoints.load(dst, components=("transformer",),
-                                                options={"transformer": {"scan_layers": False}})["transformer"]
+    loop_module, loop_params = pretrained.load(
+        dst, components=("transformer",), options={"transformer": {"scan_layers": False}}
+    )["transformer"]
     assert not loop_module.scan_layers and "transformer_blocks_1" in loop_params
-    _assert_same_tree(loop_params["transformer_blocks_1"],
-                      jax.tree.map(lambda a: a[1], params["transformer_blocks_0_to_1"]))
+    _assert_same_tree(
+        loop_params["transformer_blocks_1"], jax.tree.map(lambda a: a[1], params["transformer_blocks_0_to_1"])
+    )
     with pytest.raises(FileExistsError):
-        convert_to_checkpoint(str(pipeline["root"]), str(dst), progress=False)
+        pretrained.convert(str(pipeline["root"]), str(dst), progress=False)
 
 
 def test_checkpoint_load_errors(tmp_path, pipeline):
-    with pytest.raises(checkpoints.CheckpointError, match="no such checkpoint directory"):
-        checkpoints.load(tmp_path / "absent")
+    with pytest.raises(pretrained.CheckpointError, match="no such checkpoint directory"):
+        pretrained.load(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(checkpoints.CheckpointError, match="not a percov2-jax checkpoint"):
-        checkpoints.load(tmp_path / "empty")
+    with pytest.raises(pretrained.CheckpointError, match="not a percov2-jax checkpoint"):
+        pretrained.load(tmp_path / "empty")
     dst = tmp_path / "ok"
-    convert_to_checkpoint(str(pipeline["root"] / "vae"), str(dst), progress=False)
-    with pytest.raises(checkpoints.CheckpointError, match=r"components \['transformer'\] not in the checkpoint"):
-        checkpoints.load(dst, components=("transformer",))
+    pretrained.convert(str(pipeline["root"] / "vae"), str(dst), progress=False)
+    with pytest.raises(pretrained.CheckpointError, match=r"components \['transformer'\] not in the checkpoint"):
+        pretrained.load(dst, components=("transformer",))
 
 
 def test_pipeline_with_a_broken_text_encoder(pipeline, tmp_path):
@@ -259,6 +289,18 @@ def test_pipeline_with_a_broken_text_encoder(pipeline, tmp_path):
     (root / "text_encoder").mkdir()
     (root / "text_encoder" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     with pytest.raises(ConversionError, match=r"architectures \['BertModel'\] include none"):
-        convert_to_checkpoint(str(root), str(tmp_path / "out"), progress=False)
-    summary = convert_to_checkpoint(str(root), str(tmp_path / "out"), components=("transformer", "vae"), progress=False)
+        pretrained.convert(str(root), str(tmp_path / "out"), progress=False)
+    summary = pretrained.convert(str(root), str(tmp_path / "out"), components=("transformer", "vae"), progress=False)
     assert sorted(summary) == ["transformer", "vae"]
+
+
+def test_overrides_are_refused_for_folders(pipeline, tmp_path):
+    """A folder's config.json states every field: an override would be silently ignored, so it is refused."""
+    with pytest.raises(ConversionError, match="single .safetensors files only"):
+        pretrained.convert(
+            str(pipeline["root"]),
+            str(tmp_path / "out"),
+            progress=False,
+            config_overrides={"transformer": {"attention_head_dim": 8}},
+        )
+    assert not (tmp_path / "out").exists()

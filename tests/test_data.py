@@ -17,8 +17,13 @@ from PIL import Image
 
 from percov2_jax.data import builtin
 from percov2_jax.data.builtin import BuiltinPhotos
-from percov2_jax.data.pipeline import (checkpoint_restore_args, checkpoint_save_args, make_eval_iterator,
-                                       make_train_iterator, resize_and_crop)
+from percov2_jax.data.pipeline import (
+    checkpoint_restore_args,
+    checkpoint_save_args,
+    make_eval_iterator,
+    make_train_iterator,
+    resize_and_crop,
+)
 from percov2_jax.data.sources import ImageDecodeError, ImageFolderSource, TfdsSource, read_image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -115,15 +120,15 @@ def test_image_folder_converts_modes_to_rgb(tmp_path):
     Image.fromarray(gray, "L").save(tmp_path / "gray.png")
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 255
-    rgba[:4, ..., 3] = 0          # fully transparent: white
-    rgba[4:6, ..., 3] = 128       # half transparent red over white
+    rgba[:4, ..., 3] = 0  # fully transparent: white
+    rgba[4:6, ..., 3] = 128  # half transparent red over white
     Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
     palette = Image.fromarray(np.array([[0, 1], [2, 1]], np.uint8), "P")
     palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
     palette.save(tmp_path / "palette.png")
     palette.save(tmp_path / "palette_transparent.png", transparency=1)
-    deep = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)
-    deep[0, 0], deep[0, 1] = 65535, 128   # 128 / 257 rounds to 0
+    deep = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257
+    deep[0, 0], deep[0, 1] = 65535, 128  # 128 / 257 rounds to 0
     Image.fromarray(deep).save(tmp_path / "sixteen.png")
     assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
     Image.new("CMYK", (6, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
@@ -133,8 +138,18 @@ def test_image_folder_converts_modes_to_rgb(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
 
     src = ImageFolderSource(tmp_path)
-    assert src.ids == sorted(["gray.png", "alpha.png", "palette.png", "palette_transparent.png", "sixteen.png",
-                              "cmyk.jpg", "bilevel.bmp", "photo.webp"])
+    assert src.ids == sorted(
+        [
+            "gray.png",
+            "alpha.png",
+            "palette.png",
+            "palette_transparent.png",
+            "sixteen.png",
+            "cmyk.jpg",
+            "bilevel.bmp",
+            "photo.webp",
+        ]
+    )
     records = {src[i]["id"]: src[i] for i in range(len(src))}
     for record in records.values():
         assert record["image"].dtype == np.uint8 and record["image"].ndim == 3 and record["image"].shape[-1] == 3
@@ -160,6 +175,17 @@ def test_exif_orientation_is_applied(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "rotated.png", exif=exif)
     image = ImageFolderSource(tmp_path)[0]["image"]
     np.testing.assert_array_equal(image, np.rot90(pixels, k=-1))
+
+
+def test_image_folder_finds_tiff_files(tmp_path):
+    pixels = _photo(np.random.default_rng(5), 12, 20)
+    Image.fromarray(pixels).save(tmp_path / "scan.tif")
+    Image.fromarray(pixels[::-1]).save(tmp_path / "scan2.TIFF")
+    (tmp_path / "notes.txt").write_text("not an image")
+    src = ImageFolderSource(tmp_path)
+    assert src.ids == ["scan.tif", "scan2.TIFF"]
+    np.testing.assert_array_equal(src[0]["image"], pixels)
+    np.testing.assert_array_equal(src[1]["image"], pixels[::-1])
 
 
 def test_corrupt_images_are_named(tmp_path):
@@ -217,8 +243,9 @@ def test_caption_files(folder, source, tmp_path):
 @pytest.fixture(scope="module")
 def tfds_dir(folder, source, tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("tfds")
-    path = _load_tool().prepare({"train": source, "validation": ImageFolderSource(folder / "sub")}, out,
-                                name="tiny_folder")
+    path = _load_tool().prepare(
+        {"train": source, "validation": ImageFolderSource(folder / "sub")}, out, name="tiny_folder"
+    )
     return pathlib.Path(path)
 
 
@@ -254,14 +281,26 @@ def test_tfds_source_rejects_tfrecord(tfds_dir, tmp_path):
         TfdsSource("mnist", "train", data_dir=tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_prepare_dataset_command_line(folder, tmp_path):
-    (tmp_path / "captions.tsv").write_text("".join(f"img{i:02d}.{'jpg' if i % 4 == 1 else 'png'}\tcaption {i}\n"
-                                                   for i in range(10)))
+    (tmp_path / "captions.tsv").write_text(
+        "".join(f"img{i:02d}.{'jpg' if i % 4 == 1 else 'png'}\tcaption {i}\n" for i in range(10))
+    )
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "prepare_dataset.py"), f"--split_dir=train={folder / 'sub'}",
-         f"--captions={tmp_path / 'captions.tsv'}", "--require_captions",
-         f"--output_dir={tmp_path}", "--name=cli_folder", "--keep_jpeg=false"],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            str(ROOT / "tools" / "prepare_dataset.py"),
+            f"--split_dir=train={folder / 'sub'}",
+            f"--captions={tmp_path / 'captions.tsv'}",
+            "--require_captions",
+            f"--output_dir={tmp_path}",
+            "--name=cli_folder",
+            "--keep_jpeg=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "train: 4 images" in result.stdout
     src = TfdsSource(tmp_path / "cli_folder", "train")
@@ -295,8 +334,18 @@ def test_train_batches_shapes_and_determinism(source):
 
 
 def test_without_augmentation_batches_are_centre_crops(source):
-    it = make_train_iterator(source, global_batch_size=5, image_size=(64, 128), seed=0, process_index=0,
-                             process_count=1, shuffle=False, random_crop=False, random_flip=False, num_epochs=1)
+    it = make_train_iterator(
+        source,
+        global_batch_size=5,
+        image_size=(64, 128),
+        seed=0,
+        process_index=0,
+        process_count=1,
+        shuffle=False,
+        random_crop=False,
+        random_flip=False,
+        num_epochs=1,
+    )
     batches = list(it)
     assert len(batches) == it.num_batches == 2 and it.step == 2
     for k, batch in enumerate(batches):
@@ -341,8 +390,9 @@ def test_checkpoint_with_orbax_manager(source, tmp_path):
     expected = take(it, 2)
     fresh = make_train_iterator(source, **kwargs)
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        restored = manager.restore(3, args=ocp.args.Composite(step=ocp.args.JsonRestore(),
-                                                              data=checkpoint_restore_args(fresh)))
+        restored = manager.restore(
+            3, args=ocp.args.Composite(step=ocp.args.JsonRestore(), data=checkpoint_restore_args(fresh))
+        )
     assert restored.data is fresh and restored.step == {"step": 3}
     assert_batches_equal(take(fresh, 2), expected)
     assert (tmp_path / "ckpt" / "3" / "data" / "process_0-of-1.json").exists()
@@ -353,8 +403,10 @@ def test_processes_split_the_global_batch(source, process_count):
     kwargs = dict(global_batch_size=8, image_size=SIZE, seed=11)
     steps = 4  # 32 rows over 10 examples: crosses three epoch boundaries
     single = take(make_train_iterator(source, process_index=0, process_count=1, **kwargs), steps)
-    shards = [take(make_train_iterator(source, process_index=p, process_count=process_count, **kwargs), steps)
-              for p in range(process_count)]
+    shards = [
+        take(make_train_iterator(source, process_index=p, process_count=process_count, **kwargs), steps)
+        for p in range(process_count)
+    ]
     for k in range(steps):
         assert shards[0][k]["image"].shape[0] == 8 // process_count
         joined = {key: np.concatenate([shard[k][key] for shard in shards]) for key in single[k]}
@@ -362,8 +414,10 @@ def test_processes_split_the_global_batch(source, process_count):
 
 
 def test_eval_iterator_pads_the_last_batch(source):
-    shards = [list(make_eval_iterator(source, global_batch_size=4, image_size=SIZE, process_index=p,
-                                      process_count=2)) for p in range(2)]
+    shards = [
+        list(make_eval_iterator(source, global_batch_size=4, image_size=SIZE, process_index=p, process_count=2))
+        for p in range(2)
+    ]
     assert [len(s) for s in shards] == [3, 3]
     ids = np.concatenate([np.concatenate([shards[0][k]["id"], shards[1][k]["id"]]) for k in range(3)])
     mask = np.concatenate([np.concatenate([shards[0][k]["mask"], shards[1][k]["mask"]]) for k in range(3)])
@@ -372,8 +426,9 @@ def test_eval_iterator_pads_the_last_batch(source):
 
 
 def test_finite_epochs_stop(source):
-    it = make_train_iterator(source, global_batch_size=4, image_size=SIZE, seed=0, process_index=0,
-                             process_count=1, num_epochs=2)
+    it = make_train_iterator(
+        source, global_batch_size=4, image_size=SIZE, seed=0, process_index=0, process_count=1, num_epochs=2
+    )
     batches = list(it)
     assert len(batches) == it.num_batches == 5  # 20 rows
     ids = np.concatenate([b["id"] for b in batches])

@@ -9,19 +9,26 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from percov2_jax import parity_demo
+from configs import parity_demo as parity_config
+
+pytestmark = pytest.mark.integration  # trains models or runs whole jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_parity_demo_runs_and_agrees(tmp_path):
-    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs", "parity_demo.py"))
+def _demo(name):
+    spec = importlib.util.spec_from_file_location(f"demos_{name}", os.path.join(ROOT, "demos", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    return module
+
+
+def test_parity_demo_runs_and_agrees(tmp_path):
+    config = parity_config.get_config()
     config.image_size = 64
-    errors = parity_demo.run(config, str(tmp_path))
+    errors = _demo("parity").run(config, str(tmp_path))
     assert set(errors) == {"VAE latents (scaled)", "MM-DiT velocity", "decoded image"}
     assert max(errors.values()) <= 1e-5
     assert (tmp_path / "demo.png").stat().st_size > 0
@@ -29,19 +36,38 @@ def test_parity_demo_runs_and_agrees(tmp_path):
 
 def test_demo_trains_both_stages_and_runs_the_codec(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "percov2_jax.demo", "--config", os.path.join(ROOT, "configs", "demo.py"),
-         "--prior_config", os.path.join(ROOT, "configs", "prior_demo.py"),
-         "--workdir", str(tmp_path), "--config.train.num_steps=4", "--config.train.log_every=2",
-         "--config.sample.num_steps=2", "--config.sample.num_images=2", "--prior_config.num_steps=4",
-         "--prior_config.log_every=2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            os.path.join(ROOT, "demos", "end_to_end.py"),
+            "--config",
+            os.path.join(ROOT, "configs", "demo.py"),
+            "--prior_config",
+            os.path.join(ROOT, "configs", "prior_demo.py"),
+            "--workdir",
+            str(tmp_path),
+            "--config.train.num_steps=4",
+            "--config.train.log_every=2",
+            "--config.sample.num_steps=2",
+            "--config.sample.num_images=2",
+            "--prior_config.train.num_steps=4",
+            "--prior_config.train.log_every=2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    summary = json.loads(result.stdout[result.stdout.index("{\n"):])
+    summary = json.loads(result.stdout[result.stdout.index("{\n") :])
     assert summary["stage1"]["steps"] == 4 and summary["stage2"]["steps"] == 4
     assert summary["mean_bpp"] > 0 and summary["schedule"] == "qlds (prior)"
     assert "mean PSNR" in result.stdout
+    from percov2_jax.data.builtin import BuiltinPhotos
+    from percov2_jax.data.pipeline import resize_and_crop
+
+    photos = BuiltinPhotos()  # the colour photos of the installed packages (7 with matplotlib)
     report = json.loads((tmp_path / "codec.json").read_text())
-    assert len(report["images"]) == 6  # the colour photos of scikit-image
+    assert len(report["images"]) == len(photos)
     for row in report["images"]:  # the bits add up, and the streams are on disk
         assert row["total_bits"] == row["caption_bits"] + row["token_bits"] + row["overhead_bits"]
         assert row["uniform_token_bits"] == 8 * 8 * 8  # 128 px at the demo rate: 8x8 tokens of 8 bits
@@ -52,9 +78,7 @@ def test_demo_trains_both_stages_and_runs_the_codec(tmp_path):
     grid = Image.open(tmp_path / "reconstructions.png")
     assert grid.size == (2 * 128 + 3 * 2, 2 * 128 + 3 * 2)
     picture = np.asarray(Image.open(tmp_path / "codec.png"))
-    assert picture.shape == (2 * 128 + 3 * 2, 6 * 128 + 7 * 2, 3)
-    from percov2_jax.data.builtin import BuiltinPhotos
-    from percov2_jax.data.pipeline import resize_and_crop
-
-    first = resize_and_crop(BuiltinPhotos()[0]["image"], (128, 128))
+    n = len(photos)
+    assert picture.shape == (2 * 128 + 3 * 2, n * 128 + (n + 1) * 2, 3)
+    first = resize_and_crop(photos[0]["image"], (128, 128))
     np.testing.assert_array_equal(picture[2:130, 2:130], first)  # the originals' row shows the originals

@@ -15,10 +15,24 @@ from PIL import Image
 
 from percov2_jax.data.sources import ImageDecodeError
 from percov2_jax.evaluation import datasets
-from percov2_jax.evaluation.datasets import (KODAK_IDS, EvalDataset, MissingCaptionError, MissingImageError,
-                                             Preprocess, builtin_dataset, coco30k_dataset, fetch_coco30k_list,
-                                             folder_dataset, kodak_dataset, read_coco_captions, read_image_list,
-                                             select_captions, tfds_dataset, validate_coco30k_list)
+from percov2_jax.evaluation.datasets import (
+    KODAK_IDS,
+    EvalDataset,
+    MissingCaptionError,
+    MissingImageError,
+    Preprocess,
+    builtin_dataset,
+    coco30k,
+    coco30k_dataset,
+    fetch_coco30k_list,
+    folder_dataset,
+    kodak_dataset,
+    read_coco_captions,
+    read_image_list,
+    select_captions,
+    tfds_dataset,
+    validate_coco30k_list,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_COCO30K = os.path.join(ROOT, "..", "shared", "data", "mscoco30k_file_names.txt")
@@ -62,6 +76,14 @@ def test_folder_lists_sorted_relative_paths_skipping_hidden(tmp_path):
         folder_dataset(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         folder_dataset(tmp_path / "absent", image_list=["a.jpg"])
+
+
+def test_folder_finds_tiff_images(tmp_path):
+    pixels = _save(tmp_path / "scan.tif")
+    _save(tmp_path / "sub" / "page.TIFF", seed=1)
+    ds = folder_dataset(tmp_path)
+    assert ds.ids == ["scan.tif", "sub/page.TIFF"]
+    np.testing.assert_array_equal(ds.load(0)["image"], pixels)
 
 
 def test_image_list_order_and_missing_names(tmp_path):
@@ -127,8 +149,14 @@ def test_native_and_invalid_preprocess():
     image = _pixels(7, 9)
     assert Preprocess("native", None)(image) is image
     assert Preprocess("native", 512).size is None  # size is ignored for native
-    for mode, size in (("bilinear", 512), ("resize", 0), ("resize", -3), ("center_crop", None),
-                       ("resize", 12.0), ("resize", True)):
+    for mode, size in (
+        ("bilinear", 512),
+        ("resize", 0),
+        ("resize", -3),
+        ("center_crop", None),
+        ("resize", 12.0),
+        ("resize", True),
+    ):
         with pytest.raises(ValueError, match="mode|size"):
             Preprocess(mode, size)
     with pytest.raises(ValueError, match="uint8 image"):
@@ -149,10 +177,18 @@ def coco(tmp_path) -> pathlib.Path:
     names = {9: "000000000009.jpg", 25: "000000000025.jpg", 30: "000000000030.jpg"}
     for seed, name in enumerate(names.values()):
         _save(tmp_path / "train2017" / name, 20, 30, seed)
-    order = [(101, 9, COCO_CAPTIONS[0]), (50, 25, " a giraffe  "), (7, 9, COCO_CAPTIONS[1]),
-             (300, 9, COCO_CAPTIONS[2]), (3, 9, COCO_CAPTIONS[3]), (400, 9, COCO_CAPTIONS[4])]
-    annotations = {"images": [{"id": i, "file_name": n, "height": 20, "width": 30} for i, n in names.items()],
-                   "annotations": [{"id": a, "image_id": i, "caption": c} for a, i, c in order]}
+    order = [
+        (101, 9, COCO_CAPTIONS[0]),
+        (50, 25, " a giraffe  "),
+        (7, 9, COCO_CAPTIONS[1]),
+        (300, 9, COCO_CAPTIONS[2]),
+        (3, 9, COCO_CAPTIONS[3]),
+        (400, 9, COCO_CAPTIONS[4]),
+    ]
+    annotations = {
+        "images": [{"id": i, "file_name": n, "height": 20, "width": 30} for i, n in names.items()],
+        "annotations": [{"id": a, "image_id": i, "caption": c} for a, i, c in order],
+    }
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "captions_train2017.json").write_text(json.dumps(annotations))
     (tmp_path / "list.txt").write_text("000000000030.jpg\n000000000009.jpg\n000000000025.jpg\n")
@@ -165,31 +201,49 @@ def test_read_coco_captions_keeps_all_in_annotation_order(coco):
 
 
 def test_coco30k_conditioning_gt_none_file(coco):
-    kwargs = dict(annotations=coco / "annotations" / "captions_train2017.json", image_list=coco / "list.txt",
-                  preprocess=Preprocess("resize", 8), strict=False)
+    kwargs = dict(
+        annotations=coco / "annotations" / "captions_train2017.json",
+        image_list=coco / "list.txt",
+        preprocess=Preprocess("resize", 8),
+        strict=False,
+    )
     gt = coco30k_dataset(coco / "train2017", **kwargs)
     assert gt.ids == ["000000000030.jpg", "000000000009.jpg", "000000000025.jpg"]
     item = gt.load(1)
     assert item["captions"] == COCO_CAPTIONS and item["image"].shape == (8, 8, 3)
     assert item["original_size"] == (20, 30)
     assert (item["caption"], item["score_caption"], item["score_caption_is_conditioning"]) == (
-        COCO_CAPTIONS[0], COCO_CAPTIONS[1], False)
+        COCO_CAPTIONS[0],
+        COCO_CAPTIONS[1],
+        False,
+    )
     one = gt.load(2)
     assert (one["caption"], one["score_caption"], one["score_caption_is_conditioning"]) == (
-        "a giraffe", "a giraffe", True)
+        "a giraffe",
+        "a giraffe",
+        True,
+    )
     none = gt.load(0)
     assert (none["captions"], none["caption"], none["score_caption"], none["score_caption_is_conditioning"]) == (
-        [], "", "", False)
+        [],
+        "",
+        "",
+        False,
+    )
 
     unconditioned = coco30k_dataset(coco / "train2017", conditioning="none", **kwargs).load(1)
     assert (unconditioned["caption"], unconditioned["score_caption"]) == ("", COCO_CAPTIONS[0])
 
     (coco / "blip.tsv").write_text(f"000000000009.jpg\t{COCO_CAPTIONS[0]}\n000000000025.jpg\ta tall animal\n")
-    from_file = coco30k_dataset(coco / "train2017", conditioning="file", conditioning_captions=coco / "blip.tsv",
-                                **kwargs)
+    from_file = coco30k_dataset(
+        coco / "train2017", conditioning="file", conditioning_captions=coco / "blip.tsv", **kwargs
+    )
     item = from_file.load(1)  # the file's caption equals the first ground truth: scored against the second
     assert (item["caption"], item["score_caption"], item["score_caption_is_conditioning"]) == (
-        COCO_CAPTIONS[0], COCO_CAPTIONS[1], False)
+        COCO_CAPTIONS[0],
+        COCO_CAPTIONS[1],
+        False,
+    )
     assert from_file.load(2)["caption"] == "a tall animal" and from_file.load(2)["score_caption"] == "a giraffe"
     with pytest.raises(MissingCaptionError, match="000000000030.jpg"):
         from_file.load(0)
@@ -205,8 +259,9 @@ def test_coco30k_needs_annotations_for_gt_and_a_valid_list(coco):
         coco30k_dataset(coco / "train2017", image_list=coco / "list.txt", conditioning="none")
     with pytest.raises(ValueError, match="conditioning_captions"):
         coco30k_dataset(coco / "train2017", image_list=coco / "list.txt", strict=False, conditioning="file")
-    missing = coco30k_dataset(coco / "train2017", image_list=["000000000009.jpg", "000000000077.jpg"],
-                              strict=False, conditioning="none")
+    missing = coco30k_dataset(
+        coco / "train2017", image_list=["000000000009.jpg", "000000000077.jpg"], strict=False, conditioning="none"
+    )
     with pytest.raises(MissingImageError, match="000000000077.jpg"):
         missing.load(1)
 
@@ -263,12 +318,12 @@ def test_validate_coco30k_list_rejects_bad_names_and_repeats():
 
 
 def test_fetch_coco30k_list_uses_the_cache_then_explains_network_failure(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "COCO30K_LIST_URLS", ("http://127.0.0.1:9/x", "http://127.0.0.1:9/y"))
+    monkeypatch.setattr(coco30k, "COCO30K_LIST_URLS", ("http://127.0.0.1:9/x", "http://127.0.0.1:9/y"))
     names = [f"{i:012d}.jpg" for i in range(30_000)]
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / datasets.COCO30K_LIST_FILE).write_text("\n".join(names) + "\n")
     assert fetch_coco30k_list(tmp_path / "cache") == names
-    with pytest.raises(RuntimeError, match="--image_list") as info:
+    with pytest.raises(RuntimeError, match="--config.dataset.image_list") as info:
         fetch_coco30k_list(tmp_path / "empty")
     assert "coco30k_file_names.txt" in str(info.value) and "127.0.0.1:9/x" in str(info.value)
     (tmp_path / "bad").mkdir()
@@ -280,7 +335,7 @@ def test_fetch_coco30k_list_uses_the_cache_then_explains_network_failure(tmp_pat
 def test_fetch_coco30k_list_downloads_and_caches(tmp_path, monkeypatch):
     names = [f"{i:012d}.jpg" for i in range(30_000)]
     (tmp_path / "coco_names.txt").write_text("\n".join(names) + "\n")
-    monkeypatch.setattr(datasets, "COCO30K_LIST_URLS", ("http://127.0.0.1:9/x", (tmp_path / "coco_names.txt").as_uri()))
+    monkeypatch.setattr(coco30k, "COCO30K_LIST_URLS", ("http://127.0.0.1:9/x", (tmp_path / "coco_names.txt").as_uri()))
     assert fetch_coco30k_list(tmp_path / "cache") == names
     assert (tmp_path / "cache" / datasets.COCO30K_LIST_FILE).read_text().split() == names
 
@@ -343,8 +398,9 @@ def test_tfds_dataset_ids_captions_and_image_list(tmp_path):
     for i, name in enumerate(("p.png", "q.png", "r.png")):
         _save(tmp_path / "img" / name, 10, 14, i)
     (tmp_path / "caps.tsv").write_text("p.png\ta red square\nr.png\ta blue circle\n")
-    path = _prepare_tool().prepare({"test": ImageFolderSource(tmp_path / "img", tmp_path / "caps.tsv")},
-                                   tmp_path / "tfds", name="tiny_eval")
+    path = _prepare_tool().prepare(
+        {"test": ImageFolderSource(tmp_path / "img", tmp_path / "caps.tsv")}, tmp_path / "tfds", name="tiny_eval"
+    )
     ds = tfds_dataset(path, "test", preprocess=Preprocess("resize", 8))
     assert ds.ids == ["p.png", "q.png", "r.png"]
     item = ds.load(0)

@@ -12,11 +12,12 @@ import socket
 import subprocess
 import sys
 
+import clip_setup
+import eval_setup
 import numpy as np
 import pytest
 
-import clip_setup
-import eval_setup
+pytestmark = pytest.mark.integration  # trains models or runs whole jobs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,9 +26,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_inputs")
     clip = clip_setup.tiny_clip(root / "clip")
-    paths = {"kodak": eval_setup.kodak_folder(root / "kodak" / "images"),
-             "coco30k": eval_setup.coco_folder(root / "coco" / "train2017"),
-             "clip": {"folder": str(clip["folder"]), "tokenizer_folder": str(clip["tokenizer_folder"])}}
+    paths = {
+        "kodak": eval_setup.kodak_folder(root / "kodak" / "images"),
+        "coco30k": eval_setup.coco_folder(root / "coco" / "train2017"),
+        "clip": {"folder": str(clip["folder"]), "tokenizer_folder": str(clip["tokenizer_folder"])},
+    }
     (root / "inputs.json").write_text(json.dumps(paths))
     return dict(paths, file=str(root / "inputs.json"))
 
@@ -35,7 +38,7 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(prior_workdir, stage1_workdir, inputs, tmp_path_factory):
     """Both evaluations in this process (one CPU device): the reference."""
-    from percov2_jax.evaluation.run import evaluate
+    from percov2_jax.evaluation.job import evaluate
 
     out = tmp_path_factory.mktemp("eval_one")
     summaries = {}
@@ -55,8 +58,10 @@ def _env() -> dict:
 def test_outputs_count_every_image_once(one_process):
     kodak = one_process["summaries"]["kodak"]
     assert kodak["images"]["total"] == 5 and kodak["images"]["evaluated"] == 3 and kodak["images"]["failed"] == 2
-    assert {(f["id"], f["kind"]) for f in kodak["images"]["failures"]} == {("kodim04.png", "missing"),
-                                                                          ("kodim05.png", "corrupt")}
+    assert {(f["id"], f["kind"]) for f in kodak["images"]["failures"]} == {
+        ("kodim04.png", "missing"),
+        ("kodim05.png", "corrupt"),
+    }
     coco = one_process["summaries"]["coco30k"]
     assert (coco["images"]["evaluated"], coco["images"]["failed"]) == (3, 1)
     assert coco["images"]["failures"][0]["kind"] == "missing"
@@ -66,8 +71,9 @@ def test_outputs_count_every_image_once(one_process):
         scored = [(r["index"], r["mode"]) for r in records if "mode" in r]
         failed = [r["index"] for r in records if "kind" in r]
         modes = [m["name"] for m in summary["modes"]]
-        assert sorted(scored) == sorted({(i, m) for i in set(range(summary["images"]["total"])) - set(failed)
-                                         for m in modes})
+        assert sorted(scored) == sorted(
+            {(i, m) for i in set(range(summary["images"]["total"])) - set(failed) for m in modes}
+        )
         assert len(scored) == len(set(scored)) and not set(failed) & {i for i, _ in scored}
         for name in ("summary.md", "records.md", "rate_distortion.png", "rate_perception.png", "operating_modes.png"):
             assert os.path.getsize(os.path.join(workdir, name)) > 0, name
@@ -86,15 +92,18 @@ def test_outputs_count_every_image_once(one_process):
         if r["mode"] == uniform_mode["name"]:
             assert r["bpp_tokens"] * r["height"] * r["width"] == 8 * (r["height"] // 16) * (r["width"] // 16)
     # Ground-truth captions: conditioned on the first, CLIP-scored against the second.
-    assert {r["caption"] for r in records} == {"a woman in a space suit", "coffee in a white cup",
-                                               "a ginger cat looking up"}
+    assert {r["caption"] for r in records} == {
+        "a woman in a space suit",
+        "coffee in a white cup",
+        "a ginger cat looking up",
+    }
     assert coco["modes"][0]["metrics"]["clip_score_original"] is not None
 
 
 def test_record_equals_a_user_round_trip(one_process, prior_workdir, stage1_workdir, inputs):
     """The evaluation's bytes are `Codec.compress`'s and its PSNR is that of `Codec.decompress`."""
     from percov2_jax.codec.api import Codec
-    from percov2_jax.evaluation.run import build_dataset
+    from percov2_jax.evaluation.job import build_dataset
     from percov2_jax.metrics import pixel
 
     config = eval_setup.eval_config(stage1_workdir, "coco30k", inputs["coco30k"], inputs["clip"])
@@ -103,8 +112,11 @@ def test_record_equals_a_user_round_trip(one_process, prior_workdir, stage1_work
     item = dataset.load(1)
     data = codec.compress(item["image"], item["caption"])
     picture = codec.decompress(data)
-    record = [r for r in eval_setup.read_records(os.path.join(one_process["out"], "coco30k"))
-              if r.get("index") == 1 and r.get("mode") == "s2_g3"][0]
+    record = [
+        r
+        for r in eval_setup.read_records(os.path.join(one_process["out"], "coco30k"))
+        if r.get("index") == 1 and r.get("mode") == "s2_g3"
+    ][0]
     assert record["bytes"] == len(data)
     assert record["psnr"] == pytest.approx(float(pixel.psnr(item["image"][None], picture[None])[0]), abs=1e-3)
 
@@ -127,10 +139,26 @@ def test_two_processes_equal_one(one_process, stage1_workdir, inputs, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, os.path.join(HERE, "eval_check.py"), "--stage1", stage1_workdir, "--inputs",
-           inputs["file"], "--out", str(tmp_path), "--num-processes", "2", "--port", str(port)]
-    procs = [subprocess.Popen(cmd + ["--process-id", str(i)], env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "eval_check.py"),
+        "--stage1",
+        stage1_workdir,
+        "--inputs",
+        inputs["file"],
+        "--out",
+        str(tmp_path),
+        "--num-processes",
+        "2",
+        "--port",
+        str(port),
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd + ["--process-id", str(i)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=1500) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out + err[-4000:]
@@ -139,10 +167,14 @@ def test_two_processes_equal_one(one_process, stage1_workdir, inputs, tmp_path):
             summary = json.load(f)
         assert summary["run"]["process_count"] == 2
         assert eval_setup.comparable(summary) == eval_setup.comparable(reference)
-        assert (eval_setup.read_records(str(tmp_path / dataset))
-                == eval_setup.read_records(os.path.join(one_process["out"], dataset)))
-        shards = {json.load(open(tmp_path / dataset / "shards" / f))["shard"] for f in
-                  os.listdir(tmp_path / dataset / "shards") if f.endswith(".json")}
+        assert eval_setup.read_records(str(tmp_path / dataset)) == eval_setup.read_records(
+            os.path.join(one_process["out"], dataset)
+        )
+        shards = {
+            json.load(open(tmp_path / dataset / "shards" / f))["shard"]
+            for f in os.listdir(tmp_path / dataset / "shards")
+            if f.endswith(".json")
+        }
         assert shards == set(range((summary["images"]["total"] + 1) // 2))
 
 
@@ -151,16 +183,33 @@ def test_interrupted_cli_run_resumes_to_the_same_result(one_process, stage1_work
     """`python -m percov2_jax.evaluate` stopped after one shard, then the run resumed (here, in this
     process) equals the uninterrupted run without redoing that shard; then a changed run in that
     workdir is refused, naming the change."""
-    from percov2_jax.evaluation.run import evaluate
+    from percov2_jax.evaluation.job import evaluate
 
     workdir = tmp_path / "kodak"
     paths = inputs["kodak"]
-    cmd = [sys.executable, "-m", "percov2_jax.evaluate", "--config",
-           os.path.join(eval_setup.ROOT, "configs", "eval_tiny.py"), "--checkpoint", stage1_workdir,
-           "--dataset", "kodak", "--data_dir", paths["root"], "--image_list", paths["image_list"],
-           "--workdir", str(workdir), "--modes", "steps=2,guidance=3;steps=1,guidance=1,entropy_mode=uniform",
-           "--config.dataset.conditioning=none", "--config.dataset.strict_list=false", "--config.shard_size=2",
-           "--config.batch_size=2", "--config.metrics.kid_subsets=5", "--max_shards", "1", "--noprogress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "percov2_jax.evaluate",
+        "--config",
+        os.path.join(eval_setup.ROOT, "configs", "eval_tiny.py"),
+        f"--config.checkpoint={stage1_workdir}",
+        "--config.dataset.name=kodak",
+        f"--config.dataset.root={paths['root']}",
+        f"--config.dataset.image_list={paths['image_list']}",
+        "--workdir",
+        str(workdir),
+        "--config.modes=[{'sample_steps': 2, 'guidance_scale': 3.0}, "
+        "{'sample_steps': 1, 'guidance_scale': 1.0, 'coding': {'entropy_mode': 'uniform'}}]",
+        "--config.dataset.conditioning=none",
+        "--config.dataset.strict_list=false",
+        "--config.shard_size=2",
+        "--config.batch_size=2",
+        "--config.metrics.kid_subsets=5",
+        "--max_shards",
+        "1",
+        "--noprogress",
+    ]
     first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr[-4000:]
     assert "evaluation incomplete: 2 of 3 shards left" in first.stdout
@@ -169,28 +218,91 @@ def test_interrupted_cli_run_resumes_to_the_same_result(one_process, stage1_work
     summary = evaluate(config, str(workdir), show_progress=False)
     assert os.path.getmtime(workdir / "shards" / "shard_00000.json") == done
     reference = one_process["summaries"]["kodak"]
-    assert summary["modes"] == [{**m, "metrics": {**m["metrics"], "clip_score": None, "clip_score_original": None}}
-                                for m in reference["modes"]]
+    assert summary["modes"] == [
+        {**m, "metrics": {**m["metrics"], "clip_score": None, "clip_score_original": None}} for m in reference["modes"]
+    ]
     reference_records = eval_setup.read_records(os.path.join(one_process["out"], "kodak"))
-    assert eval_setup.read_records(str(workdir)) == [{k: v for k, v in r.items() if k != "clip_score"}
-                                                     for r in reference_records]
-    config.modes = "steps=3"
+    assert eval_setup.read_records(str(workdir)) == [
+        {k: v for k, v in r.items() if k != "clip_score"} for r in reference_records
+    ]
+    config.modes = (dict(sample_steps=3),)
     with pytest.raises(ValueError, match="holds another evaluation run.*modes"):
         evaluate(config, str(workdir), show_progress=False)
 
 
-def test_modes_parse_and_fail_loudly():
-    from percov2_jax.evaluation.modes import parse_modes
+def test_modes_from_config_and_fail_loudly():
+    import ml_collections
 
-    modes = parse_modes("steps=20,cfg=3; steps=2,guidance=1,hybrid_groups=2,schedule=qlds ;name=x", 28, 7.0)
+    from percov2_jax.evaluation.modes import modes_from_config
+
+    specs = (
+        dict(sample_steps=20, guidance_scale=3),
+        dict(sample_steps=2, guidance_scale=1.0, coding=dict(hybrid_groups=2, schedule="qlds")),
+        dict(name="x"),
+    )
+    modes = modes_from_config(specs, 28, 7.0)
     assert [(m.name, m.sample_steps, m.guidance_scale) for m in modes] == [
-        ("s20_g3", 20, 3.0), ("s2_g1_qlds_h2", 2, 1.0), ("x", 28, 7.0)]
+        ("s20_g3", 20, 3.0),
+        ("s2_g1_qlds_h2", 2, 1.0),
+        ("x", 28, 7.0),
+    ]
     assert modes[1].coding_overrides == {"hybrid_groups": 2, "schedule": "qlds"}
-    assert [m.name for m in parse_modes("", 20, 3.0)] == ["s20_g3"]
-    for bad, match in [("steps=2,speed=3", "speed"), ("steps=x", "not a number"), ("steps=0", ">= 1"),
-                       ("steps=2;steps=2", "same name"), ("guidance", "key=value"), ("steps=1,steps=2", "twice")]:
+    assert [m.name for m in modes_from_config((), 20, 3.0)] == ["s20_g3"]
+    assert [m.name for m in modes_from_config([], 20, 3.0)] == ["s20_g3"]
+    # describe() is a mode spec again; a config keeps the modes through copies and JSON.
+    assert modes_from_config([m.describe() for m in modes], 1, 1.0) == modes
+    config = ml_collections.ConfigDict(dict(modes=()))
+    config.modes = list(specs)
+    resolved = config.copy_and_resolve_references()
+    again = ml_collections.ConfigDict(json.loads(config.to_json()))
+    for c in (config, resolved, again, ml_collections.ConfigDict(config.to_dict())):
+        assert modes_from_config(c.modes, 28, 7.0) == modes
+    for bad, match in [
+        ([dict(sample_steps=2, speed=3)], r"modes\[0\].*unknown keys \['speed'\]"),
+        ([dict(steps=2)], "unknown keys.*'steps'.*'coding' dict"),
+        ([dict(coding=dict(step=2))], r"unknown coding keys \['step'\]"),
+        ([dict(sample_steps="x")], "sample_steps must be int, got str"),
+        ([dict(sample_steps=2.0)], "sample_steps must be int, got float"),
+        ([dict(guidance_scale="3")], "guidance_scale must be float"),
+        ([dict(sample_steps=True)], "sample_steps must be int, got bool"),
+        ([dict(coding=dict(entropy_mode=1))], "coding.entropy_mode must be str"),
+        ([dict(coding="uniform")], "coding must be a dict"),
+        ([dict(sample_steps=0)], ">= 1"),
+        ([dict(coding=dict(steps=0))], "coding.steps must be >= 1"),
+        ([dict(sample_steps=2), dict(sample_steps=2)], r"modes\[0\], modes\[1\].*same name"),
+        ([dict(name="")], "name must be a non-empty str"),
+        (["sample_steps"], "must be a dict"),
+        ("steps=2", "must be a list of dicts"),
+        (dict(sample_steps=2), "must be a list of dicts"),
+    ]:
         with pytest.raises(ValueError, match=match):
-            parse_modes(bad, 20, 3.0)
+            modes_from_config(bad, 20, 3.0)
+    assert modes_from_config([dict(coding=dict(steps=None, temperature=1))], 20, 3.0)[0].coding_overrides == {
+        "steps": None,
+        "temperature": 1.0,
+    }
+
+
+@pytest.mark.parametrize("name", ["eval_coco30k", "eval_kodak", "eval_tiny"])
+def test_config_modes_and_their_command_line_override(name):
+    from absl import flags
+    from ml_collections import config_flags
+
+    from percov2_jax.evaluation.modes import modes_from_config
+
+    def parse(*overrides):
+        argv = ["evaluate", f"--config={os.path.join(eval_setup.ROOT, 'configs', name + '.py')}", *overrides]
+        flag_values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv)
+        flag_values(argv)
+        return modes_from_config(flag_values.config.modes, 28, 7.0)
+
+    assert all(m.sample_steps >= 1 for m in parse())
+    modes = parse("--config.modes=[{'sample_steps': 2, 'coding': {'entropy_mode': 'uniform'}}, {'name': 'x'}]")
+    assert [(m.name, m.sample_steps, m.coding_overrides) for m in modes] == [
+        ("s2_g7_uniform", 2, {"entropy_mode": "uniform"}),
+        ("x", 28, {}),
+    ]
 
 
 def test_metrics_without_weights_fail_at_start():

@@ -23,8 +23,7 @@ import pytest
 from scipy import linalg
 
 from percov2_jax.metrics import fid as fid_lib
-from percov2_jax.metrics.fid import (feature_statistics, fid_from_features, frechet_distance,
-                                     kernel_inception_distance)
+from percov2_jax.metrics.fid import feature_statistics, fid_from_features, frechet_distance, kernel_inception_distance
 
 
 def clean_fid_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -37,7 +36,7 @@ def clean_fid_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError("Imaginary component {}".format(np.max(np.abs(covmean.imag))))
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
     tr_covmean = np.trace(covmean)
     return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean
@@ -152,8 +151,9 @@ def test_kid_matches_clean_fid():
     f1, f2 = features(120, 32, seed=6), features(90, 32, seed=7, shift=0.3)
     for subset_size in (1000, 50):
         np.random.seed(11)
-        ref = clean_fid_kernel_distance(f1.astype(np.float64), f2.astype(np.float64), num_subsets=20,
-                                        max_subset_size=subset_size)
+        ref = clean_fid_kernel_distance(
+            f1.astype(np.float64), f2.astype(np.float64), num_subsets=20, max_subset_size=subset_size
+        )
         ours = kernel_inception_distance(f1, f2, num_subsets=20, max_subset_size=subset_size, seed=11)
         assert ours == ref, (subset_size, ours, ref)
     with pytest.raises(ValueError, match="KID expects"):
@@ -163,11 +163,22 @@ def test_kid_matches_clean_fid():
 def test_kid_is_unbiased():
     """Same distribution: KID averages to 0 over independent data sets (it can be negative);
     a shifted distribution is far above the spread."""
-    same = np.array([kernel_inception_distance(features(100, 32, seed=100 + k), features(100, 32, seed=200 + k),
-                                               num_subsets=5, seed=k) for k in range(40)])
-    shifted = np.array([kernel_inception_distance(features(100, 32, seed=300 + k),
-                                                  features(100, 32, seed=400 + k, shift=0.3),
-                                                  num_subsets=5, seed=k) for k in range(5)])
+    same = np.array(
+        [
+            kernel_inception_distance(
+                features(100, 32, seed=100 + k), features(100, 32, seed=200 + k), num_subsets=5, seed=k
+            )
+            for k in range(40)
+        ]
+    )
+    shifted = np.array(
+        [
+            kernel_inception_distance(
+                features(100, 32, seed=300 + k), features(100, 32, seed=400 + k, shift=0.3), num_subsets=5, seed=k
+            )
+            for k in range(5)
+        ]
+    )
     sem = same.std(ddof=1) / np.sqrt(len(same))
     print(f"KID same: mean {same.mean():.2e} +- {sem:.2e} (min {same.min():.2e}); shifted: {shifted.mean():.3e}")
     assert abs(same.mean()) <= 3 * sem

@@ -21,6 +21,8 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 
 from percov2_jax import flow
 
+pytestmark = pytest.mark.parity  # against PyTorch reference models
+
 STEPS = (1, 2, 5, 20, 28, 50)
 SHIFTS = (1.0, 3.0)
 B, H, W, C = 2, 4, 4, 3
@@ -32,6 +34,7 @@ def _max_rel(ours, ref) -> float:
 
 
 # ----------------------------------------------------------------------------- schedules
+
 
 @pytest.mark.parametrize("shift", SHIFTS)
 def test_training_sigma_table_equals_scheduler_init(shift):
@@ -73,6 +76,7 @@ def test_euler_step_equals_scheduler_step():
 
 
 # ----------------------------------------------------------------------------- sampling
+
 
 def _toy_velocity_torch(x, t, cond):
     """v = 0.5·x − 0.3·(t/1000)·x + 0.7·(t/1000) + caption·(1 − t/1000) + 0.1·tokens (channels-last)."""
@@ -126,8 +130,15 @@ def test_sample_matches_diffusers_loop(num_steps, guidance_scale):
     noise, cond, uncond = _toy_inputs()
     ref = _diffusers_loop(noise, cond, uncond, num_steps, guidance_scale, 3.0)
     CALLS.clear()
-    ours = flow.sample(_toy_velocity_jax, jnp.asarray(noise), cond, uncond, num_steps=num_steps,
-                       guidance_scale=guidance_scale, shift=3.0)
+    ours = flow.sample(
+        _toy_velocity_jax,
+        jnp.asarray(noise),
+        cond,
+        uncond,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        shift=3.0,
+    )
     assert CALLS == [2 * B if guidance_scale != 1.0 else B]
     assert ours.dtype == jnp.float32 and ours.shape == (B, H, W, C)
     err = _max_rel(ours, ref)
@@ -138,8 +149,9 @@ def test_sample_trajectory_and_checks():
     """The trajectory starts at the noise and ends at the returned latents; CFG without uncond raises;
     a bf16 model still gives a float32 state."""
     noise, cond, uncond = _toy_inputs()
-    final, path = flow.sample(_toy_velocity_jax, jnp.asarray(noise), cond, uncond, num_steps=4,
-                              guidance_scale=2.0, return_trajectory=True)
+    final, path = flow.sample(
+        _toy_velocity_jax, jnp.asarray(noise), cond, uncond, num_steps=4, guidance_scale=2.0, return_trajectory=True
+    )
     assert path.shape == (5, B, H, W, C)
     np.testing.assert_array_equal(path[0], noise)
     np.testing.assert_array_equal(path[-1], final)
@@ -151,8 +163,9 @@ def test_sample_trajectory_and_checks():
 
 
 # One module-level jitted sampler: the same compiled program serves every call of the same shapes.
-_SAMPLE_JIT = jax.jit(functools.partial(flow.sample, _toy_velocity_jax),
-                      static_argnames=("num_steps", "guidance_scale"))
+_SAMPLE_JIT = jax.jit(
+    functools.partial(flow.sample, _toy_velocity_jax), static_argnames=("num_steps", "guidance_scale")
+)
 
 
 def test_jitted_sample_compiles_once_and_is_deterministic():
@@ -160,8 +173,12 @@ def test_jitted_sample_compiles_once_and_is_deterministic():
     latents; a traced guidance scale matches the static one (<= 1e-6 relative) without retracing."""
     _, cond, uncond = _toy_inputs()
     CALLS.clear()
-    outs = [_SAMPLE_JIT(flow.initial_noise(jax.random.key(seed), (B, H, W, C)), cond, uncond,
-                        num_steps=3, guidance_scale=3.0) for seed in (0, 1, 0)]
+    outs = [
+        _SAMPLE_JIT(
+            flow.initial_noise(jax.random.key(seed), (B, H, W, C)), cond, uncond, num_steps=3, guidance_scale=3.0
+        )
+        for seed in (0, 1, 0)
+    ]
     assert CALLS == [2 * B]
     np.testing.assert_array_equal(outs[0], outs[2])
     assert not np.array_equal(outs[0], outs[1])
@@ -177,6 +194,7 @@ def test_jitted_sample_compiles_once_and_is_deterministic():
 
 # ----------------------------------------------------------------------------- training
 
+
 @pytest.mark.parametrize("scheme", ["logit_normal", "uniform", "mode"])
 def test_training_sigmas_equal_diffusers_index_math(scheme):
     """Reference: ``compute_density_for_timestep_sampling`` (torch generator) then the SD3 scripts'
@@ -185,12 +203,14 @@ def test_training_sigmas_equal_diffusers_index_math(scheme):
     torch.normal's mean + std·z may round differently). σ from the reference u: exact."""
     batch, logit_mean, logit_std = 4096, (0.3 if scheme == "logit_normal" else 0.0), 0.8
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    u_ref = compute_density_for_timestep_sampling(scheme, batch, logit_mean, logit_std, 1.29,
-                                                  generator=torch.Generator().manual_seed(0))
+    u_ref = compute_density_for_timestep_sampling(
+        scheme, batch, logit_mean, logit_std, 1.29, generator=torch.Generator().manual_seed(0)
+    )
     gen = torch.Generator().manual_seed(0)
     draws = torch.randn(batch, generator=gen) if scheme == "logit_normal" else torch.rand(batch, generator=gen)
-    u_ours = flow.density_from_draws(jnp.asarray(draws.numpy()), scheme=scheme, logit_mean=logit_mean,
-                                     logit_std=logit_std, mode_scale=1.29)
+    u_ours = flow.density_from_draws(
+        jnp.asarray(draws.numpy()), scheme=scheme, logit_mean=logit_mean, logit_std=logit_std, mode_scale=1.29
+    )
     assert np.max(np.abs(np.asarray(u_ours) - u_ref.numpy())) <= 2.4e-7
 
     indices = (u_ref * scheduler.config.num_train_timesteps).long()
@@ -242,8 +262,9 @@ def test_density_edges_and_logit_mean_direction():
 def test_loss_weighting_equals_diffusers(scheme):
     """Reference: ``compute_loss_weighting_for_sd3(scheme, sigmas)`` on the shift-3 table plus random σ.
     Tolerance: max relative error <= 1e-6."""
-    sigmas = np.concatenate([flow.training_sigma_table(),
-                             np.random.default_rng(0).uniform(1e-3, 1, 256).astype(np.float32)])
+    sigmas = np.concatenate(
+        [flow.training_sigma_table(), np.random.default_rng(0).uniform(1e-3, 1, 256).astype(np.float32)]
+    )
     ref = compute_loss_weighting_for_sd3(scheme, torch.from_numpy(sigmas)).numpy()
     ours = np.asarray(flow.loss_weighting(jnp.asarray(sigmas), scheme))
     assert ours.dtype == np.float32

@@ -23,10 +23,12 @@ import numpy as np
 import pytest
 import torch
 from flax.core import meta
+from torch_reference import max_rel_error, nchw, nhwc, randomize_
 
 from percov2_jax.convert import core
 from percov2_jax.models import hyper_encoder as he
-from torch_reference import max_rel_error, nchw, nhwc, randomize_
+
+pytestmark = pytest.mark.parity  # against PyTorch reference models
 
 F32_TOL = 1e-5
 F64_TOL = 1e-10
@@ -36,6 +38,7 @@ SMALL = dict(in_channels=16, channels=32, out_channels=40, latent_side=64)  # ti
 
 
 # ---- PyTorch reference (PerCo + CompressAI definitions) -------------------------------------------
+
 
 def conv1x1(cin, cout):
     return torch.nn.Conv2d(cin, cout, kernel_size=1)
@@ -52,8 +55,9 @@ def conv5x5_down(cin, cout):  # compressai.models.utils.conv
 class TorchResidualBottleneckBlock(torch.nn.Module):
     def __init__(self, n):
         super().__init__()
-        self.layers = torch.nn.Sequential(conv1x1(n, n // 2), torch.nn.ReLU(), conv3x3(n // 2, n // 2),
-                                          torch.nn.ReLU(), conv1x1(n // 2, n))
+        self.layers = torch.nn.Sequential(
+            conv1x1(n, n // 2), torch.nn.ReLU(), conv3x3(n // 2, n // 2), torch.nn.ReLU(), conv1x1(n // 2, n)
+        )
 
     def forward(self, x):
         return x + self.layers(x)
@@ -62,8 +66,9 @@ class TorchResidualBottleneckBlock(torch.nn.Module):
 class TorchResidualUnit(torch.nn.Module):
     def __init__(self, n):
         super().__init__()
-        self.conv = torch.nn.Sequential(conv1x1(n, n // 2), torch.nn.ReLU(), conv3x3(n // 2, n // 2),
-                                        torch.nn.ReLU(), conv1x1(n // 2, n))
+        self.conv = torch.nn.Sequential(
+            conv1x1(n, n // 2), torch.nn.ReLU(), conv3x3(n // 2, n // 2), torch.nn.ReLU(), conv1x1(n // 2, n)
+        )
 
     def forward(self, x):
         return torch.relu(self.conv(x) + x)
@@ -85,20 +90,28 @@ class TorchHyperBackbone(torch.nn.Module):
         rbb = TorchResidualBottleneckBlock
         self.backbone = torch.nn.Sequential(
             conv1x1(in_channels, N) if cfg_ss >= 16 else conv5x5_down(in_channels, N),
-            rbb(N), rbb(N), rbb(N),
+            rbb(N),
+            rbb(N),
+            rbb(N),
             conv1x1(N, N) if cfg_ss >= 32 else conv5x5_down(N, N),
-            rbb(N), rbb(N), rbb(N),
+            rbb(N),
+            rbb(N),
+            rbb(N),
             TorchAttentionBlock(N),
             conv1x1(N, N) if cfg_ss == 64 else conv5x5_down(N, N),
-            rbb(N), rbb(N), rbb(N),
+            rbb(N),
+            rbb(N),
+            rbb(N),
             conv1x1(N, M),
-            TorchAttentionBlock(M))
+            TorchAttentionBlock(M),
+        )
 
     def forward(self, x):
         return self.backbone(x)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+
 
 def flax_shapes(config, dtype=jnp.float32):
     module = he.HyperEncoder(config, dtype=dtype, param_dtype=dtype)
@@ -108,8 +121,9 @@ def flax_shapes(config, dtype=jnp.float32):
 
 
 def convert(model: torch.nn.Module, target_shapes, dtype=np.float32):
-    sources = [core.SourceTensor(k, tuple(v.shape), (lambda v=v: v.detach().numpy()))
-               for k, v in model.state_dict().items()]
+    sources = [
+        core.SourceTensor(k, tuple(v.shape), (lambda v=v: v.detach().numpy())) for k, v in model.state_dict().items()
+    ]
     return core.assemble(core.plan(sources, RULES, target_shapes, what="HyperEncoder"), target_shapes, dtype)
 
 
@@ -117,17 +131,26 @@ def convert(model: torch.nn.Module, target_shapes, dtype=np.float32):
 def case(request):
     side = request.param
     config = he.HyperEncoderConfig(**SMALL, hyper_side=side)
-    model = randomize_(TorchHyperBackbone(SMALL["in_channels"], SMALL["channels"], SMALL["out_channels"], side),
-                       seed=side)
+    model = randomize_(
+        TorchHyperBackbone(SMALL["in_channels"], SMALL["channels"], SMALL["out_channels"], side), seed=side
+    )
     latents = np.random.RandomState(side).randn(2, 20, 12, SMALL["in_channels"]).astype(np.float32)
     with torch.no_grad():
         ref = nhwc(model(nchw(latents)))
     module, shapes = flax_shapes(config)
-    return dict(config=config, model=model, latents=latents, ref=ref, module=module, shapes=shapes,
-                params=convert(model, shapes))
+    return dict(
+        config=config,
+        model=model,
+        latents=latents,
+        ref=ref,
+        module=module,
+        shapes=shapes,
+        params=convert(model, shapes),
+    )
 
 
 # ---- tests ------------------------------------------------------------------------------------------
+
 
 def test_float32_parity(case):
     out = jax.jit(lambda p, x: case["module"].apply({"params": p}, x))(case["params"], case["latents"])

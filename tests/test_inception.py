@@ -35,6 +35,8 @@ from percov2_jax.convert.core import ConversionError
 from percov2_jax.convert.inception_weights import load_fid_inception
 from percov2_jax.metrics.inception import bilinear_weights, clean_fid_resize, resize_bilinear, scale_input
 
+pytestmark = pytest.mark.parity  # against PyTorch reference models
+
 F32_TOL = 1e-4
 
 
@@ -64,9 +66,15 @@ class FIDInceptionA(tnn.Module):
         self.branch_pool = BasicConv2d(c_in, pool_features, kernel_size=1)
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(avg_pool_tf(x))], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(avg_pool_tf(x)),
+            ],
+            1,
+        )
 
 
 class InceptionB(tnn.Module):
@@ -78,8 +86,14 @@ class InceptionB(tnn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, kernel_size=3, stride=2),
+            ],
+            1,
+        )
 
 
 class FIDInceptionC(tnn.Module):
@@ -173,8 +187,16 @@ class TorchFIDInception(tnn.Module):
         self.blocks = [  # pytorch-fid InceptionV3.blocks 0..3 (plain list: not in the state dict)
             [self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, maxpool()],
             [self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, maxpool()],
-            [self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-             self.Mixed_6d, self.Mixed_6e],
+            [
+                self.Mixed_5b,
+                self.Mixed_5c,
+                self.Mixed_5d,
+                self.Mixed_6a,
+                self.Mixed_6b,
+                self.Mixed_6c,
+                self.Mixed_6d,
+                self.Mixed_6e,
+            ],
             [self.Mixed_7a, self.Mixed_7b, self.Mixed_7c, tnn.AdaptiveAvgPool2d(output_size=(1, 1))],
         ]
 
@@ -241,8 +263,13 @@ def test_converter_round_trip(case):
     state = case["ref"].state_dict()
     flat = {"/".join(k): np.asarray(v) for k, v in _flatten(case["params"]).items()}
     assert len(flat) == 470
-    leaf = {"conv.weight": "conv/kernel", "bn.weight": "bn/scale", "bn.bias": "bn/bias",
-            "bn.running_mean": "bn/mean", "bn.running_var": "bn/var"}
+    leaf = {
+        "conv.weight": "conv/kernel",
+        "bn.weight": "bn/scale",
+        "bn.bias": "bn/bias",
+        "bn.running_mean": "bn/mean",
+        "bn.running_var": "bn/var",
+    }
     seen = 0
     for key, tensor in state.items():
         if key.startswith("fc.") or key.endswith("num_batches_tracked"):
@@ -276,8 +303,13 @@ def test_converter_errors(case, tmp_path):
     with pytest.raises(ConversionError) as err:
         load_fid_inception(tmp_path / "bad.pth")
     msg = str(err.value)
-    for fragment in ("Mixed_6c/branch7x7dbl_3/bn/var", "AuxLogits.conv0.conv.weight",
-                     "Mixed_7b.branch_pool.conv.weight", "[192, 1024, 1, 1]", "FID InceptionV3"):
+    for fragment in (
+        "Mixed_6c/branch7x7dbl_3/bn/var",
+        "AuxLogits.conv0.conv.weight",
+        "Mixed_7b.branch_pool.conv.weight",
+        "[192, 1024, 1, 1]",
+        "FID InceptionV3",
+    ):
         assert fragment in msg, (fragment, msg)
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ConversionError, match="flat state dict"):

@@ -31,6 +31,8 @@ from percov2_jax.convert.core import ConversionError
 from percov2_jax.convert.lpips_weights import load_lpips
 from percov2_jax.convert.safetensors_io import write_safetensors
 
+pytestmark = pytest.mark.parity  # against PyTorch reference models
+
 F32_TOL = 1e-5
 SHIFT = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
 SCALE = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
@@ -41,11 +43,21 @@ def torchvision_features(net: str) -> tuple[tnn.Sequential, tuple[int, ...]]:
     """torchvision's ``alexnet().features`` / ``vgg16().features`` and lpips' tap indices."""
     relu = lambda: tnn.ReLU(inplace=True)  # noqa: E731
     if net == "alex":
-        layers = [tnn.Conv2d(3, 64, 11, stride=4, padding=2), relu(), tnn.MaxPool2d(3, 2),
-                  tnn.Conv2d(64, 192, 5, padding=2), relu(), tnn.MaxPool2d(3, 2),
-                  tnn.Conv2d(192, 384, 3, padding=1), relu(),
-                  tnn.Conv2d(384, 256, 3, padding=1), relu(),
-                  tnn.Conv2d(256, 256, 3, padding=1), relu(), tnn.MaxPool2d(3, 2)]
+        layers = [
+            tnn.Conv2d(3, 64, 11, stride=4, padding=2),
+            relu(),
+            tnn.MaxPool2d(3, 2),
+            tnn.Conv2d(64, 192, 5, padding=2),
+            relu(),
+            tnn.MaxPool2d(3, 2),
+            tnn.Conv2d(192, 384, 3, padding=1),
+            relu(),
+            tnn.Conv2d(384, 256, 3, padding=1),
+            relu(),
+            tnn.Conv2d(256, 256, 3, padding=1),
+            relu(),
+            tnn.MaxPool2d(3, 2),
+        ]
         return tnn.Sequential(*layers), (1, 4, 7, 9, 11)  # lpips slices end at 2, 5, 8, 10, 12
     layers, c_in = [], 3
     for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
@@ -67,8 +79,9 @@ class TorchLPIPS(tnn.Module):
     def __init__(self, net: str):
         super().__init__()
         self.features, self.taps = torchvision_features(net)
-        channels = [[m for m in self.features[: t + 1] if isinstance(m, tnn.Conv2d)][-1].out_channels
-                    for t in self.taps]
+        channels = [
+            [m for m in self.features[: t + 1] if isinstance(m, tnn.Conv2d)][-1].out_channels for t in self.taps
+        ]
         self.lins = tnn.ModuleList(NetLinLayer(c) for c in channels)
 
     def tap_features(self, x):
@@ -120,8 +133,8 @@ def image_pairs(size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
     rng = np.random.RandomState(3)
     photo = data.astronaut().astype(np.float32) / 127.5 - 1.0
-    a = np.stack([photo[100:100 + size, 180:180 + size], photo[300:300 + size, 60:60 + size]])
-    shifted = np.stack([photo[104:104 + size, 183:183 + size], photo[300:300 + size, 200:200 + size]])
+    a = np.stack([photo[100 : 100 + size, 180 : 180 + size], photo[300 : 300 + size, 60 : 60 + size]])
+    shifted = np.stack([photo[104 : 104 + size, 183 : 183 + size], photo[300 : 300 + size, 200 : 200 + size]])
     noisy = np.clip(a + rng.normal(0, 0.1, a.shape), -1, 1).astype(np.float32)
     return {
         "noise": tuple(rng.uniform(-1, 1, (2, 2, size, size, 3)).astype(np.float32)),
@@ -137,8 +150,16 @@ def build_case(net: str, folder) -> dict:
     module, params = load_lpips(net, folder / "backbone.pth", folder / "heads.pth")
     distance = jax.jit(lambda p, x, y: module.apply({"params": p}, x, y, per_tap=True))
     taps = jax.jit(lambda p, x: module.apply({"params": p}, x, method="tap_features"))
-    return dict(net=net, ref=ref, folder=folder, module=module, params=params, distance=distance, taps=taps,
-                pairs=image_pairs(IMAGE_SIZE[net]))
+    return dict(
+        net=net,
+        ref=ref,
+        folder=folder,
+        module=module,
+        params=params,
+        distance=distance,
+        taps=taps,
+        pairs=image_pairs(IMAGE_SIZE[net]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +240,15 @@ def test_converter_errors(alex_case, tmp_path):
     with pytest.raises(ConversionError) as err:
         load_lpips("alex", tmp_path / "backbone.pth", tmp_path / "heads.pth")
     msg = str(err.value)
-    for fragment in ("features_3/bias", "features.13.weight", "lin2.model.1.weight", "[1, 100, 1, 1]",
-                     "lin0.model.0.weight", "torchvision alex backbone", "lpips v0.1 alex heads"):
+    for fragment in (
+        "features_3/bias",
+        "features.13.weight",
+        "lin2.model.1.weight",
+        "[1, 100, 1, 1]",
+        "lin0.model.0.weight",
+        "torchvision alex backbone",
+        "lpips v0.1 alex heads",
+    ):
         assert fragment in msg, (fragment, msg)
     # The alex files do not fit the VGG model.
     with pytest.raises(ConversionError, match="missing parameters"):

@@ -20,6 +20,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from percov2_jax.metrics import pixel
 
+pytestmark = pytest.mark.parity  # against PyTorch reference models
+
 F64_TOL = 1e-10
 F32_TOL = 1e-5
 
@@ -123,11 +125,14 @@ def test_ssim_agrees_with_skimage():
     float32 window does not sum to 1 exactly, which moves SSIM by a few 1e-6."""
     a, b = image_pairs(64, 48, seed=3)
     a, b = a.astype(np.float64), b.astype(np.float64)
-    sk = np.array([
-        structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                              data_range=255, channel_axis=-1)
-        for x, y in zip(a, b)
-    ])
+    sk = np.array(
+        [
+            structural_similarity(
+                x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=-1
+            )
+            for x, y in zip(a, b)
+        ]
+    )
     g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
     with jax.enable_x64(True):
         s, _ = pixel._ssim_and_cs(jnp.asarray(a), jnp.asarray(b), g / g.sum(), 2.55**2, 7.65**2)
@@ -158,8 +163,7 @@ def test_jit_and_identical_images():
     a, _ = image_pairs(64, 48, seed=5)
     x = jnp.asarray(a, jnp.float32)
     np.testing.assert_allclose(jax.jit(pixel.ssim)(x, x), 1.0, atol=1e-6)
-    np.testing.assert_allclose(jax.jit(lambda u: pixel.psnr(u, u + 1.0))(x), 10 * np.log10(255**2),
-                               atol=1e-4)
+    np.testing.assert_allclose(jax.jit(lambda u: pixel.psnr(u, u + 1.0))(x), 10 * np.log10(255**2), atol=1e-4)
 
 
 def test_input_errors():

@@ -8,7 +8,6 @@ module-scoped fixtures because compiles dominate the run time on 2 CPU cores.
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -218,18 +217,22 @@ def trained_params(model, params):
     p, opt_state = params, optimizer.init(params)
     history = []
     for i in range(TRAIN_STEPS):
-        p, opt_state, metrics = train_step(p, opt_state, jnp.asarray(block_tokens(data, TRAIN_BATCH)),
-                                           jax.random.key(i))
+        p, opt_state, metrics = train_step(
+            p, opt_state, jnp.asarray(block_tokens(data, TRAIN_BATCH)), jax.random.key(i)
+        )
         history.append(float(metrics["bits_per_token"]))
     return p, history
 
 
+@pytest.mark.integration
 def test_training_reduces_bits_per_token(trained_params, apply):
     p, history = trained_params
     first, last = np.mean(history[:10]), np.mean(history[-50:])
     optimum = block_training_optimum()
-    print(f"\ntraining bits/masked token: first 10 steps {first:.3f}, last 50 steps {last:.3f} "
-          f"(optimum {optimum:.3f}, log2 V = 4)")
+    print(
+        f"\ntraining bits/masked token: first 10 steps {first:.3f}, last 50 steps {last:.3f} "
+        f"(optimum {optimum:.3f}, log2 V = 4)"
+    )
     assert first > 3.5
     assert last < optimum + 0.25
 
@@ -269,8 +272,13 @@ def test_schedule_log2_probs_with_caption(caption_apply, caption_params):
     _, with_caption = mim.schedule_log2_probs(caption_apply, caption_params, tokens, schedule, caption)
     masks = schedule.masks()
     last = schedule.num_steps - 1
-    logits = mim.step_logits(caption_apply, caption_params, jnp.asarray(tokens)[None], jnp.asarray(masks[last])[None],
-                             jnp.asarray(caption)[None])
+    logits = mim.step_logits(
+        caption_apply,
+        caption_params,
+        jnp.asarray(tokens)[None],
+        jnp.asarray(masks[last])[None],
+        jnp.asarray(caption)[None],
+    )
     ref = np.asarray(mim.token_log2_probs(logits, jnp.asarray(tokens)[None]))[0].ravel()[schedule.groups[last]]
     np.testing.assert_allclose(with_caption[last], -ref.sum(), rtol=1e-5)
 
@@ -288,8 +296,9 @@ def test_hybrid_complete_keeps_transmitted_groups_and_is_deterministic(apply, pa
     sampled = mim.hybrid_complete(apply, params, tokens, schedule, k, temperature=1.0, seed=3)
     assert sampled.shape == (8, 8) and sampled.dtype == np.int32
     np.testing.assert_array_equal(sampled.ravel()[kept], tokens.ravel()[kept])
-    np.testing.assert_array_equal(mim.hybrid_complete(apply, params, garbage, schedule, k, temperature=1.0, seed=3),
-                                  sampled)
+    np.testing.assert_array_equal(
+        mim.hybrid_complete(apply, params, garbage, schedule, k, temperature=1.0, seed=3), sampled
+    )
     assert sampled.min() >= 0 and sampled.max() < V
 
     greedy = mim.hybrid_complete(apply, params, tokens, schedule, k)

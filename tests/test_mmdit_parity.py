@@ -21,10 +21,12 @@ import torch
 from diffusers.models import attention as d_attention
 from diffusers.models import embeddings as d_emb
 from diffusers.models import normalization as d_norm
+from torch_reference import SD3_VARIANTS, flax_params_from_torch, max_rel_error, nchw, nhwc, randomize_, tiny_sd3
 
 from percov2_jax.convert import load_diffusers_component
 from percov2_jax.models import attention, embeddings, mmdit, normalization
-from torch_reference import SD3_VARIANTS, flax_params_from_torch, max_rel_error, nchw, nhwc, randomize_, tiny_sd3
+
+pytestmark = pytest.mark.parity  # against PyTorch reference models
 
 F32_TOL = 1e-5
 F64_TOL = 1e-10
@@ -45,12 +47,17 @@ def _torch_forward(model, x, timestep=None, double=False):
     conv = (lambda a: torch.from_numpy(a).double()) if double else torch.from_numpy
     t = x["timestep"] if timestep is None else timestep
     with torch.no_grad():
-        out = model(conv(np.ascontiguousarray(x["latents"].transpose(0, 3, 1, 2))), conv(x["context"]),
-                    conv(x["pooled"]), conv(np.asarray(t, np.float32))).sample
+        out = model(
+            conv(np.ascontiguousarray(x["latents"].transpose(0, 3, 1, 2))),
+            conv(x["context"]),
+            conv(x["pooled"]),
+            conv(np.asarray(t, np.float32)),
+        ).sample
     return nhwc(out)
 
 
 # ---------------------------------------------------------------- embeddings -----------------
+
 
 @pytest.mark.parametrize("dim,grid,base", [(16, 12, 8), (64, 192, 64), (1536, 24, 64)])
 def test_sincos_table_matches_diffusers(dim, grid, base):
@@ -71,8 +78,9 @@ def test_timestep_sinusoid_matches_diffusers():
 
 
 def test_patch_embed_parity():
-    ref_mod = randomize_(d_emb.PatchEmbed(height=16, width=16, patch_size=2, in_channels=16, embed_dim=D,
-                                          pos_embed_max_size=12), seed=3)
+    ref_mod = randomize_(
+        d_emb.PatchEmbed(height=16, width=16, patch_size=2, in_channels=16, embed_dim=D, pos_embed_max_size=12), seed=3
+    )
     x = np.random.RandomState(0).randn(2, 10, 14, 16).astype(np.float32)
     ours_mod = embeddings.PatchEmbed(patch_size=2, embed_dim=D, pos_embed_max_size=12, base_size=8)
     params = flax_params_from_torch(ref_mod, ours_mod, jnp.asarray(x), prefix="pos_embed.")
@@ -103,6 +111,7 @@ def test_timestep_and_pooled_embedding_parity():
 
 # ---------------------------------------------------------------- norms and blocks -----------
 
+
 def _tokens(seed, length=7, batch=2):
     rng = np.random.RandomState(seed)
     return rng.randn(batch, length, D).astype(np.float32), rng.randn(batch, D).astype(np.float32)
@@ -119,8 +128,11 @@ def test_adaptive_norm_parity(name):
     ours_mod = getattr(normalization, name)(D)
     params = flax_params_from_torch(ref_mod, ours_mod, jnp.asarray(x), jnp.asarray(emb), prefix="norm_out.")
     with torch.no_grad():
-        ref = ref_mod(torch.from_numpy(x), torch.from_numpy(emb)) if name == "AdaLayerNormContinuous" \
+        ref = (
+            ref_mod(torch.from_numpy(x), torch.from_numpy(emb))
+            if name == "AdaLayerNormContinuous"
             else ref_mod(torch.from_numpy(x), emb=torch.from_numpy(emb))
+        )
     ours = ours_mod.apply({"params": params}, jnp.asarray(x), jnp.asarray(emb))
     ref = ref if isinstance(ref, tuple) else (ref,)
     ours = ours if isinstance(ours, tuple) else (ours,)
@@ -141,7 +153,9 @@ BLOCKS = {
 @pytest.mark.parametrize("kind", list(BLOCKS))
 def test_joint_block_parity(kind):
     flags = BLOCKS[kind]
-    ref_mod = randomize_(d_attention.JointTransformerBlock(dim=D, num_attention_heads=2, attention_head_dim=8, **flags), seed=7)
+    ref_mod = randomize_(
+        d_attention.JointTransformerBlock(dim=D, num_attention_heads=2, attention_head_dim=8, **flags), seed=7
+    )
     h, temb = _tokens(8, length=9)
     c, _ = _tokens(9, length=4)
     ours_mod = mmdit.JointTransformerBlock(dim=D, num_attention_heads=2, attention_head_dim=8, **flags)
@@ -164,6 +178,7 @@ def test_attention_rejects_unknown_qk_norm():
 
 
 # ---------------------------------------------------------------- whole model ----------------
+
 
 @pytest.fixture(scope="module", params=list(SD3_VARIANTS))
 def sd3_case(request, tmp_path_factory):
@@ -213,7 +228,9 @@ def test_full_model_exact_in_float64(sd3_case):
 
 def test_remat_policy_does_not_change_outputs(sd3_case):
     module, params = load_diffusers_component(sd3_case["folder"], scan_layers=True, remat_policy="full")
-    loss = lambda p: jnp.sum(module.apply({"params": p}, *(sd3_case["x"][k] for k in ("latents", "context", "pooled", "timestep"))) ** 2)
+    loss = lambda p: jnp.sum(
+        module.apply({"params": p}, *(sd3_case["x"][k] for k in ("latents", "context", "pooled", "timestep"))) ** 2
+    )
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     plain, _ = load_diffusers_component(sd3_case["folder"], scan_layers=True)
     ref_value = jnp.sum(jnp.asarray(_apply(plain, params, sd3_case["x"])) ** 2)
@@ -227,13 +244,23 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown SD3Transformer2DModel config fields"):
         mmdit.SD3TransformerConfig.from_dict({"num_layers": 2, "not_a_field": 1})
     with pytest.raises(ValueError, match="dual_attention_layers"):
-        mmdit.SD3TransformerConfig(num_layers=2, attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
-                                   dual_attention_layers=(1,))
+        mmdit.SD3TransformerConfig(
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            caption_projection_dim=16,
+            dual_attention_layers=(1,),
+        )
 
 
 def test_block_layout():
-    cfg = mmdit.SD3TransformerConfig(num_layers=24, attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
-                                     dual_attention_layers=tuple(range(13)))
+    cfg = mmdit.SD3TransformerConfig(
+        num_layers=24,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        dual_attention_layers=tuple(range(13)),
+    )
     names = [r.name for r in mmdit.block_runs(cfg, scan_layers=True)]
     assert names == ["transformer_blocks_0_to_12", "transformer_blocks_13_to_22", "transformer_blocks_23"]
     assert len(mmdit.block_runs(cfg, scan_layers=False)) == 24

@@ -3,9 +3,6 @@ autoencoder, trainable subsets and config validation."""
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,15 +17,25 @@ from percov2_jax.models.percov2 import PerCoV2, PerCoV2Config, upsample_tokens, 
 from percov2_jax.models.quantizer import QuantizerConfig
 from percov2_jax.train.optimizer import trainable_mask
 
-TRANSFORMER = SD3TransformerConfig(sample_size=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                                   joint_attention_dim=24, caption_projection_dim=16, pooled_projection_dim=12,
-                                   pos_embed_max_size=16)
+TRANSFORMER = SD3TransformerConfig(
+    sample_size=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    caption_projection_dim=16,
+    pooled_projection_dim=12,
+    pos_embed_max_size=16,
+)
 
 
 def small_config(hyper_side=32, **kw):
-    return PerCoV2Config(TRANSFORMER, HyperEncoderConfig(in_channels=16, channels=8, out_channels=12, latent_side=64,
-                                                         hyper_side=hyper_side),
-                         QuantizerConfig(dim=12, codebook_size=16, codebook_dim=4), **kw)
+    return PerCoV2Config(
+        TRANSFORMER,
+        HyperEncoderConfig(in_channels=16, channels=8, out_channels=12, latent_side=64, hyper_side=hyper_side),
+        QuantizerConfig(dim=12, codebook_size=16, codebook_dim=4),
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +48,23 @@ def widened_case():
     t = jnp.asarray([200.0, 850.0])
     base = SD3Transformer2DModel(TRANSFORMER)
     base_params = base.init(jax.random.key(1), x, text, pooled, t)["params"]
-    base_params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), nn_unbox(base_params))
+    base_params = jax.tree.map(
+        lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), nn_unbox(base_params)
+    )
     model = PerCoV2(small_config())
     variables = nn_unbox(model.init({"params": jax.random.key(3)}, x, x, text, pooled, t))
     params = {**variables["params"], "transformer": widen_patch_embedding(base_params, 12)}
-    return dict(x=x, text=text, pooled=pooled, t=t, base=base, base_params=base_params, model=model, params=params,
-                vq_stats=variables["vq_stats"])
+    return dict(
+        x=x,
+        text=text,
+        pooled=pooled,
+        t=t,
+        base=base,
+        base_params=base_params,
+        model=model,
+        params=params,
+        vq_stats=variables["vq_stats"],
+    )
 
 
 def test_zero_initialised_token_channels_equal_pretrained_sd3(widened_case):
@@ -55,8 +73,15 @@ def test_zero_initialised_token_channels_equal_pretrained_sd3(widened_case):
     c = widened_case
     want = c["base"].apply({"params": c["base_params"]}, c["x"], c["text"], c["pooled"], c["t"])
     features = jax.random.normal(jax.random.key(5), (2, 4, 2, 12))  # any token features
-    got = c["model"].apply({"params": c["params"], "vq_stats": c["vq_stats"]}, c["x"], features, c["text"], c["pooled"],
-                           c["t"], method="velocity")
+    got = c["model"].apply(
+        {"params": c["params"], "vq_stats": c["vq_stats"]},
+        c["x"],
+        features,
+        c["text"],
+        c["pooled"],
+        c["t"],
+        method="velocity",
+    )
     err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
     assert err <= 1e-6, err
     kernel = c["params"]["transformer"]["pos_embed"]["proj"]["kernel"]
@@ -65,9 +90,17 @@ def test_zero_initialised_token_channels_equal_pretrained_sd3(widened_case):
     params = jax.tree.map(lambda p: p, c["params"])
     # (Random values: a constant slice adds the same offset to every channel, which LayerNorm removes.)
     params["transformer"]["pos_embed"]["proj"]["kernel"] = kernel.at[:, :, 16:].set(
-        0.1 * jax.random.normal(jax.random.key(6), kernel[:, :, 16:].shape))
-    moved = c["model"].apply({"params": params, "vq_stats": c["vq_stats"]}, c["x"], features, c["text"], c["pooled"],
-                             c["t"], method="velocity")
+        0.1 * jax.random.normal(jax.random.key(6), kernel[:, :, 16:].shape)
+    )
+    moved = c["model"].apply(
+        {"params": params, "vq_stats": c["vq_stats"]},
+        c["x"],
+        features,
+        c["text"],
+        c["pooled"],
+        c["t"],
+        method="velocity",
+    )
     assert float(jnp.max(jnp.abs(moved - want))) > 1e-3
 
 
@@ -96,11 +129,17 @@ def test_upsample_tokens_is_nearest():
 
 def test_config_consistency_errors():
     with pytest.raises(ValueError, match="quantizer.dim"):
-        PerCoV2Config(TRANSFORMER, HyperEncoderConfig(in_channels=16, channels=8, out_channels=12),
-                      QuantizerConfig(dim=10, codebook_size=16, codebook_dim=4))
+        PerCoV2Config(
+            TRANSFORMER,
+            HyperEncoderConfig(in_channels=16, channels=8, out_channels=12),
+            QuantizerConfig(dim=10, codebook_size=16, codebook_dim=4),
+        )
     with pytest.raises(ValueError, match="in_channels"):
-        PerCoV2Config(TRANSFORMER, HyperEncoderConfig(in_channels=4, channels=8, out_channels=12),
-                      QuantizerConfig(dim=12, codebook_size=16, codebook_dim=4))
+        PerCoV2Config(
+            TRANSFORMER,
+            HyperEncoderConfig(in_channels=4, channels=8, out_channels=12),
+            QuantizerConfig(dim=12, codebook_size=16, codebook_dim=4),
+        )
     cfg = small_config(learned_null_text=True, text_length=7)
     assert PerCoV2Config.from_dict(cfg.to_dict()) == cfg
 
@@ -147,8 +186,19 @@ def test_patch_autoencoder_pca():
     small = [img[:16, :16] for img in images] * 3
     p_all = fit_patch_pca(small, PatchAutoencoderConfig(patch_size=4, latent_channels=48))
     xs = jnp.asarray(np.stack(small[:6]), jnp.float32)
-    assert float(jnp.max(jnp.abs(PatchAutoencoder(PatchAutoencoderConfig(patch_size=4, latent_channels=48)).apply(
-        {"params": p_all}, xs) - xs))) < 1e-5
+    assert (
+        float(
+            jnp.max(
+                jnp.abs(
+                    PatchAutoencoder(PatchAutoencoderConfig(patch_size=4, latent_channels=48)).apply(
+                        {"params": p_all}, xs
+                    )
+                    - xs
+                )
+            )
+        )
+        < 1e-5
+    )
     with pytest.raises(ValueError, match="expected \\[H, W, 3\\]"):
         fit_patch_pca([np.zeros((16, 16))])
 
@@ -172,10 +222,8 @@ def test_trainable_subsets(widened_case):
 
 
 def test_config_validation_errors():
-    sys.path.insert(0, "configs")
-    import tiny
-
-    from percov2_jax.train import components
+    from configs import tiny
+    from percov2_jax import build
 
     def bad(**changes):
         c = tiny.get_config()
@@ -188,19 +236,19 @@ def test_config_validation_errors():
         return c
 
     with pytest.raises(ValueError, match="image height 100 is not a positive multiple of 64"):
-        components.validate_config(bad(image_size=100))
+        build.validate_config(bad(image_size=100))
     with pytest.raises(ValueError, match="unknown bit-rate 'super-low'"):
-        components.validate_config(bad(rate="super-low"))
+        build.validate_config(bad(rate="super-low"))
     with pytest.raises(ValueError, match="not divisible by the 2 processes"):
-        components.validate_config(bad(**{"train.global_batch_size": 7}), process_count=2)
+        build.validate_config(bad(**{"train.global_batch_size": 7}), process_count=2)
 
     class FakeMesh:
         shape = {"data": 4, "fsdp": 2, "tensor": 1}
 
     with pytest.raises(ValueError, match="not divisible by the mesh's data x fsdp = 4 x 2 = 8"):
-        components.validate_config(bad(**{"train.global_batch_size": 12}), process_count=1, mesh=FakeMesh())
+        build.validate_config(bad(**{"train.global_batch_size": 12}), process_count=1, mesh=FakeMesh())
     with pytest.raises(ValueError, match="caption_dropout"):
-        components.validate_config(bad(**{"text.caption_dropout": 1.5}))
+        build.validate_config(bad(**{"text.caption_dropout": 1.5}))
 
 
 def test_hashed_text_encoder():
@@ -208,7 +256,7 @@ def test_hashed_text_encoder():
     caption is zeros, and the sd3 kind without a checkpoint fails loudly."""
     import ml_collections
 
-    from percov2_jax.train.text import HashedTextEncoder, build_text_conditioner
+    from percov2_jax.text.conditioners import HashedTextEncoder, text_conditioner
 
     enc = HashedTextEncoder(length=6, features=8, pooled_features=4, seed=3)
     seq, pooled = enc(["a red bus", "bus red a", ""])
@@ -222,4 +270,41 @@ def test_hashed_text_encoder():
         enc("one string")
     cfg = ml_collections.ConfigDict(dict(kind="sd3", checkpoint="", max_sequence_length=256, use_t5=True))
     with pytest.raises(ValueError, match="needs text.checkpoint or pretrained.checkpoint"):
-        build_text_conditioner(cfg, TRANSFORMER)
+        text_conditioner(cfg, 333, TRANSFORMER.joint_attention_dim, TRANSFORMER.pooled_projection_dim)
+
+
+@pytest.mark.parametrize(
+    "kind, use_t5, max_sequence_length, expected",
+    [
+        ("sd3", True, 256, 333),
+        ("sd3", True, 128, 205),
+        ("sd3", False, 128, 205),
+        ("precomputed", True, 77, 154),
+        ("hashed", True, 16, 16),
+    ],
+)
+def test_caption_length_is_derived_from_the_text_config(kind, use_t5, max_sequence_length, expected):
+    """One source of truth: the transformer's caption length, the learned null text's length and
+    the conditioner's output all follow ``text.kind`` and ``text.max_sequence_length``."""
+    from configs import tiny
+    from percov2_jax import build
+
+    c = tiny.get_config()
+    c.text.kind, c.text.use_t5, c.text.max_sequence_length = kind, use_t5, max_sequence_length
+    c.model.learned_null_text = True
+    assert build.caption_length(c.text) == expected
+    model = build.build_model(c, rates.get_rate(c.rate))
+    assert model.config.text_length == expected
+    variables = jax.eval_shape(
+        lambda: model.init(
+            {"params": jax.random.key(0), "vq": jax.random.key(0)}, *build.init_inputs(model, rates.get_rate(c.rate))
+        )
+    )
+    seq, pooled = jax.eval_shape(lambda v: model.apply(v, 2, method="null_text_embeddings"), variables)
+    assert seq.shape == (2, expected, TINY_WIDTH) and pooled.shape == (2, TINY_WIDTH)
+    if kind == "hashed":
+        text = build.build_text_conditioner(c)
+        assert text([""])[0].shape == (1, expected, TINY_WIDTH)
+
+
+TINY_WIDTH = 64  # configs/tiny.py's joint_attention_dim and pooled_projection_dim

@@ -1,4 +1,4 @@
-"""tools/plan.py: ahead-of-time compilation for TPU slices (libtpu's compiler, no TPU) and for
+"""``python -m percov2_jax.plan``: ahead-of-time compilation for TPU slices (libtpu's compiler, no TPU) and for
 GPU kinds on virtual CPU devices, with the tiny config. Each run is a subprocess (libtpu and
 the device count must be set before JAX starts)."""
 
@@ -13,16 +13,27 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBTPU = os.environ.get("PERCOV2_LIBTPU_PATH", os.path.join(ROOT, ".venv", "libtpu"))
-needs_libtpu = pytest.mark.skipif(not os.path.isdir(os.path.join(LIBTPU, "libtpu")),
-                                  reason="libtpu not installed (`make libtpu`)")
+needs_libtpu = pytest.mark.skipif(
+    not os.path.isdir(os.path.join(LIBTPU, "libtpu")), reason="libtpu not installed (`make libtpu`)"
+)
 pytestmark = pytest.mark.slow
 
 
 def plan(tmp_path, name, *args):
     out = tmp_path / f"{name}.json"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "plan.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
-           "--libtpu_path", LIBTPU, "--json", str(out), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "percov2_jax.plan",
+        "--config",
+        os.path.join(ROOT, "configs", "tiny.py"),
+        "--libtpu_path",
+        LIBTPU,
+        "--json",
+        str(out),
+        *args,
+    ]
     result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(out) as f:
@@ -30,15 +41,12 @@ def plan(tmp_path, name, *args):
 
 
 def tiny_model_flops(batch, text_length=16):
-    from percov2_jax import rates
-    from percov2_jax.train import components
-    from percov2_jax.train.flops import mmdit_forward_flops
-
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import tiny
+    from configs import tiny
+    from percov2_jax import build, rates
+    from percov2_jax.flops import mmdit_forward_flops
 
     config = tiny.get_config()
-    model = components.build_model(config, rates.get_rate(config.rate))
+    model = build.build_model(config, rates.get_rate(config.rate))
     side = int(config.image_size) // rates.LATENT_DOWNSAMPLE
     return mmdit_forward_flops(model.config.conditioned_transformer, batch, side, side, text_length)
 
@@ -46,24 +54,37 @@ def tiny_model_flops(batch, text_length=16):
 @needs_libtpu
 def test_tpu_plan_of_the_decoder(tmp_path):
     """The tiny decoder on a v5e 2x2 slice (compiled by libtpu, one image per chip)."""
-    result, text = plan(tmp_path, "v5e", "--device_kind", "tpu_v5e", "--mesh", "data=1,fsdp=4,tensor=1",
-                        "--programs=decode", "--decode_batch=4")
+    result, text = plan(
+        tmp_path,
+        "v5e",
+        "--device_kind",
+        "tpu_v5e",
+        "--mesh",
+        "data=1,fsdp=4,tensor=1",
+        "--programs=decode",
+        "--decode_batch=4",
+    )
     header, (decode,) = result["header"], result["programs"]
     assert header["devices"] == 4 and header["device_kind"] == "tpu_v5e" and decode["name"] == "decode"
     # 10 Euler steps x 2 passes (CFG 3) of the MM-DiT over 4 images.
     assert decode["model_flops"] == pytest.approx(20 * tiny_model_flops(4))
     assert decode["argument_bytes"] > 0 and decode["temp_bytes"] > 0 and decode["xla_flops"] > 0
-    assert decode["peak_bytes"] == (decode["argument_bytes"] + decode["output_bytes"] - decode["alias_bytes"]
-                                    + decode["temp_bytes"] + decode["code_bytes"])
+    assert decode["peak_bytes"] == (
+        decode["argument_bytes"]
+        + decode["output_bytes"]
+        - decode["alias_bytes"]
+        + decode["temp_bytes"]
+        + decode["code_bytes"]
+    )
     assert decode["fits"] and decode["memory_bytes"] == 16 * 2**30
     assert decode["seconds_at_mfu"]["tpu_v5e"] == pytest.approx(decode["model_flops"] / (4 * 197e12 * 0.4))
     assert "tpu_v5e x4 mesh data=1,fsdp=4,tensor=1" in text and "TPU compiler" in text and "| decode |" in text
 
 
 CONSTRAINT_COUNT = """
-import contextlib, os, sys
-sys.path.insert(0, os.path.join(sys.argv[1], "configs"))
-import jax, tiny
+import contextlib
+import jax
+from configs import tiny
 from percov2_jax import sharding
 import percov2_jax.train.step as step_mod
 from percov2_jax.planning.plan import Planner
@@ -74,7 +95,9 @@ def count():
     text = step.lower(*args).as_text()
     return text.count("sdy.sharding_constraint") + text.count("@Sharding")
 on = count()
-step_mod.sharding_lib = type("NoConstraints", (), {"activation_constraints": staticmethod(lambda mesh: contextlib.nullcontext())})
+import types
+step_mod.sharding_lib = types.SimpleNamespace(**{**vars(sharding),
+                                                 "activation_constraints": lambda mesh: contextlib.nullcontext()})
 print(on, count())
 """
 
@@ -84,16 +107,25 @@ def test_train_step_constrains_activations_to_the_batch_axes():
     them without rules and a mesh: at SD3-medium size on 32 chips XLA then kept activations
     whole on every device, 56 GiB of temporaries per chip instead of 1.6 for one image each)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", CONSTRAINT_COUNT, ROOT], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", CONSTRAINT_COUNT], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     on, off = map(int, result.stdout.split()[-2:])
     assert off == 0 and on >= 4 * 3, (on, off)  # >= 3 per block (hidden, context, heads) x 4 blocks
 
 
 def test_gpu_kind_plans_the_train_step_on_virtual_cpu_devices(tmp_path):
-    result, text = plan(tmp_path, "h100", "--device_kind", "h100", "--mesh", "data=1,fsdp=2,tensor=1",
-                        "--config.train.global_batch_size=4", "--programs=train")
+    result, text = plan(
+        tmp_path,
+        "h100",
+        "--device_kind",
+        "h100",
+        "--mesh",
+        "data=1,fsdp=2,tensor=1",
+        "--config.train.global_batch_size=4",
+        "--programs=train",
+    )
     (train,) = result["programs"]
     assert result["header"]["devices"] == 2 and train["name"] == "train_step"
     # 3x the analytic MM-DiT forward over the global batch.
@@ -106,11 +138,30 @@ def test_gpu_kind_plans_the_train_step_on_virtual_cpu_devices(tmp_path):
 
 def test_bad_requests_fail_clearly(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    base = [sys.executable, os.path.join(ROOT, "tools", "plan.py"), "--config", os.path.join(ROOT, "configs", "tiny.py")]
-    for args, message in ((["--device_kind", "tpu_v9"], "unknown device kind"),
-                          (["--mesh", "data=3,fsdp=1,tensor=1", "--device_kind", "tpu_v5e"], "power-of-two"),
-                          (["--mesh", "batch=2"], "--mesh wants"),
-                          (["--mesh", "data=2,fsdp=1,tensor=1", "--device_kind", "h100",
-                            "--config.train.global_batch_size=3"], "not divisible")):
+    base = [sys.executable, "-m", "percov2_jax.plan", "--config", os.path.join(ROOT, "configs", "tiny.py")]
+    for args, message in (
+        (["--device_kind", "tpu_v9"], "unknown device kind"),
+        (["--mesh", "data=3,fsdp=1,tensor=1", "--device_kind", "tpu_v5e"], "power-of-two"),
+        (["--mesh", "batch=2"], "--mesh wants"),
+        (
+            ["--mesh", "data=2,fsdp=1,tensor=1", "--device_kind", "h100", "--config.train.global_batch_size=3"],
+            "not divisible",
+        ),
+    ):
         result = subprocess.run(base + args, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and message in result.stderr + result.stdout, (args, result.stderr[-2000:])
+
+
+def test_device_kinds_take_their_peaks_from_the_flop_table():
+    """The planner's device kinds and the trainer's MFU read one peak table."""
+    from percov2_jax.planning.devices import DEVICE_KINDS
+
+    peaks = {name: kind.peak_flops for name, kind in DEVICE_KINDS.items()}
+    assert peaks == {
+        "tpu_v4": 275e12,
+        "tpu_v5e": 197e12,
+        "tpu_v5p": 459e12,
+        "tpu_v6e": 918e12,
+        "h100": 989e12,
+        "a100": 312e12,
+    }

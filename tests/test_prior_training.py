@@ -12,8 +12,9 @@ import sys
 
 import numpy as np
 import pytest
-
 import train_setup
+
+pytestmark = pytest.mark.integration  # trains models or runs whole jobs
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +26,10 @@ prior_config = train_setup.prior_test_config
 
 
 def test_prior_learns_resumes_and_codes(stage1, tmp_path):
-    import jax
 
     from percov2_jax.entropy import schedules, token_coding
-    from percov2_jax.train.prior import PriorTrainer, load_prior
+    from percov2_jax.runs.prior import load_prior
+    from percov2_jax.train.prior import PriorTrainer
 
     config = prior_config(stage1)
     trainer = PriorTrainer(config, str(tmp_path))
@@ -68,16 +69,15 @@ def test_stage1_workdir_is_required(tmp_path):
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant", "linear"])
 def test_learning_rate_schedule(schedule):
-    """optim.schedule / warmup_steps / final_lr_fraction through stage 1's schedule builder:
-    linear warm-up from 0, then the decay ends at final_lr_fraction * lr at num_steps."""
+    """optim.schedule / warmup_steps / end_learning_rate_factor through stage 1's schedule builder:
+    linear warm-up from 0, then the decay ends at end_learning_rate_factor * lr at train.num_steps."""
     from percov2_jax.train.optimizer import learning_rate_schedule
-    from percov2_jax.train.prior import optimizer_config
 
     config = prior_config("unused")
-    config.num_steps, config.optim.warmup_steps, config.optim.final_lr_fraction = 100, 10, 0.25
+    config.train.num_steps, config.optim.warmup_steps, config.optim.end_learning_rate_factor = 100, 10, 0.25
     config.optim.schedule = schedule
     lr = config.optim.learning_rate
-    rate = learning_rate_schedule(optimizer_config(config))
+    rate = learning_rate_schedule(config.optim)
     np.testing.assert_allclose([rate(0), rate(5), rate(10)], [0.0, lr / 2, lr], rtol=1e-6)
     end = lr if schedule == "constant" else 0.25 * lr
     np.testing.assert_allclose(rate(100), end, rtol=1e-6)
@@ -116,8 +116,19 @@ def _env(devices: int) -> dict:
 
 
 def _cmd(stage1, tmp_path, runs, *extra):
-    return [sys.executable, os.path.join(HERE, "prior_check.py"), "--stage1", stage1, "--workdir",
-            str(tmp_path / "work"), "--runs", json.dumps(runs), "--output", str(tmp_path / "result"), *extra]
+    return [
+        sys.executable,
+        os.path.join(HERE, "prior_check.py"),
+        "--stage1",
+        stage1,
+        "--workdir",
+        str(tmp_path / "work"),
+        "--runs",
+        json.dumps(runs),
+        "--output",
+        str(tmp_path / "result"),
+        *extra,
+    ]
 
 
 def assert_close(result, reference, where):
@@ -125,8 +136,10 @@ def assert_close(result, reference, where):
     ref_losses, ref_params = reference
     np.testing.assert_allclose(losses, ref_losses, rtol=REL_TOL, err_msg=where)
     assert sorted(params) == sorted(ref_params), where
-    worst = max((float(np.max(np.abs(params[k] - ref_params[k]))) / max(float(np.max(np.abs(ref_params[k]))),
-                                                                         SCALE_FLOOR), k) for k in ref_params)
+    worst = max(
+        (float(np.max(np.abs(params[k] - ref_params[k]))) / max(float(np.max(np.abs(ref_params[k]))), SCALE_FLOOR), k)
+        for k in ref_params
+    )
     assert worst[0] <= REL_TOL, f"{where}: {worst[1]} differs by {worst[0]:.2e} relative"
 
 
@@ -134,8 +147,9 @@ def assert_close(result, reference, where):
 def eight_device_runs(stage1, tmp_path_factory):
     """All of EIGHT_DEVICE_RUNS in one process with 8 virtual CPU devices."""
     tmp = tmp_path_factory.mktemp("prior8")
-    result = subprocess.run(_cmd(stage1, tmp, EIGHT_DEVICE_RUNS), env=_env(8), capture_output=True, text=True,
-                            timeout=1200)
+    result = subprocess.run(
+        _cmd(stage1, tmp, EIGHT_DEVICE_RUNS), env=_env(8), capture_output=True, text=True, timeout=1200
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     return [train_setup.load_result(str(tmp / f"result_{i}.npz")) for i in range(len(EIGHT_DEVICE_RUNS))]
 
@@ -163,9 +177,16 @@ def test_two_processes_equal_one(stage1, eight_device_runs, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     runs = [[[[1, 2, 1], STEPS - 1], [[1, 2, 1], 1]]]
-    procs = [subprocess.Popen(_cmd(stage1, tmp_path, runs, "--num-processes", "2", "--process-id", str(i),
-                                   "--port", str(port)),
-                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cmd(stage1, tmp_path, runs, "--num-processes", "2", "--process-id", str(i), "--port", str(port)),
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=1200) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out + err[-4000:]
@@ -174,7 +195,7 @@ def test_two_processes_equal_one(stage1, eight_device_runs, tmp_path):
     assert_close(result, eight_device_runs[0], "2 processes")
 
     # The checkpoint the two processes wrote loads in this one process, for the token coder.
-    from percov2_jax.train.prior import load_prior
+    from percov2_jax.runs.prior import load_prior
 
     _, params = load_prior(str(tmp_path / "work" / "0"))
     assert {k: v.shape for k, v in train_setup.flat(params).items()} == {k: v.shape for k, v in result[1].items()}

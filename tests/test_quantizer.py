@@ -22,12 +22,15 @@ import numpy as np
 import pytest
 import torch
 from flax.core import meta
-
-from percov2_jax.models import quantizer as vq
 from torch_reference import max_rel_error
 
+from percov2_jax.models import quantizer as vq
+
 # vector-quantize-pytorch 1.15.3 decorates with the deprecated torch.cuda.amp.autocast.
-pytestmark = pytest.mark.filterwarnings("ignore:.*torch.cuda.amp.autocast:FutureWarning")
+pytestmark = [
+    pytest.mark.parity,  # against PyTorch reference models
+    pytest.mark.filterwarnings("ignore:.*torch.cuda.amp.autocast:FutureWarning"),
+]
 
 F32_TOL = 1e-5
 TORCH_CFG = vq.QuantizerConfig(dim=320, codebook_size=16, codebook_dim=32)
@@ -58,6 +61,7 @@ def train_step_fn(module):
 
 # ---- (a) parity with vector-quantize-pytorch -------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def torch_case():
     from vector_quantize_pytorch import VectorQuantize
@@ -70,18 +74,26 @@ def torch_case():
     cb = ref._codebook
     variables = {
         "params": {
-            "project_in": {"kernel": jnp.asarray(ref.project_in.weight.detach().numpy().T),
-                           "bias": jnp.asarray(ref.project_in.bias.detach().numpy())},
-            "project_out": {"kernel": jnp.asarray(ref.project_out.weight.detach().numpy().T),
-                            "bias": jnp.asarray(ref.project_out.bias.detach().numpy())}},
-        "vq_stats": {"codebook": jnp.asarray(cb.embed[0].numpy()), "embed_avg": jnp.asarray(cb.embed_avg[0].numpy()),
-                     "cluster_size": jnp.asarray(cb.cluster_size[0].numpy())},
+            "project_in": {
+                "kernel": jnp.asarray(ref.project_in.weight.detach().numpy().T),
+                "bias": jnp.asarray(ref.project_in.bias.detach().numpy()),
+            },
+            "project_out": {
+                "kernel": jnp.asarray(ref.project_out.weight.detach().numpy().T),
+                "bias": jnp.asarray(ref.project_out.bias.detach().numpy()),
+            },
+        },
+        "vq_stats": {
+            "codebook": jnp.asarray(cb.embed[0].numpy()),
+            "embed_avg": jnp.asarray(cb.embed_avg[0].numpy()),
+            "cluster_size": jnp.asarray(cb.cluster_size[0].numpy()),
+        },
     }
     return dict(ref=ref, xs=xs, module=module, variables=variables, step=train_step_fn(module))
 
 
 def test_training_parity_with_vector_quantize_pytorch(torch_case):
-    ref, module, variables, step = torch_case["ref"], torch_case["module"], torch_case["variables"], torch_case["step"]
+    ref, variables, step = torch_case["ref"], torch_case["variables"], torch_case["step"]
     cb = ref._codebook
     for i, x in enumerate(torch_case["xs"]):
         with torch.no_grad():
@@ -122,6 +134,7 @@ def test_eval_parity_with_vector_quantize_pytorch(torch_case):
 
 # ---- (b) a hand-computed EMA step ------------------------------------------------------------------
 
+
 def test_ema_step_by_hand():
     # dim == codebook_dim: no projections, as in the reference. Codes e1, e2; decay 0.8.
     config = vq.QuantizerConfig(dim=2, codebook_size=2, codebook_dim=2)
@@ -140,11 +153,13 @@ def test_ema_step_by_hand():
     expected_avg = np.array([[1.16, 0.12], [0.12, 0.96]])
     np.testing.assert_allclose(stats["embed_avg"], expected_avg, rtol=1e-6)
     # codebook: l2norm(embed_avg / laplace-smoothed size) = l2norm(embed_avg) (a positive row scale)
-    np.testing.assert_allclose(stats["codebook"], expected_avg / np.linalg.norm(expected_avg, axis=1, keepdims=True),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        stats["codebook"], expected_avg / np.linalg.norm(expected_avg, axis=1, keepdims=True), rtol=1e-6
+    )
 
 
 # ---- (c) straight-through gradient ---------------------------------------------------------------
+
 
 def test_straight_through_gradient():
     config = vq.QuantizerConfig(dim=6, codebook_size=8, codebook_dim=3)
@@ -172,6 +187,7 @@ def test_straight_through_gradient():
 
 # ---- (d) decoding from indices ---------------------------------------------------------------------
 
+
 def test_decode_indices_equals_quantized(torch_case):
     module, variables = torch_case["module"], torch_case["variables"]
     x = torch_case["xs"][1]
@@ -191,6 +207,7 @@ def test_decode_indices_equals_quantized(torch_case):
 
 # ---- (e) usage and perplexity ----------------------------------------------------------------------
 
+
 def test_usage_and_perplexity():
     config = vq.QuantizerConfig(dim=2, codebook_size=4, codebook_dim=2)
     module, variables = init_variables(config, (1, 1, 4, 2))
@@ -200,13 +217,14 @@ def test_usage_and_perplexity():
     np.testing.assert_array_equal(out.indices, [[[0, 0, 1, 2]]])
     assert float(out.usage) == 0.75
     # p = (1/2, 1/4, 1/4, 0): entropy 1.5 ln 2, perplexity 2^1.5
-    np.testing.assert_allclose(out.perplexity, 2 ** 1.5, rtol=1e-6)
+    np.testing.assert_allclose(out.perplexity, 2**1.5, rtol=1e-6)
     assert set(out.metrics()) == {"vq_commit_loss", "vq_usage", "vq_perplexity"}
     usage, perplexity = vq.usage_and_perplexity(jnp.array([5.0, 5.0, 5.0, 5.0]))
     assert float(usage) == 1.0 and math.isclose(float(perplexity), 4.0, rel_tol=1e-6)
 
 
 # ---- (f) dead-code restarts ------------------------------------------------------------------------
+
 
 def test_dead_codes_restart_from_batch_vectors():
     eye = np.eye(3)
@@ -240,6 +258,7 @@ def test_dead_codes_restart_from_batch_vectors():
 
 
 # ---- config, collections and errors ----------------------------------------------------------------
+
 
 def test_variables_axes_and_initial_codebook():
     module = vq.CosineVectorQuantizer(vq.QuantizerConfig())

@@ -3,7 +3,7 @@
 The schedules are part of the bitstream format: encoder and decoder must rebuild identical
 groups from (name, H, W, steps). The golden tests pin exact orders; if one fails, a change
 would break old .pcv2 streams — add a new schedule id instead of changing an existing one.
-References: percov2-method.md §4.2 (checkerboard 32 + 32 at 8x8; quincunx cumulative 4, 8,
+References: docs/method.md §4.3 (checkerboard 32 + 32 at 8x8; quincunx cumulative 4, 8,
 16, 32, 64 at 8x8; M2T's QLDS and group-size rule; implicit-VAR sub-grids).
 """
 
@@ -231,9 +231,7 @@ def test_schedule_ids_round_trip_and_never_change():
 
 def test_golden_qlds_order_at_8x8():
     schedule = sch.qlds(8, 8)
-    np.testing.assert_array_equal(
-        schedule.order[:16], [36, 16, 5, 49, 38, 18, 7, 51, 32, 21, 1, 54, 34, 23, 3, 48]
-    )
+    np.testing.assert_array_equal(schedule.order[:16], [36, 16, 5, 49, 38, 18, 7, 51, 32, 21, 1, 54, 34, 23, 3, 48])
     assert [g.tolist() for g in schedule.groups[:4]] == [[36], [16], [5, 49], [38, 18, 7]]
     # The first point of R2 (n = 0) is the centre of any grid.
     for height, width in GRIDS:

@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch_reference import max_rel_error, randomize_
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from percov2_jax.convert import ConversionError, load_single_file, load_transformers_component
 from percov2_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
 from percov2_jax.models import t5 as t5_lib
-from torch_reference import max_rel_error, randomize_
+
+pytestmark = pytest.mark.parity  # against PyTorch reference models
 
 F32_TOL = 1e-5
 F64_TOL = 1e-10
@@ -33,19 +35,57 @@ VOCAB = 1000
 
 CLIP_CONFIGS = {
     # CLIP-L/14-like: quick_gelu, legacy eos_token_id=2 pooling (argmax of the ids).
-    "clip_l": dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=3,
-                   num_attention_heads=4, max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=VOCAB - 2,
-                   eos_token_id=2, pad_token_id=VOCAB - 1),
+    "clip_l": dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=37,
+        projection_dim=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        hidden_act="quick_gelu",
+        bos_token_id=VOCAB - 2,
+        eos_token_id=2,
+        pad_token_id=VOCAB - 1,
+    ),
     # bigG/14-like: gelu, pooling at the first EOS id, projection narrower than hidden.
-    "clip_g": dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=52, projection_dim=24, num_hidden_layers=3,
-                   num_attention_heads=5, max_position_embeddings=16, hidden_act="gelu", bos_token_id=VOCAB - 2,
-                   eos_token_id=VOCAB - 1, pad_token_id=0),
+    "clip_g": dict(
+        vocab_size=VOCAB,
+        hidden_size=40,
+        intermediate_size=52,
+        projection_dim=24,
+        num_hidden_layers=3,
+        num_attention_heads=5,
+        max_position_embeddings=16,
+        hidden_act="gelu",
+        bos_token_id=VOCAB - 2,
+        eos_token_id=VOCAB - 1,
+        pad_token_id=0,
+    ),
 }
 T5_CONFIGS = {
-    "t5_v1_1": dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=3, num_heads=4,
-                    feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, relative_attention_max_distance=20),
-    "t5_relu": dict(vocab_size=VOCAB, d_model=24, d_kv=6, d_ff=30, num_layers=2, num_heads=4, feed_forward_proj="relu",
-                    relative_attention_num_buckets=32, relative_attention_max_distance=128),
+    "t5_v1_1": dict(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=3,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+    ),
+    "t5_relu": dict(
+        vocab_size=VOCAB,
+        d_model=24,
+        d_kv=6,
+        d_ff=30,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="relu",
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+    ),
 }
 
 
@@ -55,7 +95,7 @@ def _ids(seed: int, batch: int = 3, length: int = 12, eos: int = VOCAB - 1):
     ids[:, 0] = VOCAB - 2  # BOS
     for b, end in enumerate([4, 8, length - 1][:batch]):
         ids[b, end] = eos
-        ids[b, end + 1:] = VOCAB - 1  # padding after the EOS
+        ids[b, end + 1 :] = VOCAB - 1  # padding after the EOS
     return ids
 
 
@@ -95,8 +135,11 @@ def test_clip_parity_float32(clip_case, with_mask):
     module, params = load_transformers_component(clip_case["folder"])
     ours = jax.jit(module.apply)({"params": params}, ids, mask)
     with torch.no_grad():
-        ref = clip_case["model"](torch.from_numpy(ids), attention_mask=None if mask is None else torch.from_numpy(mask),
-                                 output_hidden_states=True)
+        ref = clip_case["model"](
+            torch.from_numpy(ids),
+            attention_mask=None if mask is None else torch.from_numpy(mask),
+            output_hidden_states=True,
+        )
     _compare_clip(ours, ref, F32_TOL)
     # The pooled output sits at the EOS token (legacy argmax or first EOS id).
     eos = ids.argmax(-1) if clip_case["name"] == "clip_l" else (ids == VOCAB - 1).argmax(-1)
@@ -120,8 +163,11 @@ def test_t5_parity_float32(t5_case, with_mask):
     module, params = load_transformers_component(t5_case["folder"])
     ours = jax.jit(module.apply)({"params": params}, ids, mask)
     with torch.no_grad():
-        ref = t5_case["model"](torch.from_numpy(ids), attention_mask=None if mask is None else torch.from_numpy(mask),
-                               output_hidden_states=True)
+        ref = t5_case["model"](
+            torch.from_numpy(ids),
+            attention_mask=None if mask is None else torch.from_numpy(mask),
+            output_hidden_states=True,
+        )
     _compare_states(ours, ref, F32_TOL)
 
 
@@ -169,6 +215,7 @@ def test_bf16_compute_stays_close(t5_case):
 
 # ---------------------------------------------------------------- converters -----------------
 
+
 def test_tied_t5_embedding_alias(t5_case, tmp_path):
     folder = tmp_path / "t5"
     folder.mkdir()
@@ -209,19 +256,35 @@ def test_clip_strictness_and_position_ids(clip_case, tmp_path):
 def test_single_file_text_encoders_agree_with_folders(tmp_path):
     """An SD3 single file bundling CLIP-L (without projection), CLIP-G and T5 converts to the same
     params as the transformers folders (CLIP-L with an identity projection, as diffusers)."""
-    clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**{**CLIP_CONFIGS["clip_l"], "hidden_size": 64,
-                                                           "intermediate_size": 70, "projection_dim": 64,
-                                                           "num_attention_heads": 1}))
+    clip_l = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            **{
+                **CLIP_CONFIGS["clip_l"],
+                "hidden_size": 64,
+                "intermediate_size": 70,
+                "projection_dim": 64,
+                "num_attention_heads": 1,
+            }
+        )
+    )
     randomize_(clip_l, seed=73)
     with torch.no_grad():
         clip_l.text_projection.weight.copy_(torch.eye(64))
-    clip_g = randomize_(CLIPTextModelWithProjection(CLIPTextConfig(**{**CLIP_CONFIGS["clip_g"], "hidden_size": 128,
-                                                                      "num_attention_heads": 2, "eos_token_id": 2})), 74)
+    clip_g = randomize_(
+        CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                **{**CLIP_CONFIGS["clip_g"], "hidden_size": 128, "num_attention_heads": 2, "eos_token_id": 2}
+            )
+        ),
+        74,
+    )
     t5 = randomize_(T5EncoderModel(T5Config(**T5_CONFIGS["t5_v1_1"])), seed=75)
     bundle = {}
-    for name, prefix, model in [("clip_l", "text_encoders.clip_l.transformer.", clip_l),
-                                ("clip_g", "text_encoders.clip_g.transformer.", clip_g),
-                                ("t5", "text_encoders.t5xxl.transformer.", t5)]:
+    for name, prefix, model in [
+        ("clip_l", "text_encoders.clip_l.transformer.", clip_l),
+        ("clip_g", "text_encoders.clip_g.transformer.", clip_g),
+        ("t5", "text_encoders.t5xxl.transformer.", t5),
+    ]:
         model.save_pretrained(tmp_path / name)
         for k, v in model.state_dict().items():
             if prefix.endswith("clip_l.transformer.") and k == "text_projection.weight":
@@ -229,9 +292,11 @@ def test_single_file_text_encoders_agree_with_folders(tmp_path):
             bundle[prefix + k] = v.numpy()
     write_safetensors(tmp_path / "sd3_with_text.safetensors", bundle)
     # Settings the weights do not determine (heads for these non-64-wide heads, bigG's activation).
-    overrides = {"clip_l": {"num_attention_heads": 1, "eos_token_id": 2},
-                 "clip_g": {"num_attention_heads": 2, "hidden_act": "gelu"},
-                 "t5": {"relative_attention_max_distance": 20}}
+    overrides = {
+        "clip_l": {"num_attention_heads": 1, "eos_token_id": 2},
+        "clip_g": {"num_attention_heads": 2, "hidden_act": "gelu"},
+        "t5": {"relative_attention_max_distance": 20},
+    }
     single = load_single_file(tmp_path / "sd3_with_text.safetensors", config_overrides=overrides)
     assert sorted(single) == ["clip_g", "clip_l", "t5"]
     for name in ("clip_l", "clip_g", "t5"):

@@ -6,10 +6,9 @@ termination costs 0-2 bits; the rest is float rounding of the per-step sums)."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
-
-import jax
 
 from percov2_jax.entropy import coder, mim, schedules, token_coding
 
@@ -20,8 +19,10 @@ V = 16
 def prior():
     config = mim.MIMConfig(vocab_size=V, width=32, num_layers=2, num_heads=2, max_side=16, caption_dim=6)
     model = mim.MaskedTokenPrior(config)
-    params = jax.tree.map(lambda p: p * 4.0 if p.ndim == 2 else p,  # sharper than init: skewed tables
-                          __import__("flax").core.meta.unbox(mim.init_params(model, jax.random.key(0))))
+    params = jax.tree.map(
+        lambda p: p * 4.0 if p.ndim == 2 else p,  # sharper than init: skewed tables
+        __import__("flax").core.meta.unbox(mim.init_params(model, jax.random.key(0))),
+    )
     return model, params, token_coding.make_step_probabilities(model.apply)
 
 
@@ -67,6 +68,8 @@ def test_wrong_caption_or_truncation_is_detected(prior):
     schedule = schedules.make_schedule("qlds", 8, 8)
     payload, _ = token_coding.encode_with_prior(probabilities, params, tokens, schedule, caption=np.ones(6))
     with pytest.raises(coder.CodingError):
-        token_coding.decode_with_prior(probabilities, params, payload[: len(payload) // 2], schedule, caption=np.ones(6))
+        token_coding.decode_with_prior(
+            probabilities, params, payload[: len(payload) // 2], schedule, caption=np.ones(6)
+        )
     with pytest.raises(ValueError, match="do not match"):
         token_coding.encode_with_prior(probabilities, params, tokens[:4], schedule)

@@ -22,8 +22,9 @@ import sys
 
 import numpy as np
 import pytest
-
 import train_setup
+
+pytestmark = pytest.mark.integration  # trains models or runs whole jobs
 
 STEPS = 3
 REL_TOL = 1e-5
@@ -52,8 +53,10 @@ def assert_close(result, reference, where):
     ref_losses, ref_params = reference
     np.testing.assert_allclose(losses, ref_losses, rtol=REL_TOL, err_msg=where)
     assert sorted(params) == sorted(ref_params), where
-    worst = max((float(np.max(np.abs(params[k] - ref_params[k])) / max(np.max(np.abs(ref_params[k])), 1e-30)), k)
-                for k in ref_params)
+    worst = max(
+        (float(np.max(np.abs(params[k] - ref_params[k])) / max(np.max(np.abs(ref_params[k])), 1e-30)), k)
+        for k in ref_params
+    )
     assert worst[0] <= REL_TOL, f"{where}: {worst[1]} differs by {worst[0]:.2e} relative"
 
 
@@ -65,8 +68,19 @@ def _env(devices: int) -> dict:
 
 
 def _cmd(tmp_path, meshes, *extra):
-    return [sys.executable, os.path.join(HERE, "train_check.py"), "--workdir", str(tmp_path / "work"), "--meshes",
-            json.dumps(meshes), "--steps", str(STEPS), "--output", str(tmp_path / "result"), *extra]
+    return [
+        sys.executable,
+        os.path.join(HERE, "train_check.py"),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--meshes",
+        json.dumps(meshes),
+        "--steps",
+        str(STEPS),
+        "--output",
+        str(tmp_path / "result"),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -77,8 +91,7 @@ def test_eight_devices_equal_one(reference64, tmp_path):
     non-trivial mesh axes computes a wrong attention output; experiments/mesh_self_check.py
     reproduces it and checks any mesh on the user's own devices.)"""
     meshes = [[4, 2, 1], [1, 2, 4]]
-    result = subprocess.run(_cmd(tmp_path, meshes, "--x64"), env=_env(8), capture_output=True, text=True,
-                            timeout=1200)
+    result = subprocess.run(_cmd(tmp_path, meshes, "--x64"), env=_env(8), capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     for i, mesh in enumerate(meshes):
         losses, params = train_setup.load_result(str(tmp_path / f"result_{i}.npz"))
@@ -92,9 +105,16 @@ def test_two_processes_equal_one(reference64, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen(_cmd(tmp_path, [[2, 1, 1]], "--x64", "--num-processes", "2", "--process-id", str(i),
-                                   "--port", str(port)),
-                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cmd(tmp_path, [[2, 1, 1]], "--x64", "--num-processes", "2", "--process-id", str(i), "--port", str(port)),
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=1200) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out + err[-4000:]
@@ -130,7 +150,8 @@ def test_resume_equals_uninterrupted(reference, tmp_path):
 def test_interrupted_save_is_ignored(tmp_path):
     """A save killed half-way leaves orbax's temporary directory; the restart ignores it and
     resumes from the last complete step."""
-    from percov2_jax.train import checkpointing
+    from percov2_jax.runs import checkpointing
+    from percov2_jax.runs.layout import RunDir
     from percov2_jax.train.loop import Trainer
 
     config = train_setup.test_config()
@@ -146,7 +167,7 @@ def test_interrupted_save_is_ignored(tmp_path):
     partial = ckpt / "7.orbax-checkpoint-tmp-1234567890"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "_METADATA").write_text("{")
-    manager = checkpointing.make_manager(str(ckpt))
+    manager = checkpointing.make_manager(RunDir(tmp_path))
     try:
         assert manager.latest_step() == 1 and manager.all_steps() == [1]
     finally:
@@ -199,9 +220,12 @@ def test_subset_ema_and_learned_null_text(tmp_path):
         trainer.close()
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert {k for k in changed if k.startswith("transformer/")} == {
-        "transformer/pos_embed/proj/kernel", "transformer/pos_embed/proj/bias"}
+        "transformer/pos_embed/proj/kernel",
+        "transformer/pos_embed/proj/bias",
+    }
     assert any(k.startswith("hyper_encoder/") for k in changed)
     assert {"null_text/encoder_hidden_states", "null_text/pooled_projections"} <= changed
     for k in ema_after:
-        np.testing.assert_allclose(ema_after[k], 0.75 * ema_before[k] + 0.25 * after2[k], rtol=1e-6, atol=1e-7,
-                                   err_msg=k)
+        np.testing.assert_allclose(
+            ema_after[k], 0.75 * ema_before[k] + 0.25 * after2[k], rtol=1e-6, atol=1e-7, err_msg=k
+        )

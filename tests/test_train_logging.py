@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from percov2_jax import flops
 from percov2_jax.models.mmdit import SD3Transformer2DModel, SD3TransformerConfig, example_inputs
-from percov2_jax.train import flops
+from percov2_jax.runs.layout import METRICS_FILE
 from percov2_jax.train.image_grid import reconstruction_grid, save_png
-from percov2_jax.train.metrics import METRICS_FILE, MetricWriter, ProgressBar, StepTimer, read_metrics
+from percov2_jax.train.monitoring import MetricWriter, ProgressBar, StepTimer, read_metrics
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -52,8 +53,10 @@ def test_scalars_and_images_read_back_from_tensorboard(tmp_path):
     decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
     np.testing.assert_array_equal(decoded, image)  # PNG is lossless
 
-    assert read_metrics(tmp_path) == [{"step": 1, "train/loss": 0.25, "train/lr": pytest.approx(1e-4)},
-                                      {"step": 2, "train/loss": 0.125, "train/lr": 2e-4}]
+    assert read_metrics(tmp_path) == [
+        {"step": 1, "train/loss": 0.25, "train/lr": pytest.approx(1e-4)},
+        {"step": 2, "train/loss": 0.125, "train/lr": 2e-4},
+    ]
 
 
 def test_jsonl_and_tensorboard_survive_a_restart_that_repeats_steps(tmp_path):
@@ -72,8 +75,11 @@ def test_jsonl_and_tensorboard_survive_a_restart_that_repeats_steps(tmp_path):
         writer.write_scalars(4, {"eval/psnr": 24.0})
 
     assert read_metrics(tmp_path) == [
-        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0},
-        {"step": 4, "loss": 40.0, "eval/psnr": 24.0}]
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 2.0},
+        {"step": 3, "loss": 30.0},
+        {"step": 4, "loss": 40.0, "eval/psnr": 24.0},
+    ]
     lines = (tmp_path / METRICS_FILE).read_text().splitlines()
     assert json.loads(lines[-1]) == {"step": 4, "eval/psnr": 24.0}  # appended after the torn line, not glued to it
 
@@ -161,7 +167,7 @@ def test_reconstruction_grid_layout_and_values():
 
     def tile(row, col):
         top, left = pad + row * (h + pad), pad + col * (w + pad)
-        return grid[top:top + h, left:left + w]
+        return grid[top : top + h, left : left + w]
 
     assert (tile(0, 0) == 0).all() and (tile(0, 1) == 255).all() and (tile(0, 2) == 64).all()
     assert (tile(1, 0) == 255).all() and (tile(1, 1) == 0).all()
@@ -172,7 +178,7 @@ def test_reconstruction_grid_layout_and_values():
     for row in range(2):
         for col in range(n):
             top, left = pad + row * (h + pad), pad + col * (w + pad)
-            mask[top:top + h, left:left + w] = False
+            mask[top : top + h, left : left + w] = False
     assert (grid[mask] == 255).all()
 
     capped = reconstruction_grid(jnp.asarray(np.zeros((10, h, w, 3))), np.zeros((10, h, w, 3)), max_images=4, pad=0)
@@ -198,14 +204,32 @@ def _device(kind, platform="gpu"):
     return types.SimpleNamespace(device_kind=kind, platform=platform)
 
 
-@pytest.mark.parametrize("kind, peak", [
-    ("TPU v2", 22.5e12), ("TPU v3", 61.5e12), ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12),
-    ("TPU v5p", 459e12), ("TPU v6 lite", 918e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA H100 80GB HBM3", 989e12),
-    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA B200", 2250e12),
-    ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12), ("Tesla V100-SXM2-16GB", 125e12), ("Tesla V100-PCIE-32GB", 112e12),
-    ("NVIDIA L40S", None), ("TPU v7", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "kind, peak",
+    [
+        ("TPU v2", 22.5e12),
+        ("TPU v3", 61.5e12),
+        ("TPU v4", 275e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5", 459e12),
+        ("TPU v5p", 459e12),
+        ("TPU v6 lite", 918e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA B200", 2250e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA A10G", 70e12),
+        ("Tesla V100-SXM2-16GB", 125e12),
+        ("Tesla V100-PCIE-32GB", 112e12),
+        ("NVIDIA L40S", None),
+        ("TPU v7", None),
+        ("", None),
+    ],
+)
 def test_peak_flops_table(kind, peak):
     assert flops.peak_flops_per_device(_device(kind, "tpu" if kind.startswith("TPU") else "gpu")) == peak
 
@@ -241,9 +265,16 @@ def test_compiled_flops_of_a_matmul_and_the_cost_analysis_forms():
 
 
 def _tiny(num_layers=2, heads=2, head_dim=8, **kw):
-    return SD3TransformerConfig(num_layers=num_layers, attention_head_dim=head_dim, num_attention_heads=heads,
-                                caption_projection_dim=heads * head_dim, joint_attention_dim=12,
-                                pooled_projection_dim=10, pos_embed_max_size=8, **kw)
+    return SD3TransformerConfig(
+        num_layers=num_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        caption_projection_dim=heads * head_dim,
+        joint_attention_dim=12,
+        pooled_projection_dim=10,
+        pos_embed_max_size=8,
+        **kw,
+    )
 
 
 def _model_and_args(config, batch, latent_h, latent_w, text_len, scan_layers=False):
@@ -253,11 +284,14 @@ def _model_and_args(config, batch, latent_h, latent_w, text_len, scan_layers=Fal
     return model, params, args
 
 
-@pytest.mark.parametrize("config_kw, scan_layers, latent", [
-    (dict(), False, (8, 8)),
-    (dict(num_layers=5, qk_norm="rms_norm", dual_attention_layers=(0, 1)), False, (8, 12)),
-    (dict(num_layers=5, qk_norm="rms_norm", dual_attention_layers=(0, 1)), True, (8, 12)),
-])
+@pytest.mark.parametrize(
+    "config_kw, scan_layers, latent",
+    [
+        (dict(), False, (8, 8)),
+        (dict(num_layers=5, qk_norm="rms_norm", dual_attention_layers=(0, 1)), False, (8, 12)),
+        (dict(num_layers=5, qk_norm="rms_norm", dual_attention_layers=(0, 1)), True, (8, 12)),
+    ],
+)
 def test_analytic_mmdit_flops_equal_the_traced_matmuls(config_kw, scan_layers, latent):
     """Exact: the analytic count is every dot_general and conv of the model's jaxpr."""
     config = _tiny(**config_kw)
@@ -266,12 +300,15 @@ def test_analytic_mmdit_flops_equal_the_traced_matmuls(config_kw, scan_layers, l
     assert flops.mmdit_forward_flops(config, 2, *latent, 5) == traced
 
 
-@pytest.mark.parametrize("head_dim, low, high", [
-    # Measured analytic/compiled: 0.869 at D = 16 (elementwise ops, which the analytic count
-    # leaves out, are O(D) per token against the matmuls' O(D^2)); 0.961 at D = 64.
-    (8, 0.84, 0.90),
-    (32, 0.95, 0.98),
-])
+@pytest.mark.parametrize(
+    "head_dim, low, high",
+    [
+        # Measured analytic/compiled: 0.869 at D = 16 (elementwise ops, which the analytic count
+        # leaves out, are O(D) per token against the matmuls' O(D^2)); 0.961 at D = 64.
+        (8, 0.84, 0.90),
+        (32, 0.95, 0.98),
+    ],
+)
 def test_analytic_mmdit_flops_against_xla(head_dim, low, high):
     config = _tiny(head_dim=head_dim)
     model, params, args = _model_and_args(config, 2, 8, 8, 5)

@@ -14,10 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch_reference import max_rel_error, nchw, nhwc, tiny_vae
 
 from percov2_jax.convert import load_diffusers_component
 from percov2_jax.models import vae
-from torch_reference import max_rel_error, nchw, nhwc, tiny_vae
+
+pytestmark = pytest.mark.parity  # against PyTorch reference models
 
 F32_TOL = 1e-5
 F64_TOL = 1e-10
@@ -34,13 +36,22 @@ def vae_case(request, tmp_path_factory):
         post = model.encode(nchw(images)).latent_dist
         decoded = model.decode(post.mean).sample
     module, params = load_diffusers_component(folder)
-    return dict(model=model, folder=folder, images=images, mean=nhwc(post.mean), logvar=nhwc(post.logvar),
-                decoded=nhwc(decoded), module=module, params=params)
+    return dict(
+        model=model,
+        folder=folder,
+        images=images,
+        mean=nhwc(post.mean),
+        logvar=nhwc(post.logvar),
+        decoded=nhwc(decoded),
+        module=module,
+        params=params,
+    )
 
 
 def test_encode_parity(vae_case):
     mean, logvar = jax.jit(lambda p, x: vae_case["module"].apply({"params": p}, x, method="encode"))(
-        vae_case["params"], vae_case["images"])
+        vae_case["params"], vae_case["images"]
+    )
     assert mean.shape == (2, 6, 10, 16)
     assert max_rel_error(mean, vae_case["mean"]) <= F32_TOL
     assert max_rel_error(logvar, vae_case["logvar"]) <= F32_TOL
@@ -48,7 +59,8 @@ def test_encode_parity(vae_case):
 
 def test_decode_parity(vae_case):
     out = jax.jit(lambda p, z: vae_case["module"].apply({"params": p}, z, method="decode"))(
-        vae_case["params"], vae_case["mean"])
+        vae_case["params"], vae_case["mean"]
+    )
     assert out.shape == (2, 24, 40, 3)
     assert max_rel_error(out, vae_case["decoded"]) <= F32_TOL
 

@@ -131,8 +131,9 @@ def test_sequence_layout():
     np.testing.assert_array_equal(layout["col"][5:9], [0, 1, 2, 3])
     # Scale 1 reads the single 1x1 token (index 0); scale 2 the 2x2 cell under each centre (1 + r // 2 * 2 + c // 2).
     np.testing.assert_array_equal(layout["source"][:4], 0)
-    np.testing.assert_array_equal(layout["source"][4:].reshape(4, 4),
-                                  1 + np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]))
+    np.testing.assert_array_equal(
+        layout["source"][4:].reshape(4, 4), 1 + np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+    )
     centre = var.sequence_layout(((4, 4), (6, 6)))["source"].reshape(6, 6) // 4  # 4 -> 6 rows: 0 1 1 2 3 3
     np.testing.assert_array_equal(centre[:, 0], [0, 1, 1, 2, 3, 3])
     assert var.block_causal_mask(((1, 1), (2, 2))).sum() == 1 + 4 * 5
@@ -148,8 +149,15 @@ def test_config_round_trip_and_validation():
     d = config.to_dict()
     assert d["_class_name"] == "VARPrior" and d["scales"] == [1, 2, 4]
     assert var.VARConfig.from_dict(d) == config
-    for bad in (dict(scales=()), dict(scales=(2, 1)), dict(scales=(0, 1)), dict(width=33), dict(caption_dim=0),
-                dict(dropout=1.0), dict(vocab_size=1)):
+    for bad in (
+        dict(scales=()),
+        dict(scales=(2, 1)),
+        dict(scales=(0, 1)),
+        dict(width=33),
+        dict(caption_dim=0),
+        dict(dropout=1.0),
+        dict(vocab_size=1),
+    ):
         with pytest.raises(ValueError, match="invalid VARConfig"):
             var.VARConfig(**{**TINY, **bad})
     with pytest.raises(ValueError, match="unknown"):
@@ -244,14 +252,16 @@ def test_round_trip_and_code_length(sharp_params, apply, probabilities, shape, w
     assert abs(ideal - float_bits) <= 5e-3 * float_bits, (ideal, float_bits)
     if with_caption and shape == (8, 8):
         with pytest.raises(coder.CodingError):
-            var.decode_with_var(probabilities, sharp_params, payload[: len(payload) // 2], var.scale_shapes(*shape),
-                                caption=caption)
+            var.decode_with_var(
+                probabilities, sharp_params, payload[: len(payload) // 2], var.scale_shapes(*shape), caption=caption
+            )
 
 
 # --------------------------------------------------------------------------------------------
 # Training
 
 
+@pytest.mark.integration
 def test_training_reduces_bits_per_token(model, params):
     rng = np.random.RandomState(5)
     quantize = _nearest_code(rng.normal(size=(V, 4)))

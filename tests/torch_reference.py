@@ -16,18 +16,38 @@ from percov2_jax.convert import core, sd3_transformer, sd3_vae
 
 # Tiny MM-DiT configs for the three SD3 variants. Latents in the tests are 10x14 (non-square,
 # 5x7 tokens) and the 12x12 position table is cropped off-centre-by-rounding.
-SD3_BASE = dict(sample_size=16, patch_size=2, in_channels=16, attention_head_dim=8, num_attention_heads=2,
-                joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=16,
-                pos_embed_max_size=12)
+SD3_BASE = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=16,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=12,
+    caption_projection_dim=16,
+    pooled_projection_dim=10,
+    out_channels=16,
+    pos_embed_max_size=12,
+)
 SD3_VARIANTS = {
     "sd3_medium": dict(num_layers=3),
     "sd35_large": dict(num_layers=3, qk_norm="rms_norm"),
     "sd35_medium": dict(num_layers=5, qk_norm="rms_norm", dual_attention_layers=(0, 1)),
 }
-VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=2,
-                  latent_channels=16, norm_num_groups=4, sample_size=32, use_quant_conv=False,
-                  use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(8, 16, 16),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=4,
+    sample_size=32,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    shift_factor=0.0609,
+    scaling_factor=1.5305,
+)
 
 
 def randomize_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Module:
@@ -66,14 +86,15 @@ def sources_of(state_dict) -> list[core.SourceTensor]:
     return [core.SourceTensor(k, tuple(v.shape), lambda v=v: v.detach().cpu().numpy()) for k, v in state_dict.items()]
 
 
-def flax_params_from_torch(torch_module, flax_module, *flax_inputs, rules=sd3_transformer.RULES, prefix="",
-                           dtype=np.float32):
+def flax_params_from_torch(
+    torch_module, flax_module, *flax_inputs, rules=sd3_transformer.RULES, prefix="", dtype=np.float32
+):
     """Convert ``torch_module``'s state dict into ``flax_module``'s params through ``rules`` (strict).
 
     ``prefix`` is the submodule's name in the full model (``"pos_embed."``), so that the
     full-model rule table applies to a submodule's state dict.
     """
-    init = (lambda: flax_module.init(jax.random.key(0), *flax_inputs))
+    init = lambda: flax_module.init(jax.random.key(0), *flax_inputs)
     target = core.flatten_shapes(nn.meta.unbox(jax.eval_shape(init)["params"]))
     depth = len(core.flax_module_path(prefix.rstrip(".")))
     sources = sources_of({prefix + k: v for k, v in torch_module.state_dict().items()})
@@ -98,6 +119,7 @@ def max_rel_error(ours, ref) -> float:
 
 # ---- inverse renames: diffusers -> original Stability single-file names -------------------
 
+
 def sd3_to_original(state_dict: dict[str, np.ndarray], num_layers: int) -> dict[str, np.ndarray]:
     """Undo diffusers' SD3 conversion: fuse q/k/v, swap (scale, shift) back, rename to ``model.diffusion_model.*``."""
     sd = dict(state_dict)
@@ -114,18 +136,27 @@ def sd3_to_original(state_dict: dict[str, np.ndarray], num_layers: int) -> dict[
         "proj_out.": "final_layer.linear.",
     }
     block = {
-        "attn.norm_q.": "x_block.attn.ln_q.", "attn.norm_k.": "x_block.attn.ln_k.",
-        "attn.norm_added_q.": "context_block.attn.ln_q.", "attn.norm_added_k.": "context_block.attn.ln_k.",
-        "attn2.norm_q.": "x_block.attn2.ln_q.", "attn2.norm_k.": "x_block.attn2.ln_k.",
-        "attn.to_out.0.": "x_block.attn.proj.", "attn2.to_out.0.": "x_block.attn2.proj.",
+        "attn.norm_q.": "x_block.attn.ln_q.",
+        "attn.norm_k.": "x_block.attn.ln_k.",
+        "attn.norm_added_q.": "context_block.attn.ln_q.",
+        "attn.norm_added_k.": "context_block.attn.ln_k.",
+        "attn2.norm_q.": "x_block.attn2.ln_q.",
+        "attn2.norm_k.": "x_block.attn2.ln_k.",
+        "attn.to_out.0.": "x_block.attn.proj.",
+        "attn2.to_out.0.": "x_block.attn2.proj.",
         "attn.to_add_out.": "context_block.attn.proj.",
-        "norm1.linear.": "x_block.adaLN_modulation.1.", "norm1_context.linear.": "context_block.adaLN_modulation.1.",
-        "ff.net.0.proj.": "x_block.mlp.fc1.", "ff.net.2.": "x_block.mlp.fc2.",
-        "ff_context.net.0.proj.": "context_block.mlp.fc1.", "ff_context.net.2.": "context_block.mlp.fc2.",
+        "norm1.linear.": "x_block.adaLN_modulation.1.",
+        "norm1_context.linear.": "context_block.adaLN_modulation.1.",
+        "ff.net.0.proj.": "x_block.mlp.fc1.",
+        "ff.net.2.": "x_block.mlp.fc2.",
+        "ff_context.net.0.proj.": "context_block.mlp.fc1.",
+        "ff_context.net.2.": "context_block.mlp.fc2.",
     }
-    fused = {"attn.to_": ("x_block.attn.qkv.", ("to_q", "to_k", "to_v")),
-             "attn.add_": ("context_block.attn.qkv.", ("add_q_proj", "add_k_proj", "add_v_proj")),
-             "attn2.to_": ("x_block.attn2.qkv.", ("to_q", "to_k", "to_v"))}
+    fused = {
+        "attn.to_": ("x_block.attn.qkv.", ("to_q", "to_k", "to_v")),
+        "attn.add_": ("context_block.attn.qkv.", ("add_q_proj", "add_k_proj", "add_v_proj")),
+        "attn2.to_": ("x_block.attn2.qkv.", ("to_q", "to_k", "to_v")),
+    }
 
     def swap(a):
         scale, shift = np.split(a, 2, axis=0)
@@ -140,13 +171,13 @@ def sd3_to_original(state_dict: dict[str, np.ndarray], num_layers: int) -> dict[
                 if all(k in sd for k in keys):
                     out[f"joint_blocks.{i}.{target}{leaf}"] = np.concatenate([sd.pop(k) for k in keys], axis=0)
         for key in [k for k in sd if k.startswith(pre)]:
-            rest = key[len(pre):]
+            rest = key[len(pre) :]
             for src, dst in block.items():
                 if rest.startswith(src):
                     value = sd.pop(key)
                     if i == last and src == "norm1_context.linear.":
                         value = swap(value)
-                    out[f"joint_blocks.{i}.{dst}{rest[len(src):]}"] = value
+                    out[f"joint_blocks.{i}.{dst}{rest[len(src) :]}"] = value
                     break
     for key in list(sd):
         if key.startswith("norm_out.linear."):
@@ -154,7 +185,7 @@ def sd3_to_original(state_dict: dict[str, np.ndarray], num_layers: int) -> dict[
             continue
         for src, dst in simple.items():
             if key.startswith(src):
-                out[dst + key[len(src):]] = sd.pop(key)
+                out[dst + key[len(src) :]] = sd.pop(key)
                 break
     assert not sd, f"inverse SD3 renames left keys: {sorted(sd)}"
     return {sd3_transformer.PREFIX + k: v for k, v in out.items()}
@@ -166,7 +197,9 @@ def vae_to_original(state_dict: dict[str, np.ndarray], num_blocks: int) -> dict[
     out = {}
     for key, value in state_dict.items():
         new = key
-        m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", key)
+        m = re.fullmatch(
+            r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", key
+        )
         if m:
             part, name, leaf = m.groups()
             new = f"{part}.mid.attn_1.{attn[name]}.{leaf}"
@@ -175,10 +208,16 @@ def vae_to_original(state_dict: dict[str, np.ndarray], num_blocks: int) -> dict[
         else:
             new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
             new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
-            new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
-                         lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.", new)
-            new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                         lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.", new)
+            new = re.sub(
+                r"decoder\.up_blocks\.(\d+)\.resnets\.",
+                lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.",
+                new,
+            )
+            new = re.sub(
+                r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.",
+                new,
+            )
             new = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
             new = new.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
         out[sd3_vae.PREFIX + new] = value

@@ -26,8 +26,9 @@ def main():
         jax.config.update("jax_enable_x64", True)
 
     if args.num_processes > 1:
-        jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
-                                   initialization_timeout=120)
+        jax.distributed.initialize(
+            f"127.0.0.1:{args.port}", args.num_processes, args.process_id, initialization_timeout=120
+        )
     import train_setup
 
     for i, (data, fsdp, tensor) in enumerate(json.loads(args.meshes)):

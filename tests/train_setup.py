@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
@@ -16,15 +15,14 @@ def test_config(x64: bool = False):
     ``x64``: float64 params and compute (needs ``jax_enable_x64``), for the sharded-equality
     tests: in float32, Adam's per-element normalisation turns rounding noise in near-zero
     gradients into update differences that no sharding bug caused."""
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import tiny
+    from configs import tiny
 
     c = tiny.get_config()
     c.image_size = 64
     c.model.transformer = dict(c.model.transformer, num_layers=2)
     c.model.hyper_channels = 16
     c.model.hyper_out_channels = 16
-    c.text.length = 8
+    c.text.max_sequence_length = 8
     c.train.global_batch_size = 8
     c.train.num_steps = 1000
     c.optim.warmup_steps = 5
@@ -85,12 +83,11 @@ def load_result(path: str):
 
 def prior_test_config(stage1: str):
     """configs/prior_tiny.py shrunk: a 32-wide, 2-layer prior, batch 8."""
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import prior_tiny
+    from configs import prior_tiny
 
     c = prior_tiny.get_config()
     c.stage1 = stage1
-    c.batch_size = 8
+    c.train.global_batch_size = 8
     c.prior.width, c.prior.num_heads = 32, 2
     return c
 

@@ -5,7 +5,7 @@
 
 ``--captions``: a ``name<TAB>caption`` text file, a JSONL file of ``{"image", "caption"}`` or COCO
 caption annotations (see ``percov2_jax.captions.sources``). Every host writes its own shard
-(round robin over the sorted ids); training reads them with ``percov2_jax.data.text_store.TextEmbeddingStore``.
+(round robin over the sorted ids); training reads them with ``percov2_jax.text.store.TextEmbeddingStore``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from __future__ import annotations
 from absl import app, flags, logging
 
 from percov2_jax.captions.sources import load_captions
-from percov2_jax.conditioning import PromptEncoder
-from percov2_jax.data.text_store import precompute_text_embeddings
+from percov2_jax.text.prompt_encoder import PromptEncoder
+from percov2_jax.text.store import precompute_text_embeddings
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "percov2-jax checkpoint holding clip_l, clip_g (and t5) + tokenizers", required=True)
+flags.DEFINE_string(
+    "checkpoint", None, "percov2-jax checkpoint holding clip_l, clip_g (and t5) + tokenizers", required=True
+)
 flags.DEFINE_string("captions", None, "captions file (TSV, JSONL or COCO annotations)", required=True)
 flags.DEFINE_string("output", None, "directory for the ArrayRecord shards", required=True)
 flags.DEFINE_integer("batch_size", 16, "captions encoded per call")
@@ -31,10 +33,15 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    encoder = PromptEncoder.from_checkpoint(FLAGS.checkpoint, use_t5=FLAGS.t5, max_sequence_length=FLAGS.max_sequence_length,
-                                            joint_attention_dim=FLAGS.joint_attention_dim)
-    path = precompute_text_embeddings(encoder, load_captions(FLAGS.captions), FLAGS.output, batch_size=FLAGS.batch_size,
-                                      dtype=FLAGS.dtype)
+    encoder = PromptEncoder.from_checkpoint(
+        FLAGS.checkpoint,
+        use_t5=FLAGS.t5,
+        max_sequence_length=FLAGS.max_sequence_length,
+        joint_attention_dim=FLAGS.joint_attention_dim,
+    )
+    path = precompute_text_embeddings(
+        encoder, load_captions(FLAGS.captions), FLAGS.output, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype
+    )
     print(f"wrote {path}")
 
 

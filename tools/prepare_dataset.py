@@ -25,7 +25,7 @@ import io
 import os
 import tempfile
 import types
-from typing import Mapping
+from collections.abc import Mapping
 
 from PIL import Image
 
@@ -39,8 +39,9 @@ def _image_bytes(path: str, keep_jpeg: bool) -> bytes:
     pixels = read_image(path)  # decodes fully: a corrupt file raises ImageDecodeError naming it
     if keep_jpeg:
         with Image.open(path) as image:
-            plain_jpeg = (image.format == "JPEG" and image.mode == "RGB"
-                          and image.getexif().get(_EXIF_ORIENTATION, 1) == 1)
+            plain_jpeg = (
+                image.format == "JPEG" and image.mode == "RGB" and image.getexif().get(_EXIF_ORIENTATION, 1) == 1
+            )
         if plain_jpeg:
             with open(path, "rb") as f:
                 return f.read()
@@ -49,8 +50,7 @@ def _image_bytes(path: str, keep_jpeg: bool) -> bytes:
     return buffer.getvalue()
 
 
-def _builder_class(name: str, version: str, splits: Mapping[str, ImageFolderSource], keep_jpeg: bool,
-                   description: str):
+def _builder_class(name: str, version: str, splits: Mapping[str, ImageFolderSource], keep_jpeg: bool, description: str):
     import tensorflow_datasets as tfds
 
     def body(ns):
@@ -60,14 +60,18 @@ def _builder_class(name: str, version: str, splits: Mapping[str, ImageFolderSour
 
         def _info(self):
             return tfds.core.DatasetInfo(
-                builder=self, description=description,
-                features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(None, None, 3)),
-                    "caption": tfds.features.Text(),
-                    "id": tfds.features.Text(),
-                }),
+                builder=self,
+                description=description,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(None, None, 3)),
+                        "caption": tfds.features.Text(),
+                        "id": tfds.features.Text(),
+                    }
+                ),
                 # Keep the folder's sorted order; training shuffles globally anyway.
-                disable_shuffling=True)
+                disable_shuffling=True,
+            )
 
         def _split_generators(self, dl_manager):
             del dl_manager
@@ -84,10 +88,16 @@ def _builder_class(name: str, version: str, splits: Mapping[str, ImageFolderSour
     return types.new_class(class_name, (tfds.core.GeneratorBasedBuilder,), {"skip_registration": True}, body)
 
 
-def prepare(splits: Mapping[str, ImageFolderSource], output_dir: str | os.PathLike, *, name: str = "image_folder",
-            version: str = "1.0.0", keep_jpeg: bool = True, description: str = "") -> str:
+def prepare(
+    splits: Mapping[str, ImageFolderSource],
+    output_dir: str | os.PathLike,
+    *,
+    name: str = "image_folder",
+    version: str = "1.0.0",
+    keep_jpeg: bool = True,
+    description: str = "",
+) -> str:
     """Write ``splits`` (split name -> ImageFolderSource) to ``output_dir/name/version``; returns that path."""
-    import tensorflow_datasets as tfds
 
     if not splits:
         raise ValueError("no splits to write")
@@ -97,9 +107,11 @@ def prepare(splits: Mapping[str, ImageFolderSource], output_dir: str | os.PathLi
     if os.path.exists(os.path.join(final, "dataset_info.json")):
         raise FileExistsError(f"{final} already holds a prepared dataset; remove it or pick another --version")
     description = description or "Images and captions from " + ", ".join(
-        f"{split}: {source.root} ({len(source)} images)" for split, source in splits.items())
+        f"{split}: {source.root} ({len(source)} images)" for split, source in splits.items()
+    )
     builder = _builder_class(name, version, splits, keep_jpeg, description)(
-        data_dir=os.fspath(output_dir), file_format="array_record")
+        data_dir=os.fspath(output_dir), file_format="array_record"
+    )
     with tempfile.TemporaryDirectory() as downloads:
         builder.download_and_prepare(download_dir=downloads)
     return builder.data_dir
@@ -138,8 +150,10 @@ def main(argv):
         dirs[split] = directory
     if not dirs:
         raise SystemExit("give --image_dir or --split_dir SPLIT=DIR")
-    splits = {split: ImageFolderSource(directory, FLAGS.captions, require_captions=FLAGS.require_captions)
-              for split, directory in dirs.items()}
+    splits = {
+        split: ImageFolderSource(directory, FLAGS.captions, require_captions=FLAGS.require_captions)
+        for split, directory in dirs.items()
+    }
     for split, source in splits.items():
         captioned = sum(bool(c) for c in source.captions)
         print(f"{split}: {len(source)} images from {source.root}, {captioned} with captions")

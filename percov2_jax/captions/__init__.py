@@ -12,14 +12,36 @@ coder and fixed models behind ``word-ngram-v1``), `fit` (rebuilds the stored tab
 (optional BLIP-2, torch; import it explicitly).
 """
 
-from percov2_jax.captions.coders import (CODERS, DEFAULT_CODER, CaptionCoder, CaptionDecodeError, CheckedCoder,
-                                         DeflateDictCoder, WordNGramCoder, ZlibCoder, get_coder)
+from percov2_jax.captions.coders import (
+    CODERS,
+    DEFAULT_CODER,
+    CaptionCoder,
+    CaptionDecodeError,
+    CheckedCoder,
+    DeflateDictCoder,
+    WordNGramCoder,
+    ZlibCoder,
+    get_coder,
+)
 from percov2_jax.captions.policy import CaptionPolicy, CaptionTooLongError, count_words
-from percov2_jax.captions.sources import (CaptionFile, CaptionFileError, FixedCaption, image_key,
-                                          load_captions)
+from percov2_jax.captions.sources import CaptionFile, CaptionFileError, FixedCaption, image_key, load_captions
 
 __all__ = [
-    "CODERS", "DEFAULT_CODER", "CaptionCoder", "CaptionDecodeError", "CheckedCoder", "DeflateDictCoder",
-    "WordNGramCoder", "ZlibCoder", "get_coder", "CaptionPolicy", "CaptionTooLongError", "count_words",
-    "CaptionFile", "CaptionFileError", "FixedCaption", "image_key", "load_captions",
+    "CODERS",
+    "DEFAULT_CODER",
+    "CaptionCoder",
+    "CaptionDecodeError",
+    "CheckedCoder",
+    "DeflateDictCoder",
+    "WordNGramCoder",
+    "ZlibCoder",
+    "get_coder",
+    "CaptionPolicy",
+    "CaptionTooLongError",
+    "count_words",
+    "CaptionFile",
+    "CaptionFileError",
+    "FixedCaption",
+    "image_key",
+    "load_captions",
 ]

@@ -32,21 +32,29 @@ class Blip2Captioner:
       torch/transformers; ValueError if the folder does not load as a BLIP-2 model and processor.
     """
 
-    def __init__(self, path: str | os.PathLike, max_new_tokens: int = 32, device: str = "cpu",
-                 dtype: str | None = None, generate_kwargs: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        max_new_tokens: int = 32,
+        device: str = "cpu",
+        dtype: str | None = None,
+        generate_kwargs: dict[str, Any] | None = None,
+    ):
         self.path = pathlib.Path(path).expanduser()
         if not self.path.is_dir():
             raise FileNotFoundError(
                 f"BLIP-2 weights folder {str(self.path)!r} does not exist (the captioner never downloads: "
-                "give a local folder saved with save_pretrained, or supply captions instead)")
+                "give a local folder saved with save_pretrained, or supply captions instead)"
+            )
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"BLIP-2 weights folder {str(self.path)!r} has no config.json")
         try:
             import torch
             import transformers
         except ImportError as e:
-            raise ImportError(f"BLIP-2 captioning needs torch and transformers ({e}); "
-                              "install them or supply captions instead") from e
+            raise ImportError(
+                f"BLIP-2 captioning needs torch and transformers ({e}); install them or supply captions instead"
+            ) from e
         self._torch = torch
         self.max_new_tokens = int(max_new_tokens)
         self.device = device

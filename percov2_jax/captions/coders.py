@@ -16,7 +16,8 @@ The bytes are not self-delimiting: the bitstream container stores their length.
   the bytes match), which rejects nearly all trailing bytes; but a near-optimal code has almost
   no redundancy, so most truncations and many bit flips decode to another text without error
   (measured on the eval captions: 82% of truncations, 39% of single-bit flips, 7% of one-byte
-  paddings; in raw mode nothing is checked beyond UTF-8 validity). Use ``+crc8`` below, or integrity checks in the container, where that matters.
+  paddings; in raw mode nothing is checked beyond UTF-8 validity). Use ``+crc8`` below, or integrity
+  checks in the container, where that matters.
 * ``word-ngram-v1+crc8`` — ``word-ngram-v1`` plus one byte of the text's CRC-32 (`CheckedCoder`):
   one byte more, and a random corruption or truncation is rejected with probability 255/256.
 
@@ -187,7 +188,8 @@ class WordNGramCoder:
         if canonical != data:
             raise CaptionDecodeError(
                 f"{self.name}: corrupt, truncated or padded data ({len(data)} bytes are not the "
-                f"encoding of the text they decode to, which takes {len(canonical)} bytes)")
+                f"encoding of the text they decode to, which takes {len(canonical)} bytes)"
+            )
         return text
 
     def _decode_modelled(self, dec: RangeDecoder) -> str:
@@ -231,7 +233,7 @@ class CheckedCoder:
         self.name = f"{inner.name}+crc{8 * check_bytes}"
 
     def _check(self, text: str) -> bytes:
-        return zlib.crc32(_utf8(text)).to_bytes(4, "big")[-self.check_bytes:]
+        return zlib.crc32(_utf8(text)).to_bytes(4, "big")[-self.check_bytes :]
 
     def encode(self, text: str) -> bytes:
         return self.inner.encode(text) + self._check(text)
@@ -240,8 +242,8 @@ class CheckedCoder:
         data = bytes(data)
         if len(data) < self.check_bytes:
             raise CaptionDecodeError(f"{self.name}: {len(data)} bytes cannot hold the {self.check_bytes}-byte check")
-        text = self.inner.decode(data[:-self.check_bytes])
-        if self._check(text) != data[-self.check_bytes:]:
+        text = self.inner.decode(data[: -self.check_bytes])
+        if self._check(text) != data[-self.check_bytes :]:
             raise CaptionDecodeError(f"{self.name}: check value mismatch (corrupt, truncated or padded data)")
         return text
 

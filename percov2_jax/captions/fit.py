@@ -38,6 +38,7 @@ def build_deflate_dictionary(captions: list[str], max_bytes: int = 32768) -> byt
 
 def dump_models(models: dict) -> str:
     """``models`` as JSON with one line per field and per context (readable diffs)."""
+
     def compact(x) -> str:
         return json.dumps(x, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
@@ -57,8 +58,10 @@ def dump_models(models: dict) -> str:
 
 def build_assets(captions: list[str]) -> dict[pathlib.Path, bytes]:
     """The bytes of each stored table, keyed by its path, fitted on ``captions`` (list[str])."""
-    return {NGRAM_MODEL_PATH: dump_models(ngram.fit_models(captions)).encode("utf-8"),
-            DEFLATE_DICT_PATH: build_deflate_dictionary(captions)}
+    return {
+        NGRAM_MODEL_PATH: dump_models(ngram.fit_models(captions)).encode("utf-8"),
+        DEFLATE_DICT_PATH: build_deflate_dictionary(captions),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

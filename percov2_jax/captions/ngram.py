@@ -54,9 +54,14 @@ class NGramModel:
       discount: (int, int), ``D`` as a fraction; ``(0, 1)`` selects Witten-Bell.
     """
 
-    def __init__(self, symbols: Sequence[str], unigram: Sequence[int],
-                 contexts: dict[tuple[str, ...], dict[str, int]], order: int,
-                 discount: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        symbols: Sequence[str],
+        unigram: Sequence[int],
+        contexts: dict[tuple[str, ...], dict[str, int]],
+        order: int,
+        discount: tuple[int, int] = (0, 1),
+    ):
         if len(symbols) != len(unigram) or min(unigram) < 1:
             raise ValueError("need one positive unigram weight per symbol")
         if len(set(symbols)) != len(symbols):
@@ -110,24 +115,34 @@ class NGramModel:
         return self.cumulative(self.used_history(history))
 
     def to_json(self) -> dict:
-        return {"symbols": list(self.symbols), "unigram": list(self.unigram), "order": self.order,
-                "discount": list(self.discount),
-                "contexts": [[list(h), dict(sorted(c.items()))] for h, c in sorted(self.contexts.items())]}
+        return {
+            "symbols": list(self.symbols),
+            "unigram": list(self.unigram),
+            "order": self.order,
+            "discount": list(self.discount),
+            "contexts": [[list(h), dict(sorted(c.items()))] for h, c in sorted(self.contexts.items())],
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> NGramModel:
-        return cls(data["symbols"], data["unigram"], {tuple(h): c for h, c in data["contexts"]}, data["order"],
-                   tuple(data["discount"]))
+        return cls(
+            data["symbols"],
+            data["unigram"],
+            {tuple(h): c for h, c in data["contexts"]},
+            data["order"],
+            tuple(data["discount"]),
+        )
 
 
-def _count_contexts(sequences: Iterable[Sequence[str]], order: int, start: str,
-                    end: str) -> dict[tuple[str, ...], collections.Counter]:
+def _count_contexts(
+    sequences: Iterable[Sequence[str]], order: int, start: str, end: str
+) -> dict[tuple[str, ...], collections.Counter]:
     contexts: dict[tuple[str, ...], collections.Counter] = collections.defaultdict(collections.Counter)
     for seq in sequences:
         padded = [start] * order + list(seq)
         for i, symbol in enumerate([*seq, end]):
             for k in range(1, order + 1):
-                contexts[tuple(padded[order + i - k:order + i])][symbol] += 1
+                contexts[tuple(padded[order + i - k : order + i])][symbol] += 1
     return contexts
 
 

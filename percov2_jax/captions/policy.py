@@ -44,8 +44,9 @@ class CaptionPolicy:
     count_tokens: Callable[[str], int] | None = None
 
     def __post_init__(self):
-        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 1):
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
             raise ValueError(f"max_tokens must be a positive int or None, got {self.max_tokens!r}")
         if self.on_overflow not in ("error", "truncate"):
             raise ValueError(f"on_overflow must be 'error' or 'truncate', got {self.on_overflow!r}")
@@ -64,19 +65,20 @@ class CaptionPolicy:
         if self.on_overflow == "error":
             raise CaptionTooLongError(
                 f"caption has {n} tokens, more than the cap of {self.max_tokens} "
-                f"(use on_overflow='truncate' or a larger max_tokens): {text[:80]!r}")
+                f"(use on_overflow='truncate' or a larger max_tokens): {text[:80]!r}"
+            )
         ends = [m.end() for m in _WORD.finditer(text)]
         if self.count_tokens is None:
-            return text[:ends[self.max_tokens - 1]]
+            return text[: ends[self.max_tokens - 1]]
         # A custom count need not be additive over words: binary search for the longest word
         # prefix that fits (assumes the count never decreases as words are added).
-        if ends and self.count(text[:ends[-1]]) <= self.max_tokens:
-            return text[:ends[-1]]
+        if ends and self.count(text[: ends[-1]]) <= self.max_tokens:
+            return text[: ends[-1]]
         lo, hi = 0, len(ends)  # the prefix of `lo` words fits (0 words: ""), of `hi` words not
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self.count(text[:ends[mid - 1]]) <= self.max_tokens:
+            if self.count(text[: ends[mid - 1]]) <= self.max_tokens:
                 lo = mid
             else:
                 hi = mid
-        return text[:ends[lo - 1]] if lo else ""
+        return text[: ends[lo - 1]] if lo else ""

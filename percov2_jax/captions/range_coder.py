@@ -143,4 +143,5 @@ class RangeDecoder:
             self._shifts += 1
         if _info_bits(self._shifts, self._range) > self._max_info:
             raise RangeDecodeError(
-                f"decoded more information than {len(self._data)} bytes can hold without an end symbol")
+                f"decoded more information than {len(self._data)} bytes can hold without an end symbol"
+            )

@@ -7,7 +7,8 @@ Caption files (UTF-8), detected by `load_captions`:
 * **COCO** — a ground-truth captions file (``captions_train2017.json`` format): ``images``
   with ``id``/``file_name``, ``annotations`` with ``id``/``image_id``/``caption``. An image
   gets the caption of its annotation with the smallest annotation ``id``; images without
-  annotations get none.
+  annotations get none. `read_coco_captions` (`coco_captions` for parsed JSON) gives every
+  caption of every image instead.
 
 Blank lines are skipped. Captions are stripped of leading and trailing whitespace (the inner
 whitespace is kept). Images are keyed by their *file name with extension and without
@@ -22,6 +23,8 @@ import json
 import os
 import pathlib
 import re
+from collections.abc import Mapping
+from typing import Any
 
 FORMATS = ("auto", "tsv", "jsonl", "coco")
 
@@ -43,14 +46,19 @@ def _stem(key: str) -> str:
 
 
 def detect_format(text: str) -> str:
-    """"coco", "jsonl" or "tsv" for the contents ``text`` (str) of a caption file."""
+    """ "coco", "jsonl" or "tsv" for the contents ``text`` (str) of a caption file."""
     if not text.lstrip().startswith("{"):
         return "tsv"
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         return "jsonl"
-    return "coco" if isinstance(data, dict) and "annotations" in data and "images" in data else "jsonl"
+    return "coco" if is_coco(data) else "jsonl"
+
+
+def is_coco(data: Any) -> bool:
+    """Whether parsed JSON ``data`` is COCO caption annotations: an object with ``images`` and ``annotations``."""
+    return isinstance(data, dict) and "images" in data and "annotations" in data
 
 
 class _Collector:
@@ -68,7 +76,8 @@ class _Collector:
         if key in self.captions and self.captions[key] != caption:
             raise CaptionFileError(
                 f"{self.path}: image {key!r} has two different captions: {self.origin[key]}: "
-                f"{self.captions[key]!r} and {where}: {caption!r}")
+                f"{self.captions[key]!r} and {where}: {caption!r}"
+            )
         self.captions.setdefault(key, caption)
         self.origin.setdefault(key, where)
 
@@ -82,7 +91,9 @@ def _lines(text: str):
 def _parse_tsv(text: str, out: _Collector) -> None:
     for number, line in _lines(text):
         if "\t" not in line:
-            raise CaptionFileError(f"{out.path}: line {number}: expected 'name<TAB>caption', found no tab: {line[:80]!r}")
+            raise CaptionFileError(
+                f"{out.path}: line {number}: expected 'name<TAB>caption', found no tab: {line[:80]!r}"
+            )
         name, caption = line.split("\t", 1)
         out.add(name, caption, f"line {number}")
 
@@ -95,28 +106,82 @@ def _parse_jsonl(text: str, out: _Collector) -> None:
             raise CaptionFileError(f"{out.path}: line {number}: not JSON ({e.msg}): {line[:80]!r}") from None
         if not isinstance(record, dict) or "image" not in record or "caption" not in record:
             raise CaptionFileError(
-                f"{out.path}: line {number}: expected an object with 'image' and 'caption', got {line[:80]!r}")
+                f"{out.path}: line {number}: expected an object with 'image' and 'caption', got {line[:80]!r}"
+            )
         out.add(record["image"], record["caption"], f"line {number}")
 
 
+def _coco_images(data: Any, origin: str) -> list[tuple[Any, list[tuple[int, Mapping]]]]:
+    """Parsed COCO caption annotations -> ``[(file_name, [(index in annotations, annotation), ...])]``,
+    one entry per image; images and each image's annotations in file order.
+
+    Raises CaptionFileError naming ``origin`` for a repeated image id, an annotation of an unknown
+    image, or a missing field."""
+    try:
+        images: dict[Any, tuple[Any, list]] = {}
+        for i, image in enumerate(data["images"]):
+            if image["id"] in images:
+                raise CaptionFileError(f"{origin}: images[{i}]: image id {image['id']!r} listed twice")
+            images[image["id"]] = (image["file_name"], [])
+        for i, ann in enumerate(data["annotations"]):
+            if ann["image_id"] not in images:
+                raise CaptionFileError(f"{origin}: annotations[{i}]: unknown image_id {ann['image_id']!r}")
+            images[ann["image_id"]][1].append((i, ann))
+    except (KeyError, TypeError) as e:
+        raise CaptionFileError(f"{origin}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    return list(images.values())
+
+
+def coco_captions(data: Any, origin: str) -> dict[str, list[str]]:
+    """Every caption of parsed COCO caption annotations ``data`` (``origin`` names it in errors).
+
+    Returns:
+      dict[str, list[str]]: image key (`image_key` of ``file_name``) -> its captions, stripped,
+      in the order of ``annotations``; images without annotations map to [].
+    Raises:
+      CaptionFileError for malformed contents, a non-string caption, or one file name listed
+      under two image ids.
+    """
+    table: dict[str, list[str]] = {}
+    for name, image_annotations in _coco_images(data, origin):
+        key = image_key(name)
+        if key in table:
+            raise CaptionFileError(f"{origin}: file name {key!r} is listed under several image ids")
+        table[key] = []
+        for i, ann in image_annotations:
+            if "caption" not in ann:
+                raise CaptionFileError(f"{origin}: not a COCO captions file (KeyError: 'caption')")
+            if not isinstance(ann["caption"], str):
+                raise CaptionFileError(f"{origin}: annotations[{i}]: caption is not a string: {ann['caption']!r}")
+            table[key].append(ann["caption"].strip())
+    return table
+
+
+def read_coco_captions(path: str | os.PathLike) -> dict[str, list[str]]:
+    """`coco_captions` of a COCO captions file (``captions_train2017.json``): every caption per image key.
+
+    Raises CaptionFileError (a ValueError) naming the file for malformed or contradictory contents.
+    """
+    path = pathlib.Path(path)
+    return coco_captions(json.loads(path.read_text(encoding="utf-8-sig")), str(path))
+
+
 def _parse_coco(text: str, out: _Collector) -> None:
+    """Each image's caption of smallest annotation id, added in the order of those annotations."""
     try:
         data = json.loads(text)
-        names = {}
-        for i, image in enumerate(data["images"]):
-            if image["id"] in names:
-                raise CaptionFileError(f"{out.path}: images[{i}]: image id {image['id']!r} listed twice")
-            names[image["id"]] = image["file_name"]
-        first: dict = {}  # image id -> (annotation id, caption, index)
-        for i, ann in enumerate(data["annotations"]):
-            if ann["image_id"] not in names:
-                raise CaptionFileError(f"{out.path}: annotations[{i}]: unknown image_id {ann['image_id']!r}")
-            if ann["image_id"] not in first or ann["id"] < first[ann["image_id"]][0]:
-                first[ann["image_id"]] = (ann["id"], ann["caption"], i)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except json.JSONDecodeError as e:
+        raise CaptionFileError(f"{out.path}: not a COCO captions file (JSONDecodeError: {e})") from None
+    chosen = []  # (index in annotations, file name, annotation id, caption)
+    try:
+        for name, image_annotations in _coco_images(data, out.path):
+            if image_annotations:
+                i, ann = min(image_annotations, key=lambda indexed: indexed[1]["id"])
+                chosen.append((i, name, ann["id"], ann["caption"]))
+    except (KeyError, TypeError) as e:
         raise CaptionFileError(f"{out.path}: not a COCO captions file ({type(e).__name__}: {e})") from None
-    for image_id, (ann_id, caption, i) in sorted(first.items(), key=lambda kv: kv[1][2]):
-        out.add(names[image_id], caption, f"annotations[{i}] (id {ann_id})")
+    for i, name, ann_id, caption in sorted(chosen, key=lambda c: c[0]):
+        out.add(name, caption, f"annotations[{i}] (id {ann_id})")
 
 
 def load_captions(path: str | os.PathLike, format: str = "auto") -> dict[str, str]:

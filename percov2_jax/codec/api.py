@@ -8,7 +8,7 @@
 
 Encoder: image -> RGB (EXIF orientation applied) -> coded size, multiples of 64 (``pad``: edge
 padding, cropped off on decode; ``resize``: bicubic to the nearest multiples, resized back on
-decode) -> latent codec -> hyper-encoder -> VQ indices -> token payload (`token_codec`: uniform,
+decode) -> latent codec -> hyper-encoder -> VQ indices -> token payload (`token_payload`: uniform,
 or range-coded with the stage-2 prior along a schedule, optionally hybrid); the caption is coded
 by a caption coder; `bitstream.pack` wraps both.
 Decoder: payload -> indices (completing hybrid streams with the prior) -> VQ features -> Euler
@@ -22,6 +22,7 @@ prior carries an id that also covers the prior's config and weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -29,18 +30,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 
-from percov2_jax import flow, rates
-from percov2_jax.codec import bitstream, token_codec
-from percov2_jax.codec.token_codec import TokenCoding, TokenPrior
+from percov2_jax import rates, sharding
+from percov2_jax.codec import bitstream, networks, token_payload
+from percov2_jax.codec.token_payload import TokenCoding, TokenPrior
+from percov2_jax.data.sources import array_to_rgb, to_rgb
 from percov2_jax.entropy import schedules
-from percov2_jax.sharding import activation_constraints, constrain_batch
+from percov2_jax.runs import prior as prior_runs
+from percov2_jax.runs.layout import RunDir
+from percov2_jax.runs.stage1 import load_stage1
 
 RESIZE_POLICIES = ("pad", "resize")
-PRIOR_SUBDIR = "prior"  # where `from_workdir` looks for the stage-2 run by default
 
 
 @dataclasses.dataclass
@@ -58,8 +60,10 @@ class Codec:
     text: Any
     model_id: int
     prior: TokenPrior | None = None
+    null_text: Any = None  # the unconditional caption ([1, L, D], [1, P]); None: the model's learned one
     sample_steps: int = 20
     guidance_scale: float = 3.0
+    shift: float = 3.0  # the sampler's sigma shift (the run's flow.shift)
     seed: int = 0
     coding: TokenCoding | None = None
     resize_policy: str = "pad"
@@ -72,64 +76,67 @@ class Codec:
             raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {self.resize_policy!r}")
         if self.prior is not None:
             if self.prior.model.config.vocab_size != self.rate.codebook_size:
-                raise ValueError(f"the prior codes {self.prior.model.config.vocab_size} symbols but rate "
-                                 f"{self.config.rate!r} has V={self.rate.codebook_size}")
+                raise ValueError(
+                    f"the prior codes {self.prior.model.config.vocab_size} symbols but rate "
+                    f"{self.config.rate!r} has V={self.rate.codebook_size}"
+                )
             if self.prior.conditioned and self.prior.model.config.caption_dim != self._pooled_dim:
-                raise ValueError(f"the prior takes {self.prior.model.config.caption_dim}-d captions but the "
-                                 f"text encoder gives {self._pooled_dim}")
+                raise ValueError(
+                    f"the prior takes {self.prior.model.config.caption_dim}-d captions but the "
+                    f"text encoder gives {self._pooled_dim}"
+                )
 
     @classmethod
-    def from_workdir(cls, workdir: str, step: int | None = None, *, prior: str | bool | None = None,
-                     prior_step: int | None = None, mesh=None, **options) -> "Codec":
+    def from_workdir(
+        cls,
+        workdir: str | os.PathLike | RunDir,
+        step: int | None = None,
+        *,
+        prior: str | os.PathLike | bool | None = None,
+        prior_step: int | None = None,
+        mesh=None,
+        **options,
+    ) -> Codec:
         """Load the latest (or ``step``) checkpoint of a stage-1 training run on this process's
         first local device, or on ``mesh`` (a ``(data, fsdp, tensor)`` mesh of this process's
         devices, from `percov2_jax.sharding.make_mesh`): parameters are placed by the logical-axis
         rule table and `compress_batch` / `decompress_batch` split their batch over
         ``(data, fsdp)``.
 
-        ``prior``: a stage-2 workdir (``python -m percov2_jax.train_prior``); None loads
-        ``WORKDIR/prior`` when it holds a checkpoint; False loads none (uniform coding only).
+        ``prior``: a stage-2 workdir (``python -m percov2_jax.train_prior``); None loads the
+        run's ``prior/`` when it holds a checkpoint; False loads none (uniform coding only).
         ``options``: dataclass fields (``sample_steps``, ``guidance_scale``, ``coding`` ...).
         """
-        from percov2_jax import sharding as sharding_lib
-        from percov2_jax.train import checkpointing, components
-        from percov2_jax.train.state import build_state_spec, replicate
-        from percov2_jax.train.text import build_text_conditioner
-
-        directory = os.path.join(workdir, "checkpoints")
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"{workdir}: no checkpoints/ folder (is it a stage-1 training workdir?)")
-        config = ml_collections.ConfigDict(checkpointing.read_config(directory, step))
-        if mesh is None:
-            mesh = sharding_lib.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
-        elif not all(d.process_index == jax.process_index() for d in mesh.devices.flat):
-            raise ValueError("Codec mesh must hold only this process's devices (the codec runs per process)")
-        rate = components.validate_config(config, process_count=1)
-        model = components.build_model(config, rate)
-        text = build_text_conditioner(config.text, model.config.transformer, config.pretrained.checkpoint)
-        if config.vae.kind == "patch_pca" and not os.path.exists(os.path.join(workdir, "patch_autoencoder.npz")):
-            raise FileNotFoundError(f"{workdir}: patch_autoencoder.npz (the run's latent codec) is missing")
-        latent_codec, vae_params = components.build_latent_codec(config, None, workdir, mesh=mesh)
-        text_length = int(np.asarray(text.null_embeddings()[0]).shape[1])
-        spec = build_state_spec(model, components.init_inputs(model, rate, text_length), config.optim, mesh,
-                                ema=float(config.optim.ema_decay) > 0)
-        manager = checkpointing.make_manager(directory, async_save=False)
-        try:
-            _, state = checkpointing.restore(manager, spec.abstract, spec.shardings, None, step)
-        finally:
-            manager.close()
-        params = state.ema_params if state.ema_params is not None else state.params
-        model_id = model_fingerprint(config, state.vq_stats)
+        run = RunDir(workdir)
+        stage1 = load_stage1(run, step, mesh=mesh)
+        config = stage1.config
+        model_id = model_fingerprint(config, stage1.vq_stats)
         token_prior = None
-        if prior is None and has_prior(os.path.join(workdir, PRIOR_SUBDIR)):
-            prior = os.path.join(workdir, PRIOR_SUBDIR)
+        if prior is None and run.prior.has_checkpoint():
+            prior = run.prior
         if prior:
-            token_prior = load_token_prior(str(prior), prior_step, expected_stage1_id=model_id)
-        sample = config.sample
-        fields = dict(sample_steps=int(sample.num_steps), guidance_scale=float(sample.guidance_scale))
+            token_prior = load_token_prior(prior, prior_step, expected_stage1_id=model_id)
+        null_text = None if config.model.learned_null_text else stage1.text.null_embeddings()
+        fields = dict(
+            sample_steps=int(config.sample.num_steps),
+            guidance_scale=float(config.sample.guidance_scale),
+            shift=float(config.flow.shift),
+        )
         fields.update(options)
-        return cls(config, model, params, state.vq_stats, latent_codec, replicate(vae_params, mesh), text, model_id,
-                   token_prior, mesh=mesh, **fields)
+        return cls(
+            config,
+            stage1.model,
+            stage1.params,
+            stage1.vq_stats,
+            stage1.latent_codec,
+            stage1.latent_codec_params,
+            stage1.text,
+            model_id,
+            token_prior,
+            null_text=null_text,
+            mesh=stage1.mesh,
+            **fields,
+        )
 
     @property
     def rate(self) -> rates.BitRate:
@@ -164,7 +171,7 @@ class Codec:
         policy = resize_policy or self.resize_policy
         if policy not in RESIZE_POLICIES:
             raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {policy!r}")
-        pixels = _rgb(image)
+        pixels = to_rgb(image) if isinstance(image, Image.Image) else array_to_rgb(np.asarray(image))
         h, w = pixels.shape[:2]
         if max(h, w) > bitstream.MAX_SIDE:
             raise ValueError(f"image {w}x{h} is larger than the format's {bitstream.MAX_SIDE} px per side")
@@ -173,8 +180,10 @@ class Codec:
             policy = None
         ch, cw = bitstream.coded_size(h, w, policy)
         if max(ch, cw) > self.max_side:
-            raise ValueError(f"image {w}x{h} is coded at {cw}x{ch}, beyond this model's {self.max_side} px per side "
-                             "(its position table); downscale it first")
+            raise ValueError(
+                f"image {w}x{h} is coded at {cw}x{ch}, beyond this model's {self.max_side} px per side "
+                "(its position table); downscale it first"
+            )
         if policy == "resize":
             pixels = np.asarray(Image.fromarray(pixels).resize((cw, ch), Image.Resampling.BICUBIC))
         elif policy == "pad":
@@ -194,16 +203,16 @@ class Codec:
         if len(shapes) != 1:
             raise ValueError(f"tokens_batch needs images of one coded size, got {shapes}; group them by size")
         x = np.stack([c[0] for c in coded]).astype(np.float32) / 127.5 - 1.0
-        with activation_constraints(self.mesh):
-            indices = _encode(self.model, self.latent_codec, self.params, self.vq_stats, self.vae_params,
-                              self._shard_batch(x))
+        with sharding.activation_constraints(self.mesh):
+            indices = networks.encode_tokens(
+                self.model,
+                self.latent_codec,
+                self.params,
+                self.vq_stats,
+                self.vae_params,
+                sharding.place_padded_batch(x, self.mesh),
+            )
         return np.asarray(indices)[: len(coded)], [c[1] for c in coded], [c[2] for c in coded]
-
-    def _shard_batch(self, x: np.ndarray):
-        """Pad the batch to the mesh's batch axes and place it (`train.state.place_padded_batch`)."""
-        from percov2_jax.train.state import place_padded_batch
-
-        return place_padded_batch(x, self.mesh)
 
     def caption_embedding(self, caption: str) -> np.ndarray | None:
         """The prior's caption input: the pooled text embedding ``[P]`` float32 (None if unconditioned)."""
@@ -211,40 +220,76 @@ class Codec:
             return None
         return np.asarray(self.text([caption])[1], np.float32)[0]
 
-    def compress(self, image, caption: str = "", caption_coder: str = "zlib", *, resize_policy: str | None = None,
-                 **coding) -> bytes:
+    def compress(
+        self, image, caption: str = "", caption_coder: str = "zlib", *, resize_policy: str | None = None, **coding
+    ) -> bytes:
         """One image to a .pcv2 byte string. ``coding``: `TokenCoding` fields overriding
         ``self.coding`` (``entropy_mode``, ``schedule``, ``steps``, ``hybrid_groups``,
         ``temperature``, ``seed``)."""
         return self.compress_batch([image], [caption], caption_coder, resize_policy=resize_policy, **coding)[0]
 
-    def compress_batch(self, images, captions, caption_coder: str = "zlib", *, resize_policy: str | None = None,
-                       **coding) -> list[bytes]:
+    def compress_batch(
+        self, images, captions, caption_coder: str = "zlib", *, resize_policy: str | None = None, **coding
+    ) -> list[bytes]:
         """Images of one coded size -> .pcv2 byte strings, each equal to `compress` of that image:
         the encoder runs once on the batch; the token payloads are coded one by one."""
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
         options = dataclasses.replace(self.coding, **coding)
         indices, sizes, policies = self.tokens_batch(images, resize_policy)
-        return [self._pack(i, size, policy, caption, caption_coder, options)
-                for i, size, policy, caption in zip(indices, sizes, policies, captions)]
+        return [
+            self.pack(i, size, policy, caption, caption_coder, options)
+            for i, size, policy, caption in zip(indices, sizes, policies, captions)
+        ]
 
-    def _pack(self, indices, size, policy, caption, caption_coder, options: TokenCoding) -> bytes:
+    def pack(
+        self,
+        indices: np.ndarray,
+        size: tuple[int, int],
+        policy: str | None,
+        caption: str,
+        caption_coder: str,
+        coding: TokenCoding,
+    ) -> bytes:
+        """One image's token map ``[h, w]`` and caption -> a .pcv2 byte string (``size``: the original
+        ``(H, W)``; ``policy``: the resize policy applied, None when none was)."""
         from percov2_jax.captions import get_coder
 
-        h, w = size
-        payload = token_codec.encode(indices, self.rate.codebook_size, options, self.prior,
-                                     self.caption_embedding(caption) if options.needs_prior else None)
-        fields = {}
-        if options.has_schedule:
-            schedule = token_codec.build_schedule(options, *indices.shape)
-            fields = dict(schedule_id=schedules.schedule_id(options.schedule), steps=schedule.num_steps,
-                          hybrid_groups=options.hybrid_groups, temperature=options.temperature, seed=options.seed)
-        header = bitstream.StreamHeader(
-            model_id=self.prior_model_id if options.needs_prior else self.model_id, height=h, width=w,
-            rate=self.config.rate, entropy_mode=options.entropy_mode, resize_policy=policy,
-            caption_coder=caption_coder, **fields)
+        payload = token_payload.encode(
+            indices,
+            self.rate.codebook_size,
+            coding,
+            self.prior,
+            self.caption_embedding(caption) if coding.needs_prior else None,
+        )
+        header = self.stream_header(indices.shape, size, policy, caption_coder, coding)
         return bitstream.pack(bitstream.CompressedImage(header, get_coder(caption_coder).encode(caption), payload))
+
+    def stream_header(
+        self, grid: tuple[int, int], size: tuple[int, int], policy: str | None, caption_coder: str, coding: TokenCoding
+    ) -> bitstream.StreamHeader:
+        """The header of the stream of a ``grid`` token map coded with ``coding``."""
+        fields = {}
+        if coding.has_schedule:
+            schedule = token_payload.build_schedule(coding, *grid)
+            fields = dict(
+                schedule_id=schedules.schedule_id(coding.schedule),
+                steps=schedule.num_steps,
+                hybrid_groups=coding.hybrid_groups,
+                temperature=coding.temperature,
+                seed=coding.seed,
+            )
+        h, w = size
+        return bitstream.StreamHeader(
+            model_id=self.prior_model_id if coding.needs_prior else self.model_id,
+            height=h,
+            width=w,
+            rate=self.config.rate,
+            entropy_mode=coding.entropy_mode,
+            resize_policy=policy,
+            caption_coder=caption_coder,
+            **fields,
+        )
 
     # ------------------------------------------------------------------ decoder
 
@@ -253,18 +298,24 @@ class Codec:
         stream is corrupt, made by another model or needs a prior this codec lacks."""
         stream = bitstream.unpack(data)
         header = stream.header
-        coding = _coding_of(header)
-        token_codec.require_prior(coding, self.prior)  # before the model id: say why, not just "other model"
+        coding = TokenCoding.of_header(header)
+        token_payload.require_prior(coding, self.prior)  # before the model id: say why, not just "other model"
         expected = self.prior_model_id if coding.needs_prior else self.model_id
         if header.model_id != expected:
-            raise bitstream.BitstreamError("model", f"stream made by model {header.model_id:06x}, this codec is "
-                                                    f"{expected:06x} (another checkpoint, rate or prior)")
+            raise bitstream.BitstreamError(
+                "model",
+                f"stream made by model {header.model_id:06x}, this codec is "
+                f"{expected:06x} (another checkpoint, rate or prior)",
+            )
         if header.rate != self.config.rate:
-            raise bitstream.BitstreamError("field", f"stream rate {header.rate!r} but the model codes {self.config.rate!r}")
+            raise bitstream.BitstreamError(
+                "field", f"stream rate {header.rate!r} but the model codes {self.config.rate!r}"
+            )
         caption = stream.caption()
         embedding = self.caption_embedding(caption) if coding.needs_prior else None
-        indices = token_codec.decode(stream.token_bytes, header.token_grid, self.rate.codebook_size, coding,
-                                     self.prior, embedding)
+        indices = token_payload.decode(
+            stream.token_bytes, header.token_grid, self.rate.codebook_size, coding, self.prior, embedding
+        )
         return indices, stream
 
     def decompress(self, data: bytes, *, seed: int | None = None) -> np.ndarray:
@@ -281,106 +332,57 @@ class Codec:
             raise ValueError(f"decompress_batch needs streams of one token grid, got {grids}; group them by size")
         indices = np.stack([i for i, _ in decoded])
         seq, pooled = self.text([stream.caption() for _, stream in decoded])
-        null_seq, null_pooled = self.text.null_embeddings()
-        key = jax.random.key(self.seed if seed is None else seed)
-        with activation_constraints(self.mesh):
-            image = _decode(self.model, self.latent_codec, self.params, self.vq_stats, self.vae_params,
-                            self._shard_batch(indices), self._shard_batch(np.asarray(seq)),
-                            self._shard_batch(np.asarray(pooled)), jnp.asarray(null_seq), jnp.asarray(null_pooled),
-                            key, self.sample_steps, float(self.guidance_scale))
+        null_text = None if self.null_text is None else tuple(jnp.asarray(x) for x in self.null_text)
+        key_data = jax.random.key_data(jax.random.key(self.seed if seed is None else seed))
+        place = functools.partial(sharding.place_padded_batch, mesh=self.mesh)
+        with sharding.activation_constraints(self.mesh):
+            image = networks.decode_tokens(
+                self.model,
+                self.latent_codec,
+                self.params,
+                self.vq_stats,
+                self.vae_params,
+                place(indices),
+                place(np.asarray(seq)),
+                place(np.asarray(pooled)),
+                null_text,
+                key_data,
+                int(self.sample_steps),
+                float(self.guidance_scale),
+                float(self.shift),
+            )
         pixels = np.asarray(jnp.clip((image + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8))
-        return [_restore_size(p, stream.header) for p, (_, stream) in zip(pixels, decoded)]
+        return [restore_size(p, stream.header) for p, (_, stream) in zip(pixels, decoded)]
 
 
-def _restore_size(pixels: np.ndarray, header: bitstream.StreamHeader) -> np.ndarray:
+def restore_size(pixels: np.ndarray, header: bitstream.StreamHeader) -> np.ndarray:
     """The decoded coded-size picture -> the original size (undo the stream's resize policy)."""
     if header.resize_policy == "resize":
         return np.asarray(Image.fromarray(pixels).resize((header.width, header.height), Image.Resampling.BICUBIC))
     return pixels[: header.height, : header.width]
 
 
-def _coding_of(header: bitstream.StreamHeader) -> TokenCoding:
-    if not header.has_schedule:
-        return TokenCoding(entropy_mode=header.entropy_mode)
-    try:
-        name = schedules.schedule_from_id(header.schedule_id)
-    except ValueError as e:
-        raise bitstream.BitstreamError("field", str(e)) from None
-    return TokenCoding(entropy_mode=header.entropy_mode, schedule=name, steps=header.steps,
-                       hybrid_groups=header.hybrid_groups, temperature=header.temperature or 0.0,
-                       seed=header.seed or 0)
-
-
-def has_prior(workdir: str) -> bool:
-    """Whether ``workdir`` holds a stage-2 checkpoint."""
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
-
-
-def load_token_prior(workdir: str, step: int | None = None, expected_stage1_id: int | None = None) -> TokenPrior:
+def load_token_prior(
+    workdir: str | os.PathLike | RunDir, step: int | None = None, expected_stage1_id: int | None = None
+) -> TokenPrior:
     """A stage-2 prior; refuses one trained on another stage-1 model's tokens."""
-    from percov2_jax.train.prior import read_prior_meta
-
-    meta = read_prior_meta(workdir, step)
-    trained_on = meta.get("stage1_model_id")
-    if expected_stage1_id is not None and trained_on is not None and trained_on != expected_stage1_id:
-        raise ValueError(f"the prior in {workdir} was trained on the tokens of stage-1 model {trained_on:06x}, "
-                         f"not {expected_stage1_id:06x}")
+    trained_on = prior_runs.read_prior_meta(workdir, step)["stage1_model_id"]
+    if expected_stage1_id is not None and trained_on != expected_stage1_id:
+        raise ValueError(
+            f"the prior in {RunDir(workdir).root} was trained on the tokens of stage-1 model "
+            f"{trained_on:06x}, not {expected_stage1_id:06x}"
+        )
     return TokenPrior.load(workdir, step)
 
 
 def model_fingerprint(config, vq_stats: Any = None) -> int:
     """24-bit id of everything a decoder must share with the encoder: rate, model, latent codec
     and text configs, and (given ``vq_stats``) a digest of the VQ codebook."""
-    keep = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
-            for k in ("rate", "model", "vae", "text") if k in config}
+    keep = {
+        k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
+        for k in ("rate", "model", "vae", "text")
+        if k in config
+    }
     if vq_stats is not None:
-        keep["codebook"] = hashlib.sha256(token_codec.params_digest(vq_stats).encode()).hexdigest()
+        keep["codebook"] = hashlib.sha256(token_payload.params_digest(vq_stats).encode()).hexdigest()
     return bitstream.model_fingerprint(json.dumps(keep, sort_keys=True, default=str))
-
-
-def _rgb(image) -> np.ndarray:
-    from percov2_jax.data.sources import array_to_rgb, to_rgb
-
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    return array_to_rgb(np.asarray(image))
-
-
-@jax.jit(static_argnums=(0, 1))
-def _encode(model, latent_codec, params, vq_stats, vae_params, images):
-    latents = latent_codec.apply({"params": vae_params}, images, None, method="encode_to_latents")
-    q = model.apply({"params": params, "vq_stats": vq_stats}, latents.astype(jnp.float32), method="hyper_latent_tokens")
-    return q.indices
-
-
-def sample_latents(model, params, vq_stats, indices, seq, pooled, null_seq, null_pooled, key, num_steps,
-                   guidance_scale):
-    """Token indices ``[B, h, w]`` + caption embeddings -> sampled latents ``[B, H, W, C]`` float32
-    (Euler, caption-only CFG): the decoder up to the latent codec. Traced inside `_decode`."""
-    variables = {"params": params, "vq_stats": vq_stats}
-    features = model.apply(variables, indices, method="token_features")
-    f = model.config.hyper_encoder
-    cells = f.latent_side // f.hyper_side
-    b, rows, cols = indices.shape
-    shape = (b, rows * cells, cols * cells, model.config.latent_channels)
-
-    def velocity(x, t, c):
-        return model.apply(variables, x, c["features"], c["text"], c["pooled"], t, method="velocity").astype(jnp.float32)
-
-    cond = {"features": features, "text": seq, "pooled": pooled}
-    uncond = {"features": features, "text": jnp.broadcast_to(null_seq, seq.shape),
-              "pooled": jnp.broadcast_to(null_pooled, pooled.shape)}
-    # Every row starts from the noise of a one-image decode: a batch decodes each stream as
-    # `decompress` does, whatever its neighbours.
-    noise = constrain_batch(jnp.broadcast_to(jax.random.normal(key, (1,) + shape[1:], jnp.float32), shape))
-    return flow.sample(velocity, noise, cond, uncond, num_steps=num_steps, guidance_scale=guidance_scale)
-
-
-@jax.jit(static_argnums=(0, 1, 11, 12))
-def _decode(model, latent_codec, params, vq_stats, vae_params, indices, seq, pooled, null_seq, null_pooled, key,
-            num_steps, guidance_scale):
-    latents = sample_latents(model, params, vq_stats, indices, seq, pooled, null_seq, null_pooled, key, num_steps,
-                             guidance_scale)
-    return latent_codec.apply({"params": vae_params}, constrain_batch(latents),
-                              method="decode_latents").astype(jnp.float32)

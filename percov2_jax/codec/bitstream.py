@@ -32,7 +32,8 @@ Layout, format version 1 (``u(n)``: n-bit unsigned; ``eg(k)``: Exp-Golomb code o
   seed                   k > 0 and T > 0         eg(0)               1 for seed 0;
                                                                      2 * floor(log2(s + 1)) + 1
   caption coder id       always                  eg(0)               1 zlib; 3 word-ngram-v1,
-                                                                     word-ngram-v1+crc8
+                                                                     word-ngram-v1+crc8;
+                                                                     5 deflate-dict-v1
   caption length, bytes  always                  eg(5)               6 for 0-31; 8 for 32-95;
                                                                      10 for 96-223
   caption bytes          always                  bytes               8 * length
@@ -117,11 +118,21 @@ _MAX_VERSION = 2**16  # any larger version code is corruption, not a newer versi
 # Stable ids: append new names with new ids; never renumber or reuse one. The commonest
 # choice gets id 0 (one bit).
 RATE_IDS: dict[str, int] = {
-    "ultra-low": 0, "extreme": 1, "0.1250": 2, "0.0937": 3, "0.0507": 4, "0.0313": 5,
-    "0.0098": 6, "0.0024": 7, "0.0019": 8,
+    "ultra-low": 0,
+    "extreme": 1,
+    "0.1250": 2,
+    "0.0937": 3,
+    "0.0507": 4,
+    "0.0313": 5,
+    "0.0098": 6,
+    "0.0024": 7,
+    "0.0019": 8,
 }
 CAPTION_CODER_IDS: dict[str, int] = {
-    "zlib": 0, "word-ngram-v1": 1, "word-ngram-v1+crc8": 2, "deflate-dict-v1": 3,
+    "zlib": 0,
+    "word-ngram-v1": 1,
+    "word-ngram-v1+crc8": 2,
+    "deflate-dict-v1": 3,
 }
 ENTROPY_MODE_IDS: dict[str, int] = {"prior": 0, "uniform": 1}
 # How an image whose sides are not multiples of 64 was brought to a coded size that is
@@ -216,27 +227,35 @@ class StreamHeader:
         _check_int("height", self.height, 1, MAX_SIDE)
         _check_int("width", self.width, 1, MAX_SIDE)
         if self.rate not in RATE_IDS:
-            hint = (" (it is in rates.RATES but has no bitstream id: append one to RATE_IDS)"
-                    if self.rate in rates_lib.RATES else "")
+            hint = (
+                " (it is in rates.RATES but has no bitstream id: append one to RATE_IDS)"
+                if self.rate in rates_lib.RATES
+                else ""
+            )
             raise ValueError(f"unknown rate {self.rate!r}{hint}; known: {', '.join(RATE_IDS)}")
         if self.height % rates_lib.IMAGE_MULTIPLE == 0 and self.width % rates_lib.IMAGE_MULTIPLE == 0:
             put("resize_policy", None)
         elif self.resize_policy not in RESIZE_POLICY_IDS:
-            raise ValueError(f"{self.height}x{self.width} is not a multiple of {rates_lib.IMAGE_MULTIPLE}: "
-                             f"resize_policy must be one of {', '.join(RESIZE_POLICY_IDS)}, "
-                             f"got {self.resize_policy!r}")
+            raise ValueError(
+                f"{self.height}x{self.width} is not a multiple of {rates_lib.IMAGE_MULTIPLE}: "
+                f"resize_policy must be one of {', '.join(RESIZE_POLICY_IDS)}, "
+                f"got {self.resize_policy!r}"
+            )
         if self.entropy_mode not in ENTROPY_MODE_IDS:
             raise ValueError(f"unknown entropy mode {self.entropy_mode!r}; known: {', '.join(ENTROPY_MODE_IDS)}")
         _check_int("hybrid_groups", self.hybrid_groups, 0, MAX_STEPS - 1)
         if self.has_schedule:
             if self.schedule_id is None or self.steps is None:
-                raise ValueError(f"entropy mode {self.entropy_mode!r} with hybrid_groups={self.hybrid_groups} "
-                                 "needs schedule_id and steps")
+                raise ValueError(
+                    f"entropy mode {self.entropy_mode!r} with hybrid_groups={self.hybrid_groups} "
+                    "needs schedule_id and steps"
+                )
             _check_int("schedule_id", self.schedule_id, 0, MAX_SCHEDULE_ID)
             _check_int("steps", self.steps, 1, MAX_STEPS)
             if self.hybrid_groups >= self.steps:
-                raise ValueError(f"hybrid_groups must be below steps={self.steps} (0 transmits all "
-                                 f"groups), got {self.hybrid_groups}")
+                raise ValueError(
+                    f"hybrid_groups must be below steps={self.steps} (0 transmits all groups), got {self.hybrid_groups}"
+                )
         else:
             put("schedule_id", None)
             put("steps", None)
@@ -278,8 +297,10 @@ def _tenths(temperature) -> int:
         raise ValueError(f"temperature must be a finite number, got {temperature!r}")
     q = round(temperature * 10)
     if abs(temperature * 10 - q) > 1e-6 or not 0 <= q <= MAX_TEMPERATURE_TENTHS:
-        raise ValueError(f"temperature must be a multiple of 0.1 in [0, {MAX_TEMPERATURE_TENTHS / 10}] "
-                         f"(it is stored in tenths), got {temperature!r}")
+        raise ValueError(
+            f"temperature must be a multiple of 0.1 in [0, {MAX_TEMPERATURE_TENTHS / 10}] "
+            f"(it is stored in tenths), got {temperature!r}"
+        )
     return q
 
 
@@ -380,8 +401,10 @@ class _BitReader:
         while not self.read(1, field):
             zeros += 1
             if zeros > max_zeros:
-                raise BitstreamError("field", f"corrupt .pcv2 stream: the {field} code is longer than "
-                                              f"that of any value up to {max_value}")
+                raise BitstreamError(
+                    "field",
+                    f"corrupt .pcv2 stream: the {field} code is longer than that of any value up to {max_value}",
+                )
         value = ((1 << (zeros + k)) | self.read(zeros + k, field)) - (1 << k)
         if value > max_value:
             raise BitstreamError("field", f"corrupt .pcv2 stream: {field} {value} is above its maximum {max_value}")
@@ -392,8 +415,10 @@ class _BitReader:
         for name, i in table.items():
             if i == value:
                 return name
-        raise BitstreamError("field", f"unknown {field} {value} in .pcv2 stream (known: "
-                                      f"{sorted(table.values())}; written by a newer version?)")
+        raise BitstreamError(
+            "field",
+            f"unknown {field} {value} in .pcv2 stream (known: {sorted(table.values())}; written by a newer version?)",
+        )
 
 
 def _crc16(data: bytes) -> int:
@@ -468,22 +493,31 @@ def _parse(data, expected_model_id):
     if len(data) < 2:
         raise BitstreamError("truncated", f"truncated .pcv2 stream: {len(data)} bytes cannot hold the magic")
     if int.from_bytes(data[:2], "big") >> (16 - MAGIC_BITS) != MAGIC:
-        raise BitstreamError("magic", f"not a .pcv2 stream: it starts with {data[:2].hex()}, not the magic "
-                                      f"{MAGIC:03x} (or its first bytes are corrupt)")
+        raise BitstreamError(
+            "magic",
+            f"not a .pcv2 stream: it starts with {data[:2].hex()}, not the magic "
+            f"{MAGIC:03x} (or its first bytes are corrupt)",
+        )
     checksum_bytes = CHECKSUM_BITS // 8
     if len(data) < 2 + checksum_bytes:
         raise BitstreamError("truncated", f"truncated .pcv2 stream: {len(data)} bytes")
     body, stored = data[:-checksum_bytes], int.from_bytes(data[-checksum_bytes:], "big")
     if _crc16(body) != stored:
-        raise BitstreamError("checksum", f"corrupt .pcv2 stream: checksum mismatch (stored {stored:04x}, "
-                                         f"computed {_crc16(body):04x}); the file is damaged, truncated "
-                                         "or has bytes added")
+        raise BitstreamError(
+            "checksum",
+            f"corrupt .pcv2 stream: checksum mismatch (stored {stored:04x}, "
+            f"computed {_crc16(body):04x}); the file is damaged, truncated "
+            "or has bytes added",
+        )
     r = _BitReader(body, 8 * len(body))
     r.read(MAGIC_BITS, "magic")
     version = r.read_eg(0, _MAX_VERSION, "format version") + 1  # (version 301 is "unsupported")
     if version != FORMAT_VERSION:
-        raise BitstreamError("version", f"unsupported .pcv2 format version {version}: this decoder reads "
-                                        f"version {FORMAT_VERSION} (a newer percov2-jax wrote it?)")
+        raise BitstreamError(
+            "version",
+            f"unsupported .pcv2 format version {version}: this decoder reads "
+            f"version {FORMAT_VERSION} (a newer percov2-jax wrote it?)",
+        )
     fields = {"model_id": r.read(MODEL_ID_BITS, "model id"), "rate": r.read_id(RATE_IDS, 0, "rate id")}
     size_mode = r.read_eg(0, _MAX_TABLE_ID, "size mode")
     if size_mode == 0:
@@ -494,14 +528,20 @@ def _parse(data, expected_model_id):
     else:
         names = {i: name for name, i in RESIZE_POLICY_IDS.items()}
         if size_mode not in names:
-            raise BitstreamError("field", f"unknown size mode {size_mode} in .pcv2 stream (known: 0, "
-                                          f"{sorted(names)}; written by a newer version?)")
+            raise BitstreamError(
+                "field",
+                f"unknown size mode {size_mode} in .pcv2 stream (known: 0, "
+                f"{sorted(names)}; written by a newer version?)",
+            )
         fields["resize_policy"] = names[size_mode]
         for side in ("height", "width"):
             fields[side] = r.read_eg(8, MAX_SIDE - 1, side) + 1
         if all(fields[s] % rates_lib.IMAGE_MULTIPLE == 0 for s in ("height", "width")):
-            raise BitstreamError("field", f"corrupt .pcv2 stream: size mode {fields['resize_policy']} for "
-                                          f"{fields['height']}x{fields['width']}, which needs none")
+            raise BitstreamError(
+                "field",
+                f"corrupt .pcv2 stream: size mode {fields['resize_policy']} for "
+                f"{fields['height']}x{fields['width']}, which needs none",
+            )
     fields["entropy_mode"] = r.read_id(ENTROPY_MODE_IDS, 0, "entropy mode")
     k = fields["hybrid_groups"] = r.read_eg(0, MAX_STEPS - 1, "hybrid group count")
     if fields["entropy_mode"] == "prior" or k:
@@ -520,20 +560,30 @@ def _parse(data, expected_model_id):
         raise BitstreamError("field", f"corrupt .pcv2 stream: {e}") from None
     n_header_bits = r.pos
     if 8 * caption_length > r.end - r.pos:
-        raise BitstreamError("truncated", f"truncated .pcv2 stream: the caption length is {caption_length} "
-                                          f"bytes but {(r.end - r.pos) // 8} remain")
+        raise BitstreamError(
+            "truncated",
+            f"truncated .pcv2 stream: the caption length is {caption_length} bytes but {(r.end - r.pos) // 8} remain",
+        )
     caption = r.read(8 * caption_length, "caption").to_bytes(caption_length, "big")
     token_length, padding = divmod(r.end - r.pos, 8)
     tokens = r.read(8 * token_length, "tokens").to_bytes(token_length, "big")
     if r.read(padding, "padding"):
         raise BitstreamError("field", "corrupt .pcv2 stream: the padding bits are not zero")
     if expected_model_id is not None and header.model_id != expected_model_id:
-        raise BitstreamError("model", f".pcv2 stream made by model {header.model_id:06x}, but this decoder's "
-                                      f"model is {expected_model_id:06x}: decode with the model that wrote "
-                                      "it (or force, to get an image from the wrong prior)")
+        raise BitstreamError(
+            "model",
+            f".pcv2 stream made by model {header.model_id:06x}, but this decoder's "
+            f"model is {expected_model_id:06x}: decode with the model that wrote "
+            "it (or force, to get an image from the wrong prior)",
+        )
     image = CompressedImage(header, caption, tokens)
-    return image, {"header": n_header_bits, "caption": 8 * caption_length, "tokens": 8 * token_length,
-                   "padding": padding, "checksum": CHECKSUM_BITS}
+    return image, {
+        "header": n_header_bits,
+        "caption": 8 * caption_length,
+        "tokens": 8 * token_length,
+        "padding": padding,
+        "checksum": CHECKSUM_BITS,
+    }
 
 
 def bit_budget(data: bytes | CompressedImage) -> dict:

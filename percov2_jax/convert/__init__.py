@@ -13,5 +13,10 @@ from percov2_jax.convert.safetensors_io import CheckpointFormatError
 from percov2_jax.convert.single_file import load_single_file
 from percov2_jax.convert.transformers_folder import load_transformers_component
 
-__all__ = ["ConversionError", "CheckpointFormatError", "load_diffusers_component", "load_single_file",
-           "load_transformers_component"]
+__all__ = [
+    "ConversionError",
+    "CheckpointFormatError",
+    "load_diffusers_component",
+    "load_single_file",
+    "load_transformers_component",
+]

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from percov2_jax.convert import components as component_kinds
 from percov2_jax.convert import core
+from percov2_jax.convert import registry as component_kinds
 from percov2_jax.convert.text_encoders import tidy_sources
 from percov2_jax.convert.transformers_folder import read_architecture
 from percov2_jax.models import clip, clip_vision
@@ -35,16 +36,28 @@ RULES = (
     core.Rule(r"vision_model\.embeddings\.patch_embedding\.weight", "kernel", "conv"),  # OIHW -> HWIO
     core.Rule(r"vision_model\.embeddings\.class_embedding", "class_embedding", "identity"),
     core.Rule(r"vision_model\.embeddings\.position_embedding\.weight", "embedding", "identity"),
-    core.Rule(r"vision_model\.(?:pre_layrnorm|post_layernorm|encoder\.layers\.\d+\.layer_norm[12])\.weight",
-              "scale", "identity"),
-    core.Rule(r"(?:vision_model\.encoder\.layers\.\d+\.(?:self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])"
-              r"|visual_projection)\.weight", "kernel", "linear"),
+    core.Rule(
+        r"vision_model\.(?:pre_layrnorm|post_layernorm|encoder\.layers\.\d+\.layer_norm[12])\.weight",
+        "scale",
+        "identity",
+    ),
+    core.Rule(
+        r"(?:vision_model\.encoder\.layers\.\d+\.(?:self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])"
+        r"|visual_projection)\.weight",
+        "kernel",
+        "linear",
+    ),
     core.Rule(r"vision_model\..*\.bias", "bias", "identity"),
 )
 
 VISION_KIND = component_kinds.ComponentKind(
-    "CLIPVisionModelWithProjection", clip_vision.CLIPVisionConfig, clip_vision.CLIPVisionModelWithProjection, RULES,
-    clip_vision.example_inputs, lambda m: lambda path: (path, None))
+    "CLIPVisionModelWithProjection",
+    clip_vision.CLIPVisionConfig,
+    clip_vision.CLIPVisionModelWithProjection,
+    RULES,
+    clip_vision.example_inputs,
+    lambda m: lambda path: (path, None),
+)
 
 ARCHITECTURES = ("CLIPVisionModelWithProjection", "CLIPModel")
 TEXT_SIDE = re.compile(r"text_model\..*|text_projection\.weight")
@@ -68,8 +81,10 @@ def read_sources(path: str) -> list[core.SourceTensor]:
         if "pytorch_model.bin" in names:
             path = os.path.join(path, "pytorch_model.bin")
         else:
-            raise core.ConversionError(f"{path}: no model.safetensors, model.safetensors.index.json or "
-                                       f"pytorch_model.bin; the folder has {sorted(names)}")
+            raise core.ConversionError(
+                f"{path}: no model.safetensors, model.safetensors.index.json or "
+                f"pytorch_model.bin; the folder has {sorted(names)}"
+            )
     if not path.endswith((".safetensors", ".bin", ".pth", ".pt")):
         raise core.ConversionError(f"{path}: expected a folder or a .safetensors/.bin/.pth file")
     return [core.SourceTensor(k, shape, load) for k, (shape, load) in read_state_dict(path).items()]
@@ -105,20 +120,31 @@ def _config(config: Any, where: str) -> clip_vision.CLIPVisionConfig:
         with open(config) as f:
             config = json.load(f)
     if isinstance(config, Mapping):
-        return clip_vision.CLIPVisionConfig.from_transformers(config) if "_class_name" not in config \
+        return (
+            clip_vision.CLIPVisionConfig.from_transformers(config)
+            if "_class_name" not in config
             else clip_vision.CLIPVisionConfig.from_dict(config)
+        )
     raise core.ConversionError(f"{where}: a single weights file needs config= (CLIPVisionConfig, dict or config.json)")
 
 
 def _vision(config, sources, where: str, mesh, shardings, progress, module_options):
     module = clip_vision.CLIPVisionModelWithProjection(config=config, **module_options)
-    params = component_kinds.convert(module, VISION_KIND, sources, mesh=mesh, shardings=shardings, progress=progress,
-                                     what=f"CLIPVisionModelWithProjection at {where}")
+    params = component_kinds.convert(
+        module,
+        VISION_KIND,
+        sources,
+        mesh=mesh,
+        shardings=shardings,
+        progress=progress,
+        what=f"CLIPVisionModelWithProjection at {where}",
+    )
     return module, params
 
 
-def load_clip_vision(path: str | os.PathLike, *, config: Any = None, mesh=None, shardings=None, progress: bool = False,
-                     **module_options) -> tuple[clip_vision.CLIPVisionModelWithProjection, dict]:
+def load_clip_vision(
+    path: str | os.PathLike, *, config: Any = None, mesh=None, shardings=None, progress: bool = False, **module_options
+) -> tuple[clip_vision.CLIPVisionModelWithProjection, dict]:
     """``(CLIPVisionModelWithProjection, params)`` from a ``CLIPVisionModelWithProjection`` or
     ``CLIPModel`` checkpoint (folder, or file plus ``config``). ``module_options``: ``dtype``,
     ``param_dtype``, ``attention_implementation``."""
@@ -147,6 +173,27 @@ def load_clip_model(path: str | os.PathLike, *, mesh=None, progress: bool = Fals
     text_config = clip.CLIPTextConfig.from_transformers(raw)  # takes the top-level projection_dim
     text_kind = component_kinds.KINDS["CLIPTextModelWithProjection"]
     text_module = clip.CLIPTextModelWithProjection(config=text_config, **module_options)
-    text_params = component_kinds.convert(text_module, text_kind, tidy_sources(text_kind.class_name, text_sources),
-                                          mesh=mesh, progress=progress, what=f"CLIPModel text tower at {path}")
+    text_params = component_kinds.convert(
+        text_module,
+        text_kind,
+        tidy_sources(text_kind.class_name, text_sources),
+        mesh=mesh,
+        progress=progress,
+        what=f"CLIPModel text tower at {path}",
+    )
     return (text_module, text_params), vision
+
+
+def load_clip_scorer(
+    model_folder: str | os.PathLike, tokenizer_folder: str | os.PathLike | None = None, **module_options
+):
+    """A `percov2_jax.metrics.clip_score.CLIPScorer` from a transformers ``CLIPModel`` folder (e.g. a
+    local copy of ``openai/clip-vit-large-patch14``) and a folder with ``vocab.json`` + ``merges.txt``
+    (default: the model folder). Never downloads."""
+    from transformers import CLIPTokenizer  # v5: CLIPTokenizer(vocab_file=...) silently ignores the file
+
+    from percov2_jax.metrics.clip_score import CLIPScorer
+
+    (text_module, text_params), (vision_module, vision_params) = load_clip_model(model_folder, **module_options)
+    tokenizer = CLIPTokenizer.from_pretrained(os.fspath(tokenizer_folder or model_folder), local_files_only=True)
+    return CLIPScorer(text_module, text_params, vision_module, vision_params, tokenizer)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -46,8 +47,11 @@ TRANSFORMS: dict[str, Transform] = {
         # torch Linear weight [out, in] -> Flax Dense kernel [in, out].
         Transform("linear", lambda a: a.T, lambda s: tuple(reversed(s)) if len(s) == 2 else ("not 2-D", *s)),
         # torch Conv2d weight [out, in, kh, kw] (OIHW) -> Flax Conv kernel HWIO.
-        Transform("conv", lambda a: a.transpose(2, 3, 1, 0),
-                  lambda s: (s[2], s[3], s[1], s[0]) if len(s) == 4 else ("not 4-D", *s)),
+        Transform(
+            "conv",
+            lambda a: a.transpose(2, 3, 1, 0),
+            lambda s: (s[2], s[3], s[1], s[0]) if len(s) == 4 else ("not 4-D", *s),
+        ),
     ]
 }
 
@@ -133,12 +137,16 @@ def plan(
         want = target_shapes[path] if index is None else target_shapes[path][1:]
         got = transform.shape(src.shape)
         if index is not None and not 0 <= index < target_shapes[path][0]:
-            mismatched.append(f"{src.key}: layer index {index} outside the stacked {'/'.join(path)} {list(target_shapes[path])}")
+            mismatched.append(
+                f"{src.key}: layer index {index} outside the stacked {'/'.join(path)} {list(target_shapes[path])}"
+            )
             continue
         seen = filled.setdefault(path, set())
         if tuple(got) != tuple(want):
-            mismatched.append(f"{src.key}: checkpoint shape {list(src.shape)} -> {list(got)} after {transform.name}, "
-                              f"but {'/'.join(path)} expects {list(want)}")
+            mismatched.append(
+                f"{src.key}: checkpoint shape {list(src.shape)} -> {list(got)} after {transform.name}, "
+                f"but {'/'.join(path)} expects {list(want)}"
+            )
             seen.add(index)  # reported as mis-shaped, not again as missing
             continue
         if index in seen:

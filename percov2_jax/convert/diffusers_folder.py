@@ -6,8 +6,8 @@ import json
 import os
 from typing import Any
 
-from percov2_jax.convert import components as component_kinds
 from percov2_jax.convert import core
+from percov2_jax.convert import registry as component_kinds
 from percov2_jax.convert.safetensors_io import SafetensorsFile
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -30,10 +30,13 @@ def _weight_files(folder: str, variant: str | None, weights_name: str) -> list[s
     if os.path.exists(single):
         return [single]
     present = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".json", ".bin")))
-    hint = " (.bin weights are not read; re-save them as safetensors)" if any(n.endswith(".bin") for n in present) else ""
+    hint = (
+        " (.bin weights are not read; re-save them as safetensors)" if any(n.endswith(".bin") for n in present) else ""
+    )
     raise core.ConversionError(
         f"{folder}: no {stem}.safetensors or {stem}.safetensors.index.json; the folder has {present}{hint}"
-        + ("; pass variant=... for variant files" if variant is None else ""))
+        + ("; pass variant=... for variant files" if variant is None else "")
+    )
 
 
 def read_sources(folder: str, variant: str | None = None, weights_name: str = WEIGHTS_NAME) -> list[core.SourceTensor]:
@@ -55,8 +58,15 @@ def read_sources(folder: str, variant: str | None = None, weights_name: str = WE
     return list(sources.values())
 
 
-def load_diffusers_component(path: str | os.PathLike, *, variant: str | None = None, mesh=None, shardings=None,
-                             progress: bool = False, **module_options) -> tuple[Any, dict]:
+def load_diffusers_component(
+    path: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    mesh=None,
+    shardings=None,
+    progress: bool = False,
+    **module_options,
+) -> tuple[Any, dict]:
     """Load a diffusers ``transformer/`` or ``vae/`` folder as ``(module, params)``.
 
     ``module_options`` are Flax module attributes (``dtype``, ``param_dtype``, ``scan_layers``,
@@ -71,6 +81,13 @@ def load_diffusers_component(path: str | os.PathLike, *, variant: str | None = N
     with open(config_path) as f:
         config = json.load(f)
     module, kind = component_kinds.build_module(config, **module_options)
-    params = component_kinds.convert(module, kind, read_sources(folder, variant), mesh=mesh, shardings=shardings,
-                                progress=progress, what=f"{kind.class_name} at {folder}")
+    params = component_kinds.convert(
+        module,
+        kind,
+        read_sources(folder, variant),
+        mesh=mesh,
+        shardings=shardings,
+        progress=progress,
+        what=f"{kind.class_name} at {folder}",
+    )
     return module, params

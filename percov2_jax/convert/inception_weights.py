@@ -45,8 +45,9 @@ SKIPPED = (
 
 def _sources(state) -> list[SourceTensor]:
     skip = [re.compile(p) for p in SKIPPED]
-    return [SourceTensor(k, shape, load) for k, (shape, load) in state.items()
-            if not any(rx.fullmatch(k) for rx in skip)]
+    return [
+        SourceTensor(k, shape, load) for k, (shape, load) in state.items() if not any(rx.fullmatch(k) for rx in skip)
+    ]
 
 
 def abstract_params(module: FIDInceptionV3) -> Any:
@@ -66,8 +67,7 @@ def load_fid_inception(
     module = FIDInceptionV3(input_scaling=input_scaling, dtype=dtype, param_dtype=param_dtype)
     target = flatten_shapes(nn.meta.unbox(abstract_params(module)))
     state = read_state_dict(path)
-    assignments = plan(_sources(state), RULES, target,
-                       what=f"pytorch-fid FID InceptionV3 from {os.fspath(path)}")
+    assignments = plan(_sources(state), RULES, target, what=f"pytorch-fid FID InceptionV3 from {os.fspath(path)}")
     return module, assemble(assignments, target, dtype=np.dtype(param_dtype))
 
 

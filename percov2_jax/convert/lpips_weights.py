@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -52,10 +53,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...],
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConversionError(f"{path}: expected a flat state dict of tensors (name -> tensor), "
-                              f"got {type(state).__name__}")
+        raise ConversionError(
+            f"{path}: expected a flat state dict of tensors (name -> tensor), got {type(state).__name__}"
+        )
 
-    def to_numpy(t: "torch.Tensor") -> np.ndarray:
+    def to_numpy(t: torch.Tensor) -> np.ndarray:
         t = t.detach()
         return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
@@ -64,8 +66,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...],
 
 def _sources(state, skipped=()) -> list[SourceTensor]:
     skip = [re.compile(p) for p in skipped]
-    return [SourceTensor(k, shape, load) for k, (shape, load) in state.items()
-            if not any(rx.fullmatch(k) for rx in skip)]
+    return [
+        SourceTensor(k, shape, load) for k, (shape, load) in state.items() if not any(rx.fullmatch(k) for rx in skip)
+    ]
 
 
 def abstract_params(module: LPIPS) -> Any:
@@ -98,8 +101,9 @@ def load_lpips(
     for path, rules, skipped, prefix, what in parts:
         part_target = {p: s for p, s in target.items() if p[0].startswith(prefix)}
         try:
-            assignments += plan(_sources(read_state_dict(path), skipped), rules, part_target,
-                                what=f"{what} from {os.fspath(path)}")
+            assignments += plan(
+                _sources(read_state_dict(path), skipped), rules, part_target, what=f"{what} from {os.fspath(path)}"
+            )
         except ConversionError as e:
             problems.append(str(e))
     if problems:

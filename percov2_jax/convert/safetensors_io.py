@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -55,7 +55,8 @@ class SafetensorsFile:
             if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
                 raise CheckpointFormatError(
                     f"{self.path}: header length {header_len} does not fit in the file ({size} bytes): "
-                    "truncated or not a safetensors file")
+                    "truncated or not a safetensors file"
+                )
             try:
                 header = json.loads(f.read(header_len))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -68,9 +69,15 @@ class SafetensorsFile:
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for key, entry in header.items():
             try:
-                dtype_name, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+                dtype_name, shape, (begin, end) = (
+                    entry["dtype"],
+                    tuple(int(s) for s in entry["shape"]),
+                    entry["data_offsets"],
+                )
             except (KeyError, TypeError, ValueError):
-                raise CheckpointFormatError(f"{self.path}: corrupt header entry for tensor {key!r}: {entry!r}") from None
+                raise CheckpointFormatError(
+                    f"{self.path}: corrupt header entry for tensor {key!r}: {entry!r}"
+                ) from None
             if dtype_name not in _DTYPES:
                 raise CheckpointFormatError(f"{self.path}: tensor {key!r} has unsupported dtype {dtype_name}")
             dtype = _DTYPES[dtype_name]
@@ -78,11 +85,13 @@ class SafetensorsFile:
             if end - begin != nbytes or begin < 0:
                 raise CheckpointFormatError(
                     f"{self.path}: tensor {key!r} {dtype_name}{list(shape)} needs {nbytes} bytes but its offsets "
-                    f"span {end - begin}: corrupt header")
+                    f"span {end - begin}: corrupt header"
+                )
             if end > data_size:
                 raise CheckpointFormatError(
                     f"{self.path}: file is truncated: tensor {key!r} ends at byte {self._data_start + end} "
-                    f"but the file has {size} bytes")
+                    f"but the file has {size} bytes"
+                )
             self._entries[key] = (dtype, shape, begin, end)
         self._map: np.memmap | None = None
 
@@ -125,7 +134,11 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], m
         arr = np.ascontiguousarray(value)
         if arr.dtype not in names:
             raise ValueError(f"cannot write dtype {arr.dtype} for {key!r}")
-        header[key] = {"dtype": names[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        header[key] = {
+            "dtype": names[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
         arrays.append(arr)
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -38,13 +39,19 @@ _RENAMES = (
     (r"final_layer\.linear\.(weight|bias)", r"proj_out.\1"),
     (r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"norm_out.linear.\1"),  # + swap_scale_shift
     (r"joint_blocks\.(\d+)\.x_block\.attn\.ln_([qk])\.weight", r"transformer_blocks.\1.attn.norm_\2.weight"),
-    (r"joint_blocks\.(\d+)\.context_block\.attn\.ln_([qk])\.weight", r"transformer_blocks.\1.attn.norm_added_\2.weight"),
+    (
+        r"joint_blocks\.(\d+)\.context_block\.attn\.ln_([qk])\.weight",
+        r"transformer_blocks.\1.attn.norm_added_\2.weight",
+    ),
     (r"joint_blocks\.(\d+)\.x_block\.attn2\.ln_([qk])\.weight", r"transformer_blocks.\1.attn2.norm_\2.weight"),
     (r"joint_blocks\.(\d+)\.x_block\.attn\.proj\.(weight|bias)", r"transformer_blocks.\1.attn.to_out.0.\2"),
     (r"joint_blocks\.(\d+)\.x_block\.attn2\.proj\.(weight|bias)", r"transformer_blocks.\1.attn2.to_out.0.\2"),
     (r"joint_blocks\.(\d+)\.context_block\.attn\.proj\.(weight|bias)", r"transformer_blocks.\1.attn.to_add_out.\2"),
     (r"joint_blocks\.(\d+)\.x_block\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.norm1.linear.\2"),
-    (r"joint_blocks\.(\d+)\.context_block\.adaLN_modulation\.1\.(weight|bias)", r"transformer_blocks.\1.norm1_context.linear.\2"),
+    (
+        r"joint_blocks\.(\d+)\.context_block\.adaLN_modulation\.1\.(weight|bias)",
+        r"transformer_blocks.\1.norm1_context.linear.\2",
+    ),
     (r"joint_blocks\.(\d+)\.x_block\.mlp\.fc1\.(weight|bias)", r"transformer_blocks.\1.ff.net.0.proj.\2"),
     (r"joint_blocks\.(\d+)\.x_block\.mlp\.fc2\.(weight|bias)", r"transformer_blocks.\1.ff.net.2.\2"),
     (r"joint_blocks\.(\d+)\.context_block\.mlp\.fc1\.(weight|bias)", r"transformer_blocks.\1.ff_context.net.0.proj.\2"),
@@ -52,10 +59,21 @@ _RENAMES = (
 )
 # Fused qkv tensors, split into three diffusers tensors.
 _QKV = (
-    (r"joint_blocks\.(\d+)\.x_block\.attn\.qkv\.(weight|bias)", r"transformer_blocks.\1.attn.{}.\2", ("to_q", "to_k", "to_v")),
-    (r"joint_blocks\.(\d+)\.context_block\.attn\.qkv\.(weight|bias)", r"transformer_blocks.\1.attn.{}.\2",
-     ("add_q_proj", "add_k_proj", "add_v_proj")),
-    (r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.(weight|bias)", r"transformer_blocks.\1.attn2.{}.\2", ("to_q", "to_k", "to_v")),
+    (
+        r"joint_blocks\.(\d+)\.x_block\.attn\.qkv\.(weight|bias)",
+        r"transformer_blocks.\1.attn.{}.\2",
+        ("to_q", "to_k", "to_v"),
+    ),
+    (
+        r"joint_blocks\.(\d+)\.context_block\.attn\.qkv\.(weight|bias)",
+        r"transformer_blocks.\1.attn.{}.\2",
+        ("add_q_proj", "add_k_proj", "add_v_proj"),
+    ),
+    (
+        r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.(weight|bias)",
+        r"transformer_blocks.\1.attn2.{}.\2",
+        ("to_q", "to_k", "to_v"),
+    ),
 )
 
 PREFIX = "model.diffusion_model."
@@ -93,7 +111,9 @@ def original_to_diffusers(
             n = shape[0] // 3
             for j, name in enumerate(names):
                 new_key = m.expand(template.format(name))
-                yield SourceTensor(new_key, (n,) + tuple(shape[1:]), lambda k=key, j=j, n=n: load(k)[j * n:(j + 1) * n])
+                yield SourceTensor(
+                    new_key, (n,) + tuple(shape[1:]), lambda k=key, j=j, n=n: load(k)[j * n : (j + 1) * n]
+                )
             continue
         new_key = None
         for pattern, repl in _RENAMES:
@@ -105,16 +125,18 @@ def original_to_diffusers(
             yield SourceTensor(key, shape, lambda k=key: load(k))
             continue
         # The two AdaLayerNormContinuous modulations are stored (shift, scale) in the original.
-        swap = (key.startswith("final_layer.adaLN_modulation.") or
-                key.startswith(f"joint_blocks.{last}.context_block.adaLN_modulation."))
+        swap = key.startswith("final_layer.adaLN_modulation.") or key.startswith(
+            f"joint_blocks.{last}.context_block.adaLN_modulation."
+        )
         if swap:
             yield SourceTensor(new_key, shape, lambda k=key: swap_scale_shift(load(k)))
         else:
             yield SourceTensor(new_key, shape, lambda k=key: load(k))
 
 
-def infer_config(shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np.ndarray],
-                 overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def infer_config(
+    shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np.ndarray], overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Infer a diffusers ``SD3Transformer2DModel`` config from original (prefix-stripped) keys.
 
     Read off the weights: patch size, channels, depth, widths, ``pos_embed_max_size``,
@@ -124,8 +146,13 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np
     ``overrides`` for anything else.
     """
     overrides = dict(overrides or {})
-    required = ["x_embedder.proj.weight", "context_embedder.weight", "y_embedder.mlp.0.weight",
-                "final_layer.linear.weight", "pos_embed"]
+    required = [
+        "x_embedder.proj.weight",
+        "context_embedder.weight",
+        "y_embedder.mlp.0.weight",
+        "final_layer.linear.weight",
+        "pos_embed",
+    ]
     absent = [k for k in required if k not in shapes]
     if absent:
         raise ConversionError(f"SD3 single-file checkpoint lacks {absent}")
@@ -136,7 +163,8 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np
     if inner % head_dim or inner < head_dim:
         raise ConversionError(
             f"cannot infer the head count: width {inner} is not a multiple of attention_head_dim={head_dim} "
-            "(64 unless the checkpoint has qk-norm); pass config_overrides={'transformer': {'attention_head_dim': ...}}")
+            "(64 unless the checkpoint has qk-norm); pass config_overrides={'transformer': {'attention_head_dim': ...}}"
+        )
     num_positions = shapes["pos_embed"][1]
     max_size = math.isqrt(num_positions)
     if max_size * max_size != num_positions:
@@ -156,8 +184,9 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np
         pooled_projection_dim=shapes["y_embedder.mlp.0.weight"][1],
         out_channels=shapes["final_layer.linear.weight"][0] // (p * p),
         pos_embed_max_size=max_size,
-        dual_attention_layers=sorted({int(re.match(r"joint_blocks\.(\d+)\.", k).group(1))
-                                      for k in shapes if ".x_block.attn2." in k}),
+        dual_attention_layers=sorted(
+            {int(re.match(r"joint_blocks\.(\d+)\.", k).group(1)) for k in shapes if ".x_block.attn2." in k}
+        ),
         qk_norm="rms_norm" if ln_q else None,
     )
     config.update(overrides)

@@ -9,7 +9,8 @@ attention's 1x1 convs ``q/k/v/proj_out`` become Linear ``to_q/to_k/to_v/to_out.0
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -35,11 +36,18 @@ def _rename(key: str, num_up: int) -> tuple[str | None, bool]:
         return f"{part}.mid_block.attentions.0.{_ATTN[name]}.{leaf}", name != "norm" and leaf == "weight"
     rules = (
         (r"encoder\.down\.(\d+)\.block\.(\d+)\.(.*)", lambda m: f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{m[3]}"),
-        (r"encoder\.down\.(\d+)\.downsample\.conv\.(.*)", lambda m: f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"),
-        (r"decoder\.up\.(\d+)\.block\.(\d+)\.(.*)",
-         lambda m: f"decoder.up_blocks.{num_up - 1 - int(m[1])}.resnets.{m[2]}.{m[3]}"),
-        (r"decoder\.up\.(\d+)\.upsample\.conv\.(.*)",
-         lambda m: f"decoder.up_blocks.{num_up - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"),
+        (
+            r"encoder\.down\.(\d+)\.downsample\.conv\.(.*)",
+            lambda m: f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}",
+        ),
+        (
+            r"decoder\.up\.(\d+)\.block\.(\d+)\.(.*)",
+            lambda m: f"decoder.up_blocks.{num_up - 1 - int(m[1])}.resnets.{m[2]}.{m[3]}",
+        ),
+        (
+            r"decoder\.up\.(\d+)\.upsample\.conv\.(.*)",
+            lambda m: f"decoder.up_blocks.{num_up - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}",
+        ),
         (r"(encoder|decoder)\.mid\.block_([12])\.(.*)", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{m[3]}"),
         (r"(encoder|decoder)\.norm_out\.(.*)", lambda m: f"{m[1]}.conv_norm_out.{m[2]}"),
         (r"(encoder|decoder)\.(conv_in|conv_out)\.(.*)", lambda m: m[0]),
@@ -57,7 +65,9 @@ def _num_up(shapes: Mapping[str, tuple[int, ...]]) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def original_to_diffusers(shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np.ndarray]) -> Iterator[SourceTensor]:
+def original_to_diffusers(
+    shapes: Mapping[str, tuple[int, ...]], load: Callable[[str], np.ndarray]
+) -> Iterator[SourceTensor]:
     """Translate LDM (prefix-stripped) names to diffusers ``SourceTensor``s; unknown keys pass through."""
     num_up = _num_up(shapes)
     for key, shape in shapes.items():

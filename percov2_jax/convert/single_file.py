@@ -8,10 +8,11 @@ shared back-end converts them.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from percov2_jax.convert import components as component_kinds
 from percov2_jax.convert import core, sd3_transformer, sd3_vae, text_encoders
+from percov2_jax.convert import registry as component_kinds
 from percov2_jax.convert.safetensors_io import SafetensorsFile
 
 # prefix -> component name.
@@ -61,14 +62,16 @@ def load_single_file(
     out = {}
     for name in wanted:
         prefix = next(p for p, n in PREFIXES.items() if n == name)
-        shapes = {k[len(prefix):]: reader.shape(k) for k in groups[name]}
+        shapes = {k[len(prefix) :]: reader.shape(k) for k in groups[name]}
 
         def load(key, prefix=prefix):
             return reader.get(prefix + key)
 
         if name == "transformer":
-            config = {"_class_name": "SD3Transformer2DModel",
-                      **sd3_transformer.infer_config(shapes, load, config_overrides.get(name))}
+            config = {
+                "_class_name": "SD3Transformer2DModel",
+                **sd3_transformer.infer_config(shapes, load, config_overrides.get(name)),
+            }
             sources = sd3_transformer.original_to_diffusers(shapes, load)
         elif name == "vae":
             config = {"_class_name": "AutoencoderKL", **sd3_vae.infer_config(shapes, config_overrides.get(name))}
@@ -80,7 +83,8 @@ def load_single_file(
             config = text_encoders.infer_clip_config(shapes, name, config_overrides.get(name))
             sources = text_encoders.single_file_sources(name, shapes, load)
         module, kind = component_kinds.build_module(config, **options.get(name, {}))
-        params = component_kinds.convert(module, kind, sources, mesh=mesh, progress=progress,
-                                    what=f"{kind.class_name} from {path}")
+        params = component_kinds.convert(
+            module, kind, sources, mesh=mesh, progress=progress, what=f"{kind.class_name} from {path}"
+        )
         out[name] = (module, params)
     return out

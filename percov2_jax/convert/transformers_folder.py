@@ -8,16 +8,17 @@ import json
 import os
 from typing import Any
 
-from percov2_jax.convert import components as component_kinds
 from percov2_jax.convert import core
+from percov2_jax.convert import registry as component_kinds
 from percov2_jax.convert.diffusers_folder import read_sources
 from percov2_jax.convert.text_encoders import tidy_sources
 
 ARCHITECTURES = ("CLIPTextModelWithProjection", "T5EncoderModel")
 
 
-def read_architecture(folder: str, architectures=ARCHITECTURES,
-                      what: str = "a transformers model folder") -> tuple[str, dict[str, Any]]:
+def read_architecture(
+    folder: str, architectures=ARCHITECTURES, what: str = "a transformers model folder"
+) -> tuple[str, dict[str, Any]]:
     """``(architecture, raw config.json dict)`` of a transformers folder whose ``architectures``
     include one of ``architectures``; `core.ConversionError` otherwise."""
     config_path = os.path.join(folder, "config.json")
@@ -38,8 +39,15 @@ def transformers_config(folder: str) -> dict[str, Any]:
     return component_kinds.KINDS[name].config_cls.from_transformers(raw).to_dict()
 
 
-def load_transformers_component(path: str | os.PathLike, *, variant: str | None = None, mesh=None, shardings=None,
-                                progress: bool = False, **module_options) -> tuple[Any, dict]:
+def load_transformers_component(
+    path: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    mesh=None,
+    shardings=None,
+    progress: bool = False,
+    **module_options,
+) -> tuple[Any, dict]:
     """Load a transformers ``CLIPTextModelWithProjection`` or ``T5EncoderModel`` folder as ``(module, params)``.
 
     Same strictness and options as ``load_diffusers_component``.
@@ -48,6 +56,7 @@ def load_transformers_component(path: str | os.PathLike, *, variant: str | None 
     config = transformers_config(folder)
     module, kind = component_kinds.build_module(config, **module_options)
     sources = tidy_sources(kind.class_name, read_sources(folder, variant, weights_name="model"))
-    params = component_kinds.convert(module, kind, sources, mesh=mesh, shardings=shardings, progress=progress,
-                                     what=f"{kind.class_name} at {folder}")
+    params = component_kinds.convert(
+        module, kind, sources, mesh=mesh, shardings=shardings, progress=progress, what=f"{kind.class_name} at {folder}"
+    )
     return module, params

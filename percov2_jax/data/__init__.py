@@ -1,2 +1,2 @@
-"""Data: image sources (builtin photographs, folders, TFDS array_record), the grain input
-pipeline, and side stores (precomputed text embeddings)."""
+"""Training images: sources (builtin photographs, image folders, TFDS array_record) and the
+deterministic, per-process grain input pipeline."""

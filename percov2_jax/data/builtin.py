@@ -17,7 +17,8 @@ import functools
 import importlib.util
 import json
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from percov2_jax.data.sources import read_image
 
@@ -78,7 +79,8 @@ class BuiltinPhotos:
             raise RuntimeError(
                 "no built-in photographs found: they ship inside the packages "
                 + ", ".join(f"{dist} (import {name})" for name, dist in wanted.items())
-                + "; install at least one, e.g. `pip install scikit-image`.")
+                + "; install at least one, e.g. `pip install scikit-image`."
+            )
         self.ids = [e["id"] for e in self.entries]
         self.captions = [e["caption"] for e in self.entries]
 

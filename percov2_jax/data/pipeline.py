@@ -45,7 +45,8 @@ batch is **padded** so every example is seen exactly once: padding rows have a z
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -64,32 +65,44 @@ def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
     """``image_size`` (int or (H, W)) -> (H, W); ValueError unless positive multiples of 64."""
     if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
         hw = (int(image_size), int(image_size))
-    elif isinstance(image_size, Sequence) and len(image_size) == 2 and all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in image_size):
+    elif (
+        isinstance(image_size, Sequence)
+        and len(image_size) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in image_size)
+    ):
         hw = (int(image_size[0]), int(image_size[1]))
     else:
         raise ValueError(f"image_size must be an int or a pair (H, W) of ints, got {image_size!r}")
     if any(v <= 0 or v % IMAGE_SIZE_MULTIPLE for v in hw):
-        raise ValueError(f"image_size must be a positive multiple of {IMAGE_SIZE_MULTIPLE} (the PerCoV2 token "
-                         f"grid), got {image_size!r}")
+        raise ValueError(
+            f"image_size must be a positive multiple of {IMAGE_SIZE_MULTIPLE} (the PerCoV2 token "
+            f"grid), got {image_size!r}"
+        )
     return hw
 
 
-def _process_layout(global_batch_size: int, process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
+def _process_layout(
+    global_batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int, int]:
     """(per-process batch, process_index, process_count), defaulting to jax's process layout."""
     if process_index is None or process_count is None:
         import jax
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, (int, np.integer)) \
-            or global_batch_size <= 0:
+    if (
+        isinstance(global_batch_size, bool)
+        or not isinstance(global_batch_size, (int, np.integer))
+        or global_batch_size <= 0
+    ):
         raise ValueError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
     if process_count <= 0 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
     if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}: "
-                         "every process must read the same number of examples per step")
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}: "
+            "every process must read the same number of examples per step"
+        )
     return global_batch_size // process_count, int(process_index), int(process_count)
 
 
@@ -105,8 +118,13 @@ def _sub_seeds(seed: int) -> tuple[int, int]:
 # Per-example transforms (module-level classes, so grain can pickle them into worker processes)
 
 
-def resize_and_crop(image: np.ndarray, hw: tuple[int, int], rng: np.random.Generator | None = None,
-                    random_crop: bool = False, random_flip: bool = False) -> np.ndarray:
+def resize_and_crop(
+    image: np.ndarray,
+    hw: tuple[int, int],
+    rng: np.random.Generator | None = None,
+    random_crop: bool = False,
+    random_flip: bool = False,
+) -> np.ndarray:
     """uint8 [h, w, 3] -> uint8 [H, W, 3]: cover-resize (bilinear, antialiased), crop, maybe flip.
 
     ``rng`` is needed for ``random_crop`` / ``random_flip``; it draws the crop offsets (row, then
@@ -123,7 +141,7 @@ def resize_and_crop(image: np.ndarray, hw: tuple[int, int], rng: np.random.Gener
         left = int(rng.integers(0, new_w - width + 1))
     else:
         top, left = (new_h - height) // 2, (new_w - width) // 2
-    image = image[top:top + height, left:left + width]
+    image = image[top : top + height, left : left + width]
     if random_flip and rng.random() < 0.5:
         image = image[:, ::-1]
     return np.ascontiguousarray(image)
@@ -143,8 +161,12 @@ class _EvalExample:
         self.hw = hw
 
     def __call__(self, record: dict) -> dict:
-        return {"image": resize_and_crop(record["image"], self.hw), "caption": record["caption"],
-                "id": record["id"], "mask": True}
+        return {
+            "image": resize_and_crop(record["image"], self.hw),
+            "caption": record["caption"],
+            "id": record["id"],
+            "mask": True,
+        }
 
 
 def _scale_images(batch: dict) -> dict:
@@ -159,8 +181,14 @@ class _ProcessRows(grain.MapDataset):
     kept, unless ``padding`` is given: then the last one is completed with ``padding`` elements.
     """
 
-    def __init__(self, parent: grain.MapDataset, global_batch_size: int, process_index: int, process_count: int,
-                 padding: dict | None = None):
+    def __init__(
+        self,
+        parent: grain.MapDataset,
+        global_batch_size: int,
+        process_index: int,
+        process_count: int,
+        padding: dict | None = None,
+    ):
         super().__init__(parent)
         self._global, self._index = global_batch_size, process_index
         self._local = global_batch_size // process_count
@@ -221,8 +249,10 @@ class BatchIterator(grain.DatasetIterator):
             raise ValueError(f"not a {type(self).__name__} state (want keys step, config, parent): {state!r:.200}")
         differ = {k: (saved.get(k), v) for k, v in self.config.items() if saved.get(k) != v}
         if differ:
-            raise ValueError("the iterator state was saved for another pipeline configuration: "
-                             + ", ".join(f"{k} saved {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items())))
+            raise ValueError(
+                "the iterator state was saved for another pipeline configuration: "
+                + ", ".join(f"{k} saved {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
+            )
         self._parent.set_state(state["parent"])
         self.step = int(state["step"])
 
@@ -239,8 +269,14 @@ def _allow_worker_processes() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _iterate(ds: grain.MapDataset, batch_size: int, read_options: grain.ReadOptions | None, worker_count: int,
-             config: dict, num_batches: int | None) -> BatchIterator:
+def _iterate(
+    ds: grain.MapDataset,
+    batch_size: int,
+    read_options: grain.ReadOptions | None,
+    worker_count: int,
+    config: dict,
+    num_batches: int | None,
+) -> BatchIterator:
     if isinstance(worker_count, bool) or not isinstance(worker_count, (int, np.integer)) or worker_count < 0:
         raise ValueError(f"worker_count must be a non-negative int, got {worker_count!r}")
     # Batch before to_iter_dataset so that grain's worker processes (which take every
@@ -254,10 +290,21 @@ def _iterate(ds: grain.MapDataset, batch_size: int, read_options: grain.ReadOpti
     return BatchIterator(iter(it_ds), config, num_batches)
 
 
-def make_train_iterator(source, *, global_batch_size: int, image_size: int | Sequence[int], seed: int,
-                        process_index: int | None = None, process_count: int | None = None, shuffle: bool = True,
-                        random_crop: bool = True, random_flip: bool = True, num_epochs: int | None = None,
-                        worker_count: int = 0, read_options: grain.ReadOptions | None = None) -> BatchIterator:
+def make_train_iterator(
+    source,
+    *,
+    global_batch_size: int,
+    image_size: int | Sequence[int],
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    shuffle: bool = True,
+    random_crop: bool = True,
+    random_flip: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    read_options: grain.ReadOptions | None = None,
+) -> BatchIterator:
     """Training batches for this process (see the module docstring for the order and transforms).
 
     Args:
@@ -279,15 +326,17 @@ def make_train_iterator(source, *, global_batch_size: int, image_size: int | Seq
     hw = image_hw(image_size)
     local, process_index, process_count = _process_layout(global_batch_size, process_index, process_count)
     shuffle_seed, augment_seed = _sub_seeds(seed)
-    if num_epochs is not None and (isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, np.integer))
-                                   or num_epochs <= 0):
+    if num_epochs is not None and (
+        isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, np.integer)) or num_epochs <= 0
+    ):
         raise ValueError(f"num_epochs must be a positive int or None, got {num_epochs!r}")
     num_records = len(source)
     if num_records == 0:
         raise ValueError(f"the source {source!r} is empty")
     if num_epochs is not None and num_records * num_epochs < global_batch_size:
-        raise ValueError(f"{num_epochs} epoch(s) of {num_records} examples do not fill one global batch of "
-                         f"{global_batch_size}")
+        raise ValueError(
+            f"{num_epochs} epoch(s) of {num_records} examples do not fill one global batch of {global_batch_size}"
+        )
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=shuffle_seed)
@@ -295,16 +344,33 @@ def make_train_iterator(source, *, global_batch_size: int, image_size: int | Seq
     ds = ds.random_map(_TrainExample(hw, random_crop, random_flip), seed=augment_seed)
     ds = _ProcessRows(ds, global_batch_size, process_index, process_count)
     num_batches = None if num_epochs is None else num_records * num_epochs // global_batch_size
-    config = {"kind": "train", "num_records": num_records, "global_batch_size": int(global_batch_size),
-              "image_size": list(hw), "seed": int(seed), "shuffle": bool(shuffle), "random_crop": bool(random_crop),
-              "random_flip": bool(random_flip), "num_epochs": num_epochs, "process_index": process_index,
-              "process_count": process_count, "worker_count": int(worker_count)}
+    config = {
+        "kind": "train",
+        "num_records": num_records,
+        "global_batch_size": int(global_batch_size),
+        "image_size": list(hw),
+        "seed": int(seed),
+        "shuffle": bool(shuffle),
+        "random_crop": bool(random_crop),
+        "random_flip": bool(random_flip),
+        "num_epochs": num_epochs,
+        "process_index": process_index,
+        "process_count": process_count,
+        "worker_count": int(worker_count),
+    }
     return _iterate(ds, local, read_options, worker_count, config, num_batches)
 
 
-def make_eval_iterator(source, *, global_batch_size: int, image_size: int | Sequence[int],
-                       process_index: int | None = None, process_count: int | None = None, worker_count: int = 0,
-                       read_options: grain.ReadOptions | None = None) -> BatchIterator:
+def make_eval_iterator(
+    source,
+    *,
+    global_batch_size: int,
+    image_size: int | Sequence[int],
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    read_options: grain.ReadOptions | None = None,
+) -> BatchIterator:
     """One pass over ``source`` in order with centre crops; the last global batch is padded.
 
     Returns:
@@ -319,9 +385,15 @@ def make_eval_iterator(source, *, global_batch_size: int, image_size: int | Sequ
     padding = {"image": np.zeros((*hw, 3), np.uint8), "caption": "", "id": "", "mask": False}
     ds = grain.MapDataset.source(source).map(_EvalExample(hw))
     ds = _ProcessRows(ds, global_batch_size, process_index, process_count, padding=padding)
-    config = {"kind": "eval", "num_records": num_records, "global_batch_size": int(global_batch_size),
-              "image_size": list(hw), "process_index": process_index, "process_count": process_count,
-              "worker_count": int(worker_count)}
+    config = {
+        "kind": "eval",
+        "num_records": num_records,
+        "global_batch_size": int(global_batch_size),
+        "image_size": list(hw),
+        "process_index": process_index,
+        "process_count": process_count,
+        "worker_count": int(worker_count),
+    }
     return _iterate(ds, local, read_options, worker_count, config, -(-num_records // global_batch_size))
 
 
@@ -347,5 +419,13 @@ def _grain_checkpoint():
     return grain_checkpoint
 
 
-__all__ = ["BatchIterator", "IMAGE_SIZE_MULTIPLE", "checkpoint_restore_args", "checkpoint_save_args", "image_hw",
-           "make_eval_iterator", "make_train_iterator", "resize_and_crop"]
+__all__ = [
+    "BatchIterator",
+    "IMAGE_SIZE_MULTIPLE",
+    "checkpoint_restore_args",
+    "checkpoint_save_args",
+    "image_hw",
+    "make_eval_iterator",
+    "make_train_iterator",
+    "resize_and_crop",
+]

@@ -28,12 +28,14 @@ import io
 import json
 import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# File name endings read as images (case-insensitive), everywhere images are listed from a folder.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _LIST_LIMIT = 20  # file names listed in one error message
 
@@ -42,7 +44,8 @@ class ImageDecodeError(ValueError):
     """An image file or record could not be decoded; the message names it."""
 
 
-def _listing(names: Sequence[str]) -> str:
+def name_listing(names: Sequence[str]) -> str:
+    """Names for an error message: the first 20, comma-separated, then how many more."""
     shown = ", ".join(names[:_LIST_LIMIT])
     return shown + (f", ... ({len(names) - _LIST_LIMIT} more)" if len(names) > _LIST_LIMIT else "")
 
@@ -119,37 +122,87 @@ def read_image(file: str | os.PathLike | bytes, name: str | None = None) -> np.n
 # Image folders
 
 
-def _read_caption_file(path: pathlib.Path) -> tuple[dict[str, str], bool]:
-    """(captions, keyed_by_relative_path) for a caption file; see `ImageFolderSource`."""
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-        if not (isinstance(data, dict) and "images" in data and "annotations" in data):
-            if not isinstance(data, dict):
-                raise ValueError(f"{path}: a .json caption file must be an object {{relative path: caption}} "
-                                 f"or COCO caption annotations, got {type(data).__name__}")
-            bad = [k for k, v in data.items() if not isinstance(v, str)]
-            if bad:
-                raise ValueError(f"{path}: captions must be strings; not for {_listing(bad)}")
-            return {_normalise_relpath(k): v.strip() for k, v in data.items()}, True
-    from percov2_jax.captions.sources import load_captions  # TSV, JSONL and COCO, keyed by file name
-
-    return load_captions(path), False
-
-
-def _normalise_relpath(name: str) -> str:
+def normalise_relpath(name: str) -> str:
+    """A relative image path as a key: ``\\`` becomes ``/``, leading ``./`` dropped (str -> str)."""
     name = name.replace("\\", "/")
     while name.startswith("./"):
         name = name[2:]
     return name
 
 
+def _endings(extensions: Sequence[str]) -> tuple[str, ...]:
+    """File extensions as lower-case endings with the dot: ("PNG", ".Jpg") -> (".png", ".jpg")."""
+    return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+
+
+def list_images(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Image files under ``root`` (recursive): sorted POSIX paths relative to root (list[str]).
+
+    Names ending in one of ``extensions`` (case-insensitive, the dot optional); hidden files and
+    directories (names starting with ``.``) skipped, symlinked directories not followed.
+    """
+    root = pathlib.Path(root)
+    extensions = _endings(extensions)
+    names = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        relative = pathlib.Path(directory).relative_to(root)
+        names += [(relative / f).as_posix() for f in files if not f.startswith(".") and f.lower().endswith(extensions)]
+    return sorted(names)
+
+
+def caption_keys(
+    ids: Sequence[str], table: Mapping[str, Any], by_path: bool, origin: str, root: str | os.PathLike
+) -> list[str]:
+    """The key of each image in a caption table (list[str]).
+
+    ``ids``: POSIX paths relative to ``root``. A table keyed by relative path (``by_path``) uses
+    the id itself; otherwise the file name without directories. Raises ValueError when a file
+    name that has a caption belongs to several ids (which one it captions is ambiguous);
+    ``origin`` names the table.
+    """
+    if by_path:
+        return list(ids)
+    keys = [i.rsplit("/", 1)[-1] for i in ids]
+    seen: dict[str, list[str]] = {}
+    for key, image_id in zip(keys, ids):
+        if key in table:
+            seen.setdefault(key, []).append(image_id)
+    clashes = sorted(k for k, v in seen.items() if len(v) > 1)
+    if clashes:
+        raise ValueError(
+            f"{origin} keys captions by file name, but these names occur in several "
+            f"subdirectories of {root}: " + name_listing([f"{k} ({', '.join(seen[k])})" for k in clashes])
+        )
+    return keys
+
+
+def _read_caption_file(path: pathlib.Path) -> tuple[dict[str, str], bool]:
+    """(captions, keyed_by_relative_path) for a caption file; see `ImageFolderSource`."""
+    from percov2_jax.captions.sources import is_coco, load_captions  # TSV, JSONL and COCO, keyed by file name
+
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        if not is_coco(data):
+            if not isinstance(data, dict):
+                raise ValueError(
+                    f"{path}: a .json caption file must be an object {{relative path: caption}} "
+                    f"or COCO caption annotations, got {type(data).__name__}"
+                )
+            bad = [k for k, v in data.items() if not isinstance(v, str)]
+            if bad:
+                raise ValueError(f"{path}: captions must be strings; not for {name_listing(bad)}")
+            return {normalise_relpath(k): v.strip() for k, v in data.items()}, True
+    return load_captions(path), False
+
+
 class ImageFolderSource:
     """Image files under ``root`` (recursive) with optional captions.
 
-    Files: names ending in one of ``extensions`` (case-insensitive; default jpg, jpeg, png, webp,
-    bmp), in sorted order of their POSIX path relative to ``root``; that relative path is the
-    record ``id``. Hidden files and directories (names starting with ``.``) are skipped, and
-    symlinked directories are not followed.
+    Files: `list_images` (names ending in one of ``extensions``, case-insensitive; default
+    `IMAGE_EXTENSIONS`), in sorted order of their POSIX path relative to ``root``; that relative
+    path is the record ``id``. Hidden files and directories (names starting with ``.``) are
+    skipped, and symlinked directories are not followed.
 
     ``captions``: None (every caption ``""``), a mapping ``{relative path: caption}``, or a file:
 
@@ -167,22 +220,20 @@ class ImageFolderSource:
     `verify` decodes every file up front.
     """
 
-    def __init__(self, root: str | os.PathLike, captions: str | os.PathLike | Mapping[str, str] | None = None, *,
-                 require_captions: bool = False, extensions: Sequence[str] = IMAGE_EXTENSIONS):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        captions: str | os.PathLike | Mapping[str, str] | None = None,
+        *,
+        require_captions: bool = False,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ):
         self.root = pathlib.Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
-        extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-        ids = []
-        for directory, subdirs, files in os.walk(self.root):
-            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-            rel_dir = pathlib.Path(directory).relative_to(self.root)
-            for f in files:
-                if not f.startswith(".") and f.lower().endswith(extensions):
-                    ids.append((rel_dir / f).as_posix())
-        if not ids:
-            raise FileNotFoundError(f"no image files ({', '.join(extensions)}) under {self.root}")
-        self.ids: list[str] = sorted(ids)
+        self.ids: list[str] = list_images(self.root, extensions)
+        if not self.ids:
+            raise FileNotFoundError(f"no image files ({', '.join(_endings(extensions))}) under {self.root}")
         self.paths: list[str] = [str(self.root / i) for i in self.ids]
         self.captions: list[str] = self._match_captions(captions, require_captions)
 
@@ -192,27 +243,21 @@ class ImageFolderSource:
                 raise ValueError(f"require_captions=True but no captions were given for {self.root}")
             return [""] * len(self.ids)
         if isinstance(captions, Mapping):
-            table, by_path, origin = {_normalise_relpath(k): v for k, v in captions.items()}, True, "the captions mapping"
+            table, by_path, origin = (
+                {normalise_relpath(k): v for k, v in captions.items()},
+                True,
+                "the captions mapping",
+            )
         else:
             table, by_path = _read_caption_file(pathlib.Path(captions))
             origin = str(captions)
-        if by_path:
-            keys = self.ids
-        else:
-            keys = [i.rsplit("/", 1)[-1] for i in self.ids]
-            seen: dict[str, list[str]] = {}
-            for key, example_id in zip(keys, self.ids):
-                if key in table:
-                    seen.setdefault(key, []).append(example_id)
-            clashes = sorted(k for k, v in seen.items() if len(v) > 1)
-            if clashes:
-                raise ValueError(f"{origin} keys captions by file name, but these names occur in several "
-                                 f"subdirectories of {self.root}: " + _listing(
-                                     [f"{k} ({', '.join(seen[k])})" for k in clashes]))
+        keys = caption_keys(self.ids, table, by_path, origin, self.root)
         missing = [i for i, key in zip(self.ids, keys) if key not in table]
         if missing and require_captions:
-            raise ValueError(f"{len(missing)} of {len(self.ids)} images under {self.root} have no caption in "
-                             f"{origin}: {_listing(missing)}")
+            raise ValueError(
+                f"{len(missing)} of {len(self.ids)} images under {self.root} have no caption in "
+                f"{origin}: {name_listing(missing)}"
+            )
         return [table.get(key, "") for key in keys]
 
     def __len__(self) -> int:
@@ -220,8 +265,11 @@ class ImageFolderSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
-        return {"image": read_image(self.paths[index], name=self.paths[index]),
-                "caption": self.captions[index], "id": self.ids[index]}
+        return {
+            "image": read_image(self.paths[index], name=self.paths[index]),
+            "caption": self.captions[index],
+            "id": self.ids[index],
+        }
 
     def verify(self) -> int:
         """Decode every image; returns the count, or raises `ImageDecodeError` listing all bad files."""
@@ -232,8 +280,11 @@ class ImageFolderSource:
             except ImageDecodeError as e:
                 bad.append(str(e))
         if bad:
-            raise ImageDecodeError(f"{len(bad)} of {len(self.paths)} images under {self.root} cannot be decoded:\n"
-                                   + "\n".join(bad[:_LIST_LIMIT]) + ("\n..." if len(bad) > _LIST_LIMIT else ""))
+            raise ImageDecodeError(
+                f"{len(bad)} of {len(self.paths)} images under {self.root} cannot be decoded:\n"
+                + "\n".join(bad[:_LIST_LIMIT])
+                + ("\n..." if len(bad) > _LIST_LIMIT else "")
+            )
         return len(self.paths)
 
     def __repr__(self) -> str:
@@ -260,11 +311,13 @@ def _find_dataset_dir(directory: pathlib.Path) -> pathlib.Path:
         if candidates:
             names = {c.parent for c in candidates}
             if len(names) > 1:
-                raise ValueError(f"{directory} holds several TFDS datasets ({sorted(n.name for n in names)}); "
-                                 "pass the one to read")
+                raise ValueError(
+                    f"{directory} holds several TFDS datasets ({sorted(n.name for n in names)}); pass the one to read"
+                )
             return max(candidates, key=version_key)
-    raise FileNotFoundError(f"{directory}: no TFDS dataset (dataset_info.json) in it, in a version subdirectory "
-                            "or in <name>/<version>")
+    raise FileNotFoundError(
+        f"{directory}: no TFDS dataset (dataset_info.json) in it, in a version subdirectory or in <name>/<version>"
+    )
 
 
 def _lookup(record: Mapping[str, Any], key: str):
@@ -311,8 +364,15 @@ class TfdsSource:
     TensorFlow and has no random access).
     """
 
-    def __init__(self, name_or_dir: str | os.PathLike, split: str, data_dir: str | os.PathLike | None = None,
-                 image_key: str = "image", caption_key: str | None = None, id_key: str | None = None):
+    def __init__(
+        self,
+        name_or_dir: str | os.PathLike,
+        split: str,
+        data_dir: str | os.PathLike | None = None,
+        image_key: str = "image",
+        caption_key: str | None = None,
+        id_key: str | None = None,
+    ):
         import tensorflow_datasets as tfds
 
         path = pathlib.Path(os.fspath(name_or_dir))
@@ -324,21 +384,25 @@ class TfdsSource:
         if not builder.is_prepared():
             raise FileNotFoundError(
                 f"TFDS dataset {self.name} is not prepared in {builder.data_dir}; build it in the array_record format "
-                "(`tfds build --file_format=array_record`, or tools/prepare_dataset.py for an image folder)")
+                "(`tfds build --file_format=array_record`, or tools/prepare_dataset.py for an image folder)"
+            )
         file_format = builder.info.file_format
         if file_format is None or file_format != tfds.core.FileFormat.ARRAY_RECORD:
             fmt = getattr(file_format, "value", file_format)
             raise ValueError(
                 f"TFDS dataset {self.name} ({builder.data_dir}) is stored as {fmt!r}; TfdsSource reads only the "
                 "random-access 'array_record' format (tfrecord also needs TensorFlow). Rebuild it with "
-                "`tfds build --file_format=array_record`, or write an image folder with tools/prepare_dataset.py.")
+                "`tfds build --file_format=array_record`, or write an image folder with tools/prepare_dataset.py."
+            )
         features = builder.info.features
         if image_key not in features:
             raise KeyError(f"TFDS dataset {self.name} has no image feature {image_key!r}; features: {list(features)}")
         if caption_key is None:
             caption_key = "caption" if "caption" in features else None
         elif not _has_key(features, caption_key):
-            raise KeyError(f"TFDS dataset {self.name} has no caption feature {caption_key!r}; features: {list(features)}")
+            raise KeyError(
+                f"TFDS dataset {self.name} has no caption feature {caption_key!r}; features: {list(features)}"
+            )
         if id_key is None:
             id_key = "id" if "id" in features else None
         elif not _has_key(features, id_key):

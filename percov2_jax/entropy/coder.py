@@ -58,8 +58,9 @@ class CodingError(ValueError):
 # Quantisation: probabilities -> integer frequency tables
 
 
-def quantize_probabilities(probs, precision: int = DEFAULT_PRECISION,
-                           mantissa_bits: int = DEFAULT_MANTISSA_BITS) -> np.ndarray:
+def quantize_probabilities(
+    probs, precision: int = DEFAULT_PRECISION, mantissa_bits: int = DEFAULT_MANTISSA_BITS
+) -> np.ndarray:
     """Integer frequency tables for coding: ``[n, V]`` probabilities -> ``[n, V]`` int32.
 
     Every entry is >= 1 and every row sums to exactly ``2**precision``.
@@ -122,14 +123,13 @@ def quantize_probabilities(probs, precision: int = DEFAULT_PRECISION,
     out = np.empty((n, vocab), np.int32)
     rows = max(1, _CHUNK_ELEMENTS // vocab)
     for start in range(0, n, rows):
-        out[start:start + rows] = _quantize_rows(p[start:start + rows], precision, mantissa_bits)
+        out[start : start + rows] = _quantize_rows(p[start : start + rows], precision, mantissa_bits)
     return out
 
 
 def _check_vocab(vocab: int, precision: int) -> None:
     if not 2 <= vocab <= 1 << (precision - 1):
-        raise CodingError(
-            f"alphabet size V={vocab} must be in [2, 2**(precision - 1)] = [2, {1 << (precision - 1)}]")
+        raise CodingError(f"alphabet size V={vocab} must be in [2, 2**(precision - 1)] = [2, {1 << (precision - 1)}]")
 
 
 def _round_to_grid(p: np.ndarray, mantissa_bits: int) -> np.ndarray:
@@ -345,8 +345,10 @@ class TokenDecoder:
         self._shadow.encode_step(f, symbols)
         if _min_payload_bits(self._shadow._coder) > self._payload_bits:
             self._failed = True
-            raise CodingError(f"decoded more information than the {self._payload_bits} payload "
-                              f"bits can hold: truncated data or different frequency tables")
+            raise CodingError(
+                f"decoded more information than the {self._payload_bits} payload "
+                f"bits can hold: truncated data or different frequency tables"
+            )
         return symbols
 
     def finish(self) -> None:
@@ -356,11 +358,11 @@ class TokenDecoder:
         if self._shadow.finish() != self._data.rstrip(b"\0"):
             raise CodingError(
                 "data is not the encoding of the decoded tokens: truncated, corrupted, or decoded "
-                "with frequency tables different from the encoder's")
+                "with frequency tables different from the encoder's"
+            )
 
 
-def encode_tokens(steps: Iterable[tuple[np.ndarray, np.ndarray]],
-                  precision: int = DEFAULT_PRECISION) -> bytes:
+def encode_tokens(steps: Iterable[tuple[np.ndarray, np.ndarray]], precision: int = DEFAULT_PRECISION) -> bytes:
     """Convenience: `TokenEncoder` over ``(frequencies, symbols)`` steps."""
     encoder = TokenEncoder(precision)
     for frequencies, symbols in steps:
@@ -368,8 +370,9 @@ def encode_tokens(steps: Iterable[tuple[np.ndarray, np.ndarray]],
     return encoder.finish()
 
 
-def decode_tokens(data: bytes, frequency_tables: Sequence[np.ndarray],
-                  precision: int = DEFAULT_PRECISION) -> list[np.ndarray]:
+def decode_tokens(
+    data: bytes, frequency_tables: Sequence[np.ndarray], precision: int = DEFAULT_PRECISION
+) -> list[np.ndarray]:
     """Convenience for known tables: `TokenDecoder` over all steps, then `TokenDecoder.finish`."""
     decoder = TokenDecoder(data, precision)
     symbols = [decoder.decode_step(f) for f in frequency_tables]
@@ -420,8 +423,9 @@ def decode_uniform(data: bytes, num_tokens: int, vocab: int) -> np.ndarray:
     bits = uniform_bits(num_tokens, vocab)
     n_bytes = -(-bits // 8)
     if len(data) != n_bytes:
-        raise CodingError(f"uniform payload of {num_tokens} tokens over V={vocab} needs "
-                          f"{n_bytes} bytes, got {len(data)}")
+        raise CodingError(
+            f"uniform payload of {num_tokens} tokens over V={vocab} needs {n_bytes} bytes, got {len(data)}"
+        )
     raw = int.from_bytes(bytes(data), "big")
     pad = 8 * n_bytes - bits
     if raw & ((1 << pad) - 1):
@@ -440,7 +444,7 @@ def _pack(symbols: list[int], vocab: int) -> int:
             value = value * vocab + s
         return value
     half = len(symbols) // 2
-    return _pack(symbols[:half], vocab) + _pack(symbols[half:], vocab) * vocab ** half
+    return _pack(symbols[:half], vocab) + _pack(symbols[half:], vocab) * vocab**half
 
 
 def _unpack(value: int, n: int, vocab: int) -> list[int]:
@@ -451,7 +455,7 @@ def _unpack(value: int, n: int, vocab: int) -> list[int]:
             out.append(s)
         return out
     half = n // 2
-    high, low = divmod(value, vocab ** half)
+    high, low = divmod(value, vocab**half)
     return _unpack(low, half, vocab) + _unpack(high, n - half, vocab)
 
 

@@ -1,4 +1,4 @@
-"""The masked-image-model (MIM) prior over hyper-latent token maps (percov2-method.md §3.2, §4, §5).
+"""The masked-image-model (MIM) prior over hyper-latent token maps (docs/method.md §4.2, §5).
 
 A MaskGIT-style bidirectional transformer: it sees a token map in which only the ``revealed``
 positions carry their token, every other position a learned mask embedding, and predicts a
@@ -6,7 +6,7 @@ categorical distribution over the V codes at every position. With a coding sched
 (``percov2_jax.entropy.schedules``) it codes group ``i`` given groups ``< i``; the ideal code
 length of an image is ``sum_i sum_{j in G_i} -log2 p(y_j | y_{G<i})``.
 
-Design (choices where the method file is silent, §3.2 [U]/[D]):
+Design (choices where the sources are silent; docs/method.md §4.2, §9):
 
 - Input: token embedding ``[V, D]`` plus a separate learned mask embedding (the "index V" token
   of the usual ``V + 1`` table, held apart so the ``V``-row table shards evenly over
@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -51,6 +52,28 @@ from percov2_jax.models.layers import Dtype, LayerNorm, config_from_dict, config
 _LN2 = math.log(2.0)
 MASK_SCHEMES = ("uniform", "cosine")
 _ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+
+
+def transformer_config_problems(config) -> list[str]:
+    """What is wrong with the transformer fields a prior config shares (`MIMConfig`, the VAR's
+    ``VARConfig``): sizes, head split, vocabulary, caption width, dropout; [] when nothing."""
+    problems = []
+    for name in ("vocab_size", "width", "num_layers", "num_heads", "mlp_ratio", "max_side"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            problems.append(f"{name} must be a positive int, got {value!r}")
+    if not problems and config.width % config.num_heads:
+        problems.append(f"width ({config.width}) must be divisible by num_heads ({config.num_heads})")
+    if not problems and config.vocab_size < 2:
+        problems.append(f"vocab_size must be >= 2, got {config.vocab_size}")
+    caption_dim = config.caption_dim
+    if caption_dim is not None and (
+        not isinstance(caption_dim, int) or isinstance(caption_dim, bool) or caption_dim <= 0
+    ):
+        problems.append(f"caption_dim must be None or a positive int, got {caption_dim!r}")
+    if not 0.0 <= config.dropout < 1.0:
+        problems.append(f"dropout must be in [0, 1), got {config.dropout}")
+    return problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,20 +91,7 @@ class MIMConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        problems = []
-        for name in ("vocab_size", "width", "num_layers", "num_heads", "mlp_ratio", "max_side"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                problems.append(f"{name} must be a positive int, got {value!r}")
-        if not problems and self.width % self.num_heads:
-            problems.append(f"width ({self.width}) must be divisible by num_heads ({self.num_heads})")
-        if not problems and self.vocab_size < 2:
-            problems.append(f"vocab_size must be >= 2, got {self.vocab_size}")
-        if self.caption_dim is not None and (
-                not isinstance(self.caption_dim, int) or isinstance(self.caption_dim, bool) or self.caption_dim <= 0):
-            problems.append(f"caption_dim must be None or a positive int, got {self.caption_dim!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        problems = transformer_config_problems(self)
         if problems:
             raise ValueError("invalid MIMConfig: " + "; ".join(problems))
 
@@ -90,7 +100,7 @@ class MIMConfig:
         return self.width // self.num_heads
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MIMConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> MIMConfig:
         """From a ``to_dict`` dict; ``_``-prefixed keys are ignored, unknown keys raise."""
         return config_from_dict(cls, d, "MaskedTokenPrior")
 
@@ -143,8 +153,9 @@ class MaskedTokenPrior(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, revealed: jax.Array, caption: jax.Array | None = None,
-                 train: bool = False) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, revealed: jax.Array, caption: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if tokens.ndim != 3 or revealed.shape != tokens.shape:
@@ -156,8 +167,12 @@ class MaskedTokenPrior(nn.Module):
         revealed = revealed.astype(bool)
         safe_tokens = jnp.where(revealed, tokens, 0).astype(jnp.int32)
         x = embed(cfg.vocab_size, cfg.width, ("vocab", "embed"), name="token_embed", **kw)(safe_tokens)
-        mask_embed = self.param("mask_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-                                (cfg.width,), self.param_dtype)
+        mask_embed = self.param(
+            "mask_embed",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+            (cfg.width,),
+            self.param_dtype,
+        )
         x = jnp.where(revealed[..., None], x, mask_embed.astype(x.dtype))
         rows = embed(cfg.max_side, cfg.width, ("pos", "embed"), name="row_embed", **kw)(jnp.arange(h))
         cols = embed(cfg.max_side, cfg.width, ("pos", "embed"), name="col_embed", **kw)(jnp.arange(w))
@@ -185,20 +200,30 @@ class MaskedTokenPrior(nn.Module):
         """One prefix token ``[B, 1, D]``: the projected caption, or the learned null caption."""
         cfg = self.config
         if caption is None:
-            null = self.param("null_caption", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-                              (cfg.width,), self.param_dtype)
+            null = self.param(
+                "null_caption",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                (cfg.width,),
+                self.param_dtype,
+            )
             # Create the projection too, so params have the same tree with and without a caption.
             if self.is_initializing():
-                dense(cfg.width, ("cond_in", "embed"), name="caption_proj", dtype=self.dtype,
-                      param_dtype=self.param_dtype)(jnp.zeros((1, cfg.caption_dim), self.dtype))
+                dense(
+                    cfg.width, ("cond_in", "embed"), name="caption_proj", dtype=self.dtype, param_dtype=self.param_dtype
+                )(jnp.zeros((1, cfg.caption_dim), self.dtype))
             return jnp.broadcast_to(null.astype(self.dtype), (batch, 1, cfg.width))
         if caption.shape != (batch, cfg.caption_dim):
             raise ValueError(f"caption must be [B, caption_dim] = [{batch}, {cfg.caption_dim}], got {caption.shape}")
         if self.is_initializing():
-            self.param("null_caption", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-                       (cfg.width,), self.param_dtype)
-        token = dense(cfg.width, ("cond_in", "embed"), name="caption_proj", dtype=self.dtype,
-                      param_dtype=self.param_dtype)(caption.astype(self.dtype))
+            self.param(
+                "null_caption",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                (cfg.width,),
+                self.param_dtype,
+            )
+        token = dense(
+            cfg.width, ("cond_in", "embed"), name="caption_proj", dtype=self.dtype, param_dtype=self.param_dtype
+        )(caption.astype(self.dtype))
         return token[:, None, :]
 
 
@@ -213,8 +238,9 @@ def init_params(model: MaskedTokenPrior, rng: jax.Array, height: int = 8, width:
 # Training
 
 
-def sample_training_masks(rng: jax.Array, batch: int, height: int, width: int, scheme: str = "uniform",
-                          low: float = 0.05, high: float = 0.99) -> jax.Array:
+def sample_training_masks(
+    rng: jax.Array, batch: int, height: int, width: int, scheme: str = "uniform", low: float = 0.05, high: float = 0.99
+) -> jax.Array:
     """Random training masks: bool ``[B, H, W]``, True = revealed. Jit-safe (shapes static).
 
     Each image masks ``m`` of its ``N = H * W`` positions, chosen uniformly at random:
@@ -263,9 +289,18 @@ def masked_cross_entropy_bits(logits: jax.Array, tokens: jax.Array, revealed: ja
     return mean, per_image
 
 
-def prior_loss(apply_fn: Callable, params: Any, tokens: jax.Array, rng: jax.Array, caption: jax.Array | None = None,
-               *, scheme: str = "uniform", low: float = 0.05, high: float = 0.99,
-               train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+def prior_loss(
+    apply_fn: Callable,
+    params: Any,
+    tokens: jax.Array,
+    rng: jax.Array,
+    caption: jax.Array | None = None,
+    *,
+    scheme: str = "uniform",
+    low: float = 0.05,
+    high: float = 0.99,
+    train: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sample masks, run the prior, and return ``(bits per masked token, metrics)``.
 
     ``apply_fn = model.apply``; differentiate with ``jax.grad(prior_loss, argnums=1,
@@ -278,8 +313,7 @@ def prior_loss(apply_fn: Callable, params: Any, tokens: jax.Array, rng: jax.Arra
     revealed = sample_training_masks(mask_rng, b, h, w, scheme, low, high)
     logits = apply_fn({"params": params}, tokens, revealed, caption, train, rngs={"dropout": dropout_rng})
     mean, per_image = masked_cross_entropy_bits(logits, tokens, revealed)
-    metrics = {"bits_per_token": mean, "bits_per_image": per_image.mean(),
-               "masked_fraction": 1.0 - revealed.mean()}
+    metrics = {"bits_per_token": mean, "bits_per_image": per_image.mean(), "masked_fraction": 1.0 - revealed.mean()}
     return mean, metrics
 
 
@@ -287,14 +321,16 @@ def prior_loss(apply_fn: Callable, params: Any, tokens: jax.Array, rng: jax.Arra
 # Coding with a schedule
 
 
-def step_logits(apply_fn: Callable, params: Any, tokens: jax.Array, revealed: jax.Array,
-                caption: jax.Array | None = None) -> jax.Array:
+def step_logits(
+    apply_fn: Callable, params: Any, tokens: jax.Array, revealed: jax.Array, caption: jax.Array | None = None
+) -> jax.Array:
     """The prior's logits ``[B, H, W, V]`` for one coding step (``revealed`` = groups < i)."""
     return apply_fn({"params": params}, tokens, revealed, caption)
 
 
-def schedule_log2_probs(apply_fn: Callable, params: Any, tokens: Any, schedule: Schedule,
-                        caption: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
+def schedule_log2_probs(
+    apply_fn: Callable, params: Any, tokens: Any, schedule: Schedule, caption: Any | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The ideal code length of one token map under ``schedule``, all steps in ONE model call.
 
     ``tokens [H, W]``, ``caption [P]`` or None. The S partial maps (``schedule.masks()``) run as
@@ -326,16 +362,25 @@ def _numpy_log2_probs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     return (picked - log_norm) / _LN2
 
 
-def hybrid_complete(apply_fn: Callable, params: Any, tokens: Any, schedule: Schedule, k: int, *,
-                    temperature: float = 0.0, seed: int = 0, caption: Any | None = None) -> np.ndarray:
-    """Hybrid generation (percov2-method.md §5): keep groups ``< k`` of ``tokens [H, W]``
+def hybrid_complete(
+    apply_fn: Callable,
+    params: Any,
+    tokens: Any,
+    schedule: Schedule,
+    k: int,
+    *,
+    temperature: float = 0.0,
+    seed: int = 0,
+    caption: Any | None = None,
+) -> np.ndarray:
+    """Hybrid generation (docs/method.md §5): keep groups ``< k`` of ``tokens [H, W]``
     verbatim and fill groups ``k .. S-1`` one step at a time with the prior.
 
     Step ``i`` conditions on everything revealed so far (transmitted plus generated) and sets
     group ``i`` to the argmax (``temperature == 0``) or to a sample of ``softmax(logits / T)``:
     one ``jax.random.categorical`` draw at every position with key
-    ``jax.random.fold_in(jax.random.key(seed), i)``, of which the group's positions are kept. Values of ``tokens`` outside
-    the first ``k`` groups are never read. Returns int32 ``[H, W]``. Reproducible for a fixed
+    ``jax.random.fold_in(jax.random.key(seed), i)``, of which the group's positions are kept. Values of
+    ``tokens`` outside the first ``k`` groups are never read. Returns int32 ``[H, W]``. Reproducible for a fixed
     seed on the same binary and device kind; float differences across devices can flip an
     argmax or a sample.
     """
@@ -354,8 +399,9 @@ def hybrid_complete(apply_fn: Callable, params: Any, tokens: Any, schedule: Sche
     batch_caption = None if caption is None else jnp.asarray(caption)[None]
     key = jax.random.key(seed)
     for i in range(k, s):
-        logits = step_logits(apply_fn, params, jnp.asarray(out.reshape(1, *tokens.shape)),
-                             jnp.asarray(masks[i][None]), batch_caption)
+        logits = step_logits(
+            apply_fn, params, jnp.asarray(out.reshape(1, *tokens.shape)), jnp.asarray(masks[i][None]), batch_caption
+        )
         flat_logits = logits.reshape(-1, logits.shape[-1])  # [H*W, V]
         if temperature == 0.0:
             chosen = np.argmax(np.asarray(flat_logits), axis=-1)

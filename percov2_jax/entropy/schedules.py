@@ -1,7 +1,7 @@
 """Coding schedules: the order in which the prior codes the hyper-latent token map.
 
 A schedule partitions an ``H x W`` token grid into ``S`` ordered, non-empty groups. Group ``i``
-is entropy-coded in parallel, conditioned on the tokens of groups ``< i`` (percov2-method.md
+is entropy-coded in parallel, conditioned on the tokens of groups ``< i`` (docs/method.md
 §4.1). Encoder and decoder rebuild the schedule from ``(name, H, W, steps)`` alone, so every
 schedule here is a pure function of those numbers and must come out bit-identical on any
 machine and NumPy version. Hence:
@@ -19,12 +19,12 @@ quincunx, implicit-VAR, raster), generation order for ``qlds`` and ``random``. A
 would produce an empty group (tiny grids) drops it, so ``num_steps`` can be smaller than the
 nominal count there.
 
-The schedules and the definitions chosen where the sources are silent (method file §4.2):
+The schedules and the definitions chosen where the sources are silent (docs/method.md §4.3):
 
 ``checkerboard``  He et al. 2021: anchors ``(r + c)`` even, then the rest. 2 groups.
 ``quincunx``      Nested quincunx lattices (PQ-MIM), coarse to fine. See ``quincunx``;
-                  at 8x8: 4, 4, 8, 16, 32 tokens (cumulative 4, 8, 16, 32, 64, as in the
-                  method file).
+                  at 8x8: 4, 4, 8, 16, 32 tokens (cumulative 4, 8, 16, 32, 64, as in
+                  docs/method.md §4.3).
 ``qlds``          M2T's quantised R2 low-discrepancy sequence with power-law group sizes,
                   alpha = 2.2. See ``qlds``.
 ``implicit_var``  Coarse-to-fine sub-grids of the single map (scales 1, 2, 4, 6, 8 at 8x8:
@@ -82,8 +82,7 @@ class Schedule:
         n = self.height * self.width
         if order.size != n or not np.array_equal(np.sort(order), np.arange(n)):
             raise ValueError(
-                f"schedule {self.name!r}: groups do not cover the {self.height}x{self.width} "
-                "grid exactly once"
+                f"schedule {self.name!r}: groups do not cover the {self.height}x{self.width} grid exactly once"
             )
         object.__setattr__(self, "groups", groups)
 
@@ -133,10 +132,7 @@ class Schedule:
         return hash((self.name, self.height, self.width, tuple(g.tobytes() for g in self.groups)))
 
     def __repr__(self):
-        return (
-            f"Schedule({self.name!r}, {self.height}x{self.width}, "
-            f"group_sizes={list(self.group_sizes)})"
-        )
+        return f"Schedule({self.name!r}, {self.height}x{self.width}, group_sizes={list(self.group_sizes)})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +148,7 @@ def checkerboard(height: int, width: int) -> Schedule:
 
 
 def quincunx(height: int, width: int) -> Schedule:
-    """Nested quincunx lattices, coarse to fine (PQ-MIM's order; percov2-method.md §4.2).
+    """Nested quincunx lattices, coarse to fine (PQ-MIM's order; docs/method.md §4.3).
 
     With ``P = 2**L`` the coarsest lattice spacing, the groups are, for ``p = P, P/2, ..., 1``:
 
@@ -163,7 +159,7 @@ def quincunx(height: int, width: int) -> Schedule:
     (fewer if some are empty on a tiny grid). ``L = max(1, floor(log2(min(H, W))) - 1)``, the
     coarsest lattice with at least two rows and two columns, which makes the first group 4
     tokens at 8x8 (``P = 4``: groups 4, 4, 8, 16, 32, cumulative 4, 8, 16, 32, 64, matching
-    the cumulative counts in the method file) and at 32x32 (``P = 16``: 9 groups,
+    the cumulative counts of docs/method.md §4.3) and at 32x32 (``P = 16``: 9 groups,
     4, 4, 8, ..., 512). Lattices are anchored at (0, 0) on non-square grids too.
     """
     _check_grid(height, width)
@@ -186,7 +182,7 @@ def quincunx(height: int, width: int) -> Schedule:
 def qlds(height: int, width: int, steps: int | None = None, alpha: float = QLDS_ALPHA) -> Schedule:
     """M2T's quantised low-discrepancy sequence (QLDS) schedule, ``steps`` groups (default 12).
 
-    Order (percov2-method.md §4.2): R2 points ``t_n = frac(0.5 + n * (1/g, 1/g^2))`` for
+    Order (docs/method.md §4.3): R2 points ``t_n = frac(0.5 + n * (1/g, 1/g^2))`` for
     ``n = 0, 1, 2, ...`` (g the plastic number) go to cell ``(floor(t_n,0 * H),
     floor(t_n,1 * W))``; cells already taken are skipped until every cell is ordered. The
     first cell is the centre, ``(H // 2, W // 2)``.
@@ -299,9 +295,7 @@ _SCHEDULE_IDS: dict[str, int] = {
 _FIXED_STEPS = frozenset({"checkerboard", "quincunx", "implicit_var"})
 
 
-def make_schedule(
-    name: str, height: int, width: int, steps: int | None = None, **options
-) -> Schedule:
+def make_schedule(name: str, height: int, width: int, steps: int | None = None, **options) -> Schedule:
     """Build schedule ``name`` for a ``height x width`` grid.
 
     ``steps`` sets the group count of ``qlds``, ``raster`` and ``random`` (default 12, capped
@@ -318,10 +312,7 @@ def make_schedule(
     if steps is not None:
         _check_steps(steps, height, width)
         if steps != schedule.num_steps:
-            raise ValueError(
-                f"{key} has {schedule.num_steps} steps on a {height}x{width} grid, "
-                f"got steps={steps}"
-            )
+            raise ValueError(f"{key} has {schedule.num_steps} steps on a {height}x{width} grid, got steps={steps}")
     return schedule
 
 
@@ -444,8 +435,7 @@ def _var_scale(scale, height: int, width: int, side: int) -> tuple[int, int]:
     ):
         return int(scale[0]), int(scale[1])
     raise ValueError(
-        f"implicit_var: a scale must be an int in [1, {side}] or an (h, w) pair within "
-        f"{height}x{width}, got {scale!r}"
+        f"implicit_var: a scale must be an int in [1, {side}] or an (h, w) pair within {height}x{width}, got {scale!r}"
     )
 
 
@@ -485,9 +475,7 @@ def _check_steps(steps, height: int, width: int) -> int:
     if steps is None:
         return min(DEFAULT_STEPS, n)
     if not _is_int(steps) or not 1 <= steps <= n:
-        raise ValueError(
-            f"steps must be an int in [1, {n}] for a {height}x{width} grid, got {steps!r}"
-        )
+        raise ValueError(f"steps must be an int in [1, {n}] for a {height}x{width} grid, got {steps!r}")
     return int(steps)
 
 

@@ -13,7 +13,8 @@ prior (`mim.hybrid_complete`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,9 @@ def _caption_batch(caption):
 def _dispatch(probabilities, params, known: np.ndarray, revealed: np.ndarray, caption) -> jax.Array:
     """Start one prior pass (asynchronously). The inputs are copied on the host first: a transfer
     may read its numpy buffer after this returns, and the caller goes on mutating ``revealed``."""
-    return probabilities(params, jnp.asarray(np.array(known[None], np.int32)), jnp.asarray(np.array(revealed[None])),
-                         caption)
+    return probabilities(
+        params, jnp.asarray(np.array(known[None], np.int32)), jnp.asarray(np.array(revealed[None])), caption
+    )
 
 
 def _tables(probs: jax.Array, group: np.ndarray, precision: int) -> np.ndarray:
@@ -53,9 +55,16 @@ def _tables(probs: jax.Array, group: np.ndarray, precision: int) -> np.ndarray:
     return coder.quantize_probabilities(np.asarray(jax.device_get(probs))[group], precision=precision)
 
 
-def encode_with_prior(probabilities: Callable, params: Any, tokens: np.ndarray, schedule: Schedule, *,
-                      caption=None, groups: int | None = None,
-                      precision: int = coder.DEFAULT_PRECISION) -> tuple[bytes, list[float]]:
+def encode_with_prior(
+    probabilities: Callable,
+    params: Any,
+    tokens: np.ndarray,
+    schedule: Schedule,
+    *,
+    caption=None,
+    groups: int | None = None,
+    precision: int = coder.DEFAULT_PRECISION,
+) -> tuple[bytes, list[float]]:
     """Range-code ``tokens [H, W]`` group by group; returns ``(payload, bits_per_step)``.
 
     ``groups``: code only the first ``groups`` schedule groups (hybrid mode); default all.
@@ -87,9 +96,16 @@ def encode_with_prior(probabilities: Callable, params: Any, tokens: np.ndarray, 
     return encoder.finish(), bits
 
 
-def decode_with_prior(probabilities: Callable, params: Any, payload: bytes, schedule: Schedule, *,
-                      caption=None, groups: int | None = None,
-                      precision: int = coder.DEFAULT_PRECISION) -> tuple[np.ndarray, np.ndarray]:
+def decode_with_prior(
+    probabilities: Callable,
+    params: Any,
+    payload: bytes,
+    schedule: Schedule,
+    *,
+    caption=None,
+    groups: int | None = None,
+    precision: int = coder.DEFAULT_PRECISION,
+) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of `encode_with_prior`: ``(tokens [H, W] int32, revealed [H, W] bool)``; positions of
     groups that were not coded are 0 and not revealed (complete them with `mim.hybrid_complete`)."""
     count = schedule.num_steps if groups is None else groups

@@ -1,11 +1,11 @@
-"""The explicit-hierarchical VAR prior, PerCoV2's comparison model (percov2-method.md §1.1, §4.2).
+"""The explicit-hierarchical VAR prior, PerCoV2's comparison model (docs/method.md §1.1, §4.6).
 
 PerCoV2's own prior (``mim.py`` with the ``implicit_var`` schedule) codes ONE token map
 coarse-to-fine; the hierarchy is only in the coding order. The explicit VAR it is compared with
 predicts a multi-scale token pyramid ``[S] -> 1x1 -> 2x2 -> 4x4 -> 6x6 -> 8x8`` with a
 block-causal transformer, and the last scale is the single-scale token map.
 
-Our reading (the method file leaves the tokenizer open, §4.2 [U]):
+Our reading (the sources leave the tokenizer open; docs/method.md §4.6):
 
 - The pyramid is NOT residual. Scale ``k``'s tokens are the codebook indices (the codec's own
   nearest-code quantiser) of the pre-quantisation hyper-latent features, area-averaged to scale
@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from percov2_jax.entropy import coder
-from percov2_jax.entropy.mim import token_log2_probs
+from percov2_jax.entropy.mim import token_log2_probs, transformer_config_problems
 from percov2_jax.models.attention import FeedForward, dot_product_attention
 from percov2_jax.models.layers import Dtype, LayerNorm, config_from_dict, config_to_dict, dense, embed
 
@@ -69,12 +70,15 @@ def scale_shapes(height: int, width: int, scales: Sequence[int] = (1, 2, 4, 6, 8
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales must be a non-empty sequence of positive integers, got {scales}")
     last = scales[-1]
-    shapes = tuple((max(1, (2 * height * s + last) // (2 * last)), max(1, (2 * width * s + last) // (2 * last)))
-                   for s in scales)
+    shapes = tuple(
+        (max(1, (2 * height * s + last) // (2 * last)), max(1, (2 * width * s + last) // (2 * last))) for s in scales
+    )
     counts = [h * w for h, w in shapes]
     if any(b <= a for a, b in zip(counts, counts[1:])):
-        raise ValueError(f"scales {scales} on a {height}x{width} grid give shapes {shapes} whose token counts "
-                         f"{counts} do not strictly increase")
+        raise ValueError(
+            f"scales {scales} on a {height}x{width} grid give shapes {shapes} whose token counts "
+            f"{counts} do not strictly increase"
+        )
     if shapes[-1] != (height, width):
         raise ValueError(f"the last scale's shape {shapes[-1]} is not the grid {height}x{width}")
     return shapes
@@ -102,8 +106,9 @@ def area_downsample(features: jax.Array, shape: tuple[int, int]) -> jax.Array:
     return jnp.einsum("hi,bijd,wj->bhwd", rows, features, cols, precision=jax.lax.Precision.HIGHEST)
 
 
-def pyramid_tokens(features: jax.Array, quantize_fn: Callable[[jax.Array], jax.Array],
-                   shapes: Sequence[tuple[int, int]]) -> list[jax.Array]:
+def pyramid_tokens(
+    features: jax.Array, quantize_fn: Callable[[jax.Array], jax.Array], shapes: Sequence[tuple[int, int]]
+) -> list[jax.Array]:
     """Token pyramid of ``features [B, H, W, D]`` float: one int32 ``[B, h_k, w_k]`` per shape.
 
     ``quantize_fn(features [B, h, w, D]) -> indices [B, h, w]`` is the codec's nearest-code
@@ -135,8 +140,12 @@ def sequence_layout(shapes: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
             ph, pw = shapes[k - 1]
             source.append(offset + ((2 * r + 1) * ph // (2 * h)) * pw + (2 * c + 1) * pw // (2 * w))
             offset += ph * pw
-    return {"scale": np.concatenate(scale), "row": np.concatenate(row), "col": np.concatenate(col),
-            "source": np.concatenate([s.ravel() for s in source]) if source else np.zeros(0, np.int64)}
+    return {
+        "scale": np.concatenate(scale),
+        "row": np.concatenate(row),
+        "col": np.concatenate(col),
+        "source": np.concatenate([s.ravel() for s in source]) if source else np.zeros(0, np.int64),
+    }
 
 
 def block_causal_mask(shapes: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -165,32 +174,23 @@ class VARConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        problems = []
-        for name in ("vocab_size", "width", "num_layers", "num_heads", "mlp_ratio", "max_side"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                problems.append(f"{name} must be a positive int, got {value!r}")
-        if not problems and self.width % self.num_heads:
-            problems.append(f"width ({self.width}) must be divisible by num_heads ({self.num_heads})")
-        if not problems and self.vocab_size < 2:
-            problems.append(f"vocab_size must be >= 2, got {self.vocab_size}")
+        problems = transformer_config_problems(self)
         scales = tuple(self.scales) if isinstance(self.scales, (list, tuple)) else None
-        if (not scales or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in scales)
-                or any(b <= a for a, b in zip(scales, scales[1:]))):
-            problems.append(f"scales must be a non-empty strictly increasing sequence of positive ints, "
-                            f"got {self.scales!r}")
+        if (
+            not scales
+            or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in scales)
+            or any(b <= a for a, b in zip(scales, scales[1:]))
+        ):
+            problems.append(
+                f"scales must be a non-empty strictly increasing sequence of positive ints, got {self.scales!r}"
+            )
         else:
             object.__setattr__(self, "scales", scales)
-        if self.caption_dim is not None and (
-                not isinstance(self.caption_dim, int) or isinstance(self.caption_dim, bool) or self.caption_dim <= 0):
-            problems.append(f"caption_dim must be None or a positive int, got {self.caption_dim!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if problems:
             raise ValueError("invalid VARConfig: " + "; ".join(problems))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "VARConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> VARConfig:
         """From a ``to_dict`` dict; ``_``-prefixed keys are ignored, unknown keys raise."""
         return config_from_dict(cls, d, "VARPrior")
 
@@ -212,8 +212,10 @@ class _Block(nn.Module):
         b, length, _ = x.shape
         h = LayerNorm(cfg.width, eps=1e-6, name="norm1", **kw)(x)
         # Parameter names as `models.attention.Attention` (to_q/k/v, to_out_0), one mask added.
-        q, k, v = (dense(cfg.width, ("embed", "heads"), name=n, **kw)(h).reshape(b, length, cfg.num_heads, -1)
-                   for n in ("to_q", "to_k", "to_v"))
+        q, k, v = (
+            dense(cfg.width, ("embed", "heads"), name=n, **kw)(h).reshape(b, length, cfg.num_heads, -1)
+            for n in ("to_q", "to_k", "to_v")
+        )
         h = dot_product_attention(q, k, v, mask=mask[None, None]).reshape(b, length, cfg.width)
         h = dense(cfg.width, ("heads", "embed"), name="to_out_0", **kw)(h)
         x = x + self._dropout(h, train)
@@ -245,8 +247,9 @@ class VARPrior(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, pyramid: Sequence[jax.Array], caption: jax.Array | None = None,
-                 train: bool = False) -> list[jax.Array]:
+    def __call__(
+        self, pyramid: Sequence[jax.Array], caption: jax.Array | None = None, train: bool = False
+    ) -> list[jax.Array]:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         pyramid = list(pyramid)
@@ -262,9 +265,12 @@ class VARPrior(nn.Module):
         token_embed = embed(cfg.vocab_size, cfg.width, ("vocab", "embed"), name="token_embed", **kw)
         row_embed = embed(cfg.max_side, cfg.width, ("pos", "embed"), name="row_embed", **kw)
         col_embed = embed(cfg.max_side, cfg.width, ("pos", "embed"), name="col_embed", **kw)
-        scale_embed = self.param("scale_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                             ("pos", "embed")),
-                                 (len(cfg.scales), cfg.width), self.param_dtype)
+        scale_embed = self.param(
+            "scale_embed",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("pos", "embed")),
+            (len(cfg.scales), cfg.width),
+            self.param_dtype,
+        )
         # One gather per table over the whole sequence (a loop over scales compiles slower).
         layout = sequence_layout(shapes)
         start = self._start_token(caption, b)
@@ -272,8 +278,12 @@ class VARPrior(nn.Module):
         if len(shapes) > 1:
             previous = jnp.concatenate([t.reshape(b, -1) for t in pyramid[:-1]], axis=1).astype(jnp.int32)
             x = jnp.concatenate([x, token_embed(previous[:, layout["source"]])], axis=1)
-        x = (x + jnp.take(scale_embed, layout["scale"], axis=0).astype(self.dtype) + row_embed(layout["row"])
-             + col_embed(layout["col"]))
+        x = (
+            x
+            + jnp.take(scale_embed, layout["scale"], axis=0).astype(self.dtype)
+            + row_embed(layout["row"])
+            + col_embed(layout["col"])
+        )
         x = nn.with_logical_constraint(x.astype(self.dtype), _ACTIVATION)
         if cfg.dropout > 0.0:
             x = nn.Dropout(cfg.dropout)(x, deterministic=not train)
@@ -284,21 +294,27 @@ class VARPrior(nn.Module):
         x = LayerNorm(cfg.width, eps=1e-6, name="final_norm", **kw)(x)
         logits = dense(cfg.vocab_size, ("embed", "vocab"), name="to_logits", **kw)(x).astype(jnp.float32)
         offsets = np.cumsum([0] + [h * w for h, w in shapes])
-        return [logits[:, offsets[k]:offsets[k + 1]].reshape(b, h, w, cfg.vocab_size)
-                for k, (h, w) in enumerate(shapes)]
+        return [
+            logits[:, offsets[k] : offsets[k + 1]].reshape(b, h, w, cfg.vocab_size) for k, (h, w) in enumerate(shapes)
+        ]
 
     def _start_token(self, caption: jax.Array | None, batch: int) -> jax.Array:
         """``[B, D]``: the projected caption, or ``start_embed`` (also the null caption)."""
         cfg = self.config
-        start = self.param("start_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-                           (cfg.width,), self.param_dtype)
+        start = self.param(
+            "start_embed",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+            (cfg.width,),
+            self.param_dtype,
+        )
         start = jnp.broadcast_to(start.astype(self.dtype), (batch, cfg.width))
         if cfg.caption_dim is None:
             if caption is not None:
                 raise ValueError("this prior has caption_dim=None; pass caption=None")
             return start
-        proj = dense(cfg.width, ("cond_in", "embed"), name="caption_proj", dtype=self.dtype,
-                     param_dtype=self.param_dtype)
+        proj = dense(
+            cfg.width, ("cond_in", "embed"), name="caption_proj", dtype=self.dtype, param_dtype=self.param_dtype
+        )
         if caption is None:
             if self.is_initializing():  # same parameter tree with and without a caption
                 proj(jnp.zeros((1, cfg.caption_dim), self.dtype))
@@ -318,16 +334,23 @@ def init_params(model: VARPrior, rng: jax.Array, height: int = 8, width: int = 8
 # Training and code lengths
 
 
-def pyramid_log2_probs(apply_fn: Callable, params: Any, pyramid: Sequence[jax.Array],
-                       caption: jax.Array | None = None) -> list[jax.Array]:
+def pyramid_log2_probs(
+    apply_fn: Callable, params: Any, pyramid: Sequence[jax.Array], caption: jax.Array | None = None
+) -> list[jax.Array]:
     """``log2 p`` of the true tokens, float32 ``[B, h_k, w_k]`` per scale; ``apply_fn = model.apply``.
     The negated sum over all scales is the ideal code length of each image."""
     logits = apply_fn({"params": params}, list(pyramid), caption)
     return [token_log2_probs(l, t) for l, t in zip(logits, pyramid)]
 
 
-def var_loss(apply_fn: Callable, params: Any, pyramid: Sequence[jax.Array], caption: jax.Array | None = None, *,
-             rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def var_loss(
+    apply_fn: Callable,
+    params: Any,
+    pyramid: Sequence[jax.Array],
+    caption: jax.Array | None = None,
+    *,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``(bits per final token, metrics)``: the cross-entropy in bits of ALL scales divided by the
     final grid's ``H * W``, averaged over the batch. Differentiable in ``params``.
 
@@ -341,10 +364,12 @@ def var_loss(apply_fn: Callable, params: Any, pyramid: Sequence[jax.Array], capt
         logits = apply_fn({"params": params}, pyramid, caption, True, rngs={"dropout": rng})
     b, h, w = pyramid[-1].shape
     vocab = logits[0].shape[-1]
-    bits = -token_log2_probs(jnp.concatenate([l.reshape(b, -1, vocab) for l in logits], axis=1),
-                             jnp.concatenate([t.reshape(b, -1) for t in pyramid], axis=1))  # [B, L]
+    bits = -token_log2_probs(
+        jnp.concatenate([l.reshape(b, -1, vocab) for l in logits], axis=1),
+        jnp.concatenate([t.reshape(b, -1) for t in pyramid], axis=1),
+    )  # [B, L]
     offsets = np.cumsum([0] + [t.shape[1] * t.shape[2] for t in pyramid])
-    metrics = {f"bits_scale_{k}": bits[:, offsets[k]:offsets[k + 1]].sum() / (b * h * w) for k in range(len(pyramid))}
+    metrics = {f"bits_scale_{k}": bits[:, offsets[k] : offsets[k + 1]].sum() / (b * h * w) for k in range(len(pyramid))}
     loss = sum(metrics.values())
     metrics["bits_per_token"] = loss
     return loss, metrics
@@ -367,8 +392,9 @@ def make_scale_probabilities(apply_fn: Callable) -> Callable:
     return probabilities
 
 
-def _scale_tables(probabilities: Callable, params: Any, known: Sequence[np.ndarray], k: int, caption,
-                  precision: int) -> np.ndarray:
+def _scale_tables(
+    probabilities: Callable, params: Any, known: Sequence[np.ndarray], k: int, caption, precision: int
+) -> np.ndarray:
     """Quantised tables ``[h_k * w_k, V]`` of step ``k`` from scales ``< k`` (the rest zeroed)."""
     pyramid = tuple(jnp.asarray((t if i < k else np.zeros_like(t))[None], jnp.int32) for i, t in enumerate(known))
     probs = probabilities(params, pyramid, caption)[k]
@@ -379,8 +405,14 @@ def _caption_batch(caption):
     return None if caption is None else jnp.asarray(caption, jnp.float32).reshape(1, -1)
 
 
-def encode_with_var(probabilities: Callable, params: Any, pyramid: Sequence[np.ndarray], *, caption=None,
-                    precision: int = coder.DEFAULT_PRECISION) -> tuple[bytes, list[float]]:
+def encode_with_var(
+    probabilities: Callable,
+    params: Any,
+    pyramid: Sequence[np.ndarray],
+    *,
+    caption=None,
+    precision: int = coder.DEFAULT_PRECISION,
+) -> tuple[bytes, list[float]]:
     """Range-code a pyramid (list of ``[h_k, w_k]`` int) scale by scale: ``(payload,
     bits_per_scale)``, the latter the ideal code length of each scale under the quantised tables.
     ``probabilities`` is `make_scale_probabilities`' function; ``caption [P]`` or None."""
@@ -398,8 +430,15 @@ def encode_with_var(probabilities: Callable, params: Any, pyramid: Sequence[np.n
     return encoder.finish(), bits
 
 
-def decode_with_var(probabilities: Callable, params: Any, payload: bytes, shapes: Sequence[tuple[int, int]], *,
-                    caption=None, precision: int = coder.DEFAULT_PRECISION) -> list[np.ndarray]:
+def decode_with_var(
+    probabilities: Callable,
+    params: Any,
+    payload: bytes,
+    shapes: Sequence[tuple[int, int]],
+    *,
+    caption=None,
+    precision: int = coder.DEFAULT_PRECISION,
+) -> list[np.ndarray]:
     """Inverse of `encode_with_var`: the pyramid, a list of int32 ``[h_k, w_k]`` of ``shapes``.
     Raises `coder.CodingError` on data the encoder cannot have written for these tables."""
     caption = _caption_batch(caption)

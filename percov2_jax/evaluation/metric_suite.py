@@ -13,7 +13,7 @@ LPIPS and the Inception network randomly, for smoke runs on machines without the
 code path is the real one, the numbers are meaningless, and every report says so. CLIP has no
 random mode (its tokenizer needs the vocabulary files).
 
-Conventions (PerCo's evaluation, ``percov2-method.md`` §7.2): PSNR ``10 log10(255^2 / MSE)`` on
+Conventions (PerCo's evaluation, docs/method.md §7.2): PSNR ``10 log10(255^2 / MSE)`` on
 uint8 RGB (equal to its ``-10 log10(MSE)`` on [0, 1]); MS-SSIM with data range 255 on uint8
 (equal to data range 1 on [0, 1]); LPIPS on [-1, 1] inputs; Inception features on clean-fid's
 host resize to 299x299; CLIP score on the exact ``CLIPImageProcessor`` preprocessing. Images
@@ -24,16 +24,18 @@ Batches are padded (last row repeated) to ``batch_multiple`` and split over the 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from percov2_jax import sharding
 from percov2_jax.metrics import pixel
 
 METRICS = ("psnr", "ms_ssim", "lpips", "fid", "kid", "clip_score")
-MS_SSIM_MIN_SIDE = (11 - 1) * 2 ** 4  # pixel.ms_ssim with the default window and five weights
+MS_SSIM_MIN_SIDE = (11 - 1) * 2**4  # pixel.ms_ssim with the default window and five weights
 RANDOM_NOTE = "random (smoke test: numbers are meaningless)"
 
 
@@ -49,8 +51,17 @@ def parse_names(names: str | Sequence[str]) -> tuple[str, ...]:
 class MetricSuite:
     """Holds the metric networks; see the module docstring."""
 
-    def __init__(self, names: Sequence[str], *, lpips=None, inception=None, clip=None, weights: dict | None = None,
-                 mesh=None, fid_method: str = "sqrtm"):
+    def __init__(
+        self,
+        names: Sequence[str],
+        *,
+        lpips=None,
+        inception=None,
+        clip=None,
+        weights: dict | None = None,
+        mesh=None,
+        fid_method: str = "sqrtm",
+    ):
         self.names = parse_names(names)
         self.fid_method = fid_method
         self.mesh = mesh
@@ -62,7 +73,7 @@ class MetricSuite:
             self._clip_params = (_put(clip.text_params, mesh), _put(clip.vision_params, mesh))
 
     @classmethod
-    def from_config(cls, cfg, mesh=None) -> "MetricSuite":
+    def from_config(cls, cfg, mesh=None) -> MetricSuite:
         """From ``config.metrics``: names, weight paths, ``random_weights``, ``lpips_net``."""
         names = parse_names(cfg.names)
         random_weights = bool(cfg.get("random_weights", False))
@@ -100,16 +111,19 @@ class MetricSuite:
                 missing.append("fid/kid (metrics.inception: pytorch-fid's pt_inception-2015-12-05 .pth)")
         if "clip_score" in names:
             if cfg.get("clip_model"):
-                from percov2_jax.metrics.clip_score import CLIPScorer
+                from percov2_jax.convert.clip_vision_weights import load_clip_scorer
 
-                clip = CLIPScorer.from_pretrained(cfg.clip_model, cfg.get("clip_tokenizer") or None)
+                clip = load_clip_scorer(cfg.clip_model, cfg.get("clip_tokenizer") or None)
                 weights["clip"] = str(cfg.clip_model)
             else:
                 missing.append("clip_score (metrics.clip_model: a transformers CLIPModel folder)")
         if missing:
-            raise ValueError("these metrics need weights that were not given: " + "; ".join(missing)
-                             + ". Give the paths, set metrics.random_weights=True for a smoke run (LPIPS and "
-                               "Inception only), or drop them from metrics.names.")
+            raise ValueError(
+                "these metrics need weights that were not given: "
+                + "; ".join(missing)
+                + ". Give the paths, set metrics.random_weights=True for a smoke run (LPIPS and "
+                "Inception only), or drop them from metrics.names."
+            )
         for name in ("psnr", "ms_ssim"):
             if name in names:
                 weights[name] = "no weights"
@@ -118,21 +132,18 @@ class MetricSuite:
 
         if fid_method not in FID_METHODS:
             raise ValueError(f"metrics.fid_method must be one of {FID_METHODS}, got {fid_method!r}")
-        return cls(names, lpips=lpips, inception=inception, clip=clip, weights=weights, mesh=mesh,
-                   fid_method=fid_method)
+        return cls(
+            names, lpips=lpips, inception=inception, clip=clip, weights=weights, mesh=mesh, fid_method=fid_method
+        )
 
     # ---------------------------------------------------------------- batching
 
     @property
     def batch_multiple(self) -> int:
-        from percov2_jax.train.state import batch_multiple
-
-        return batch_multiple(self.mesh)
+        return sharding.batch_multiple(self.mesh)
 
     def _shard(self, x: np.ndarray):
-        from percov2_jax.train.state import place_padded_batch
-
-        return place_padded_batch(x, self.mesh)
+        return sharding.place_padded_batch(x, self.mesh)
 
     # ---------------------------------------------------------------- metrics
 
@@ -141,12 +152,18 @@ class MetricSuite:
         per-image metrics in ``names`` (psnr, ms_ssim, lpips)."""
         originals, reconstructions = np.asarray(originals), np.asarray(reconstructions)
         if originals.shape != reconstructions.shape or originals.dtype != np.uint8 or reconstructions.dtype != np.uint8:
-            raise ValueError(f"per_image expects two uint8 [B, H, W, 3] batches of one shape, got "
-                             f"{originals.shape} {originals.dtype} and {reconstructions.shape} {reconstructions.dtype}")
+            raise ValueError(
+                f"per_image expects two uint8 [B, H, W, 3] batches of one shape, got "
+                f"{originals.shape} {originals.dtype} and {reconstructions.shape} {reconstructions.dtype}"
+            )
         n = len(originals)
-        values = _pixel_metrics(self.names, self._lpips[0] if self._lpips else None,
-                                self._lpips[1] if self._lpips else None, self._shard(originals),
-                                self._shard(reconstructions))
+        values = _pixel_metrics(
+            self.names,
+            self._lpips[0] if self._lpips else None,
+            self._lpips[1] if self._lpips else None,
+            self._shard(originals),
+            self._shard(reconstructions),
+        )
         out = {k: [float(v) for v in np.asarray(values[k], np.float64)[:n]] for k in values}
         if "ms_ssim" in self.names and "ms_ssim" not in out:
             out["ms_ssim"] = [None] * n
@@ -189,6 +206,7 @@ class MetricSuite:
 # Module-level jitted functions with the (hashable) Flax modules as static arguments: a new
 # MetricSuite over the same networks reuses the compiled code.
 
+
 @jax.jit(static_argnums=(0,))
 def _apply(module, params, *inputs):
     return module.apply({"params": params}, *inputs)
@@ -230,9 +248,7 @@ def random_params(module, example_inputs: tuple, seed: int) -> Any:
 def _put(tree: Any, mesh) -> Any:
     if mesh is None:
         return tree
-    from percov2_jax.sharding import replicated
-
-    return jax.device_put(tree, replicated(mesh))
+    return jax.device_put(tree, sharding.replicated(mesh))
 
 
 def _replicated(pair, mesh):

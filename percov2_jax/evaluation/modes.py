@@ -1,32 +1,43 @@
 """Operating modes of an evaluation: sampling steps x guidance scale x token coding.
 
-  parse_modes("steps=20,guidance=3;steps=2,guidance=1;steps=20,guidance=3,hybrid_groups=2")
+``config.modes`` is a sequence of dicts, one per mode (an empty one: the single default mode)::
 
-One mode per ``;``-separated item of ``key=value`` pairs:
+  c.modes = (
+      dict(sample_steps=20, guidance_scale=3.0),
+      dict(sample_steps=2, guidance_scale=1.0, coding=dict(entropy_mode="uniform"), name="fast"),
+  )
 
-- ``steps`` (``sample_steps``): Euler steps of the decoder's sampler;
-- ``guidance`` (``cfg``, ``guidance_scale``): classifier-free guidance on the caption;
-- token coding, as `percov2_jax.codec.token_codec.TokenCoding` fields: ``entropy_mode``
-  (uniform | prior), ``schedule``, ``coding_steps`` (the schedule's steps), ``hybrid_groups``,
-  ``temperature``, ``hybrid_seed``;
-- ``name``: the label in tables and plots (default e.g. ``s20_g3`` or ``s20_g3_h2``).
+Keys of a mode (all optional):
 
-Omitted fields take the codec's defaults (the checkpoint's ``sample`` config and coding). Modes
-that share a token coding share their bitstreams: the image is compressed once per coding.
-PerCo's observation (method §6): at low rates few steps give the best MS-SSIM and worse FID,
+- ``sample_steps`` (int >= 1): Euler steps of the decoder's sampler;
+- ``guidance_scale`` (float): classifier-free guidance on the caption;
+- ``coding`` (dict): `percov2_jax.codec.token_payload.TokenCoding` fields overriding the codec's
+  coding: ``entropy_mode`` ("prior" | "uniform"), ``schedule`` (a schedule name), ``steps`` (int
+  >= 1, the schedule's steps), ``hybrid_groups`` (int), ``temperature`` (float), ``seed`` (int);
+- ``name`` (str): the label in tables and plots (default e.g. ``s20_g3`` or ``s2_g1_uniform_h2``).
+
+Omitted fields take the codec's defaults (the checkpoint's ``sample`` config and coding).
+`Mode.describe` gives a mode back in this form, so a summary's modes can be pasted into a config.
+Modes that share a token coding share their bitstreams: the image is compressed once per coding.
+PerCo's observation (docs/method.md §6.3): at low rates few steps give the best MS-SSIM and worse FID,
 many steps the reverse; PerCoV2's Fig. 1 sweeps steps x guidance.
+
+On the command line (``ml_collections`` parses a tuple field with ``ast.literal_eval``), give the
+whole sequence in one flag: ``--config.modes="[{'sample_steps': 2}, {'sample_steps': 20,
+'coding': {'entropy_mode': 'uniform'}}]"``. A lone dict there would be read as its keys; that,
+like every malformed mode, is rejected by `modes_from_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-_ALIASES = {"steps": "sample_steps", "sample_steps": "sample_steps", "guidance": "guidance_scale",
-            "cfg": "guidance_scale", "guidance_scale": "guidance_scale", "name": "name",
-            "entropy_mode": "entropy_mode", "schedule": "schedule", "coding_steps": "steps",
-            "hybrid_groups": "hybrid_groups", "temperature": "temperature", "hybrid_seed": "seed"}
-_INT = ("sample_steps", "steps", "hybrid_groups", "seed")
-_FLOAT = ("guidance_scale", "temperature")
+MODE_KEYS = ("name", "sample_steps", "guidance_scale", "coding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +54,21 @@ class Mode:
         return dict(self.coding)
 
     def describe(self) -> dict:
-        return {"name": self.name, "sample_steps": self.sample_steps, "guidance_scale": self.guidance_scale,
-                "coding": self.coding_overrides}
+        """JSON-able, and a valid mode of ``config.modes``: name, sample_steps, guidance_scale, coding."""
+        return {
+            "name": self.name,
+            "sample_steps": self.sample_steps,
+            "guidance_scale": self.guidance_scale,
+            "coding": self.coding_overrides,
+        }
+
+
+@functools.cache
+def coding_fields() -> dict[str, Any]:
+    """`TokenCoding` field name -> its type (e.g. ``int | None``), the keys a mode's ``coding`` accepts."""
+    from percov2_jax.codec.token_payload import TokenCoding
+
+    return typing.get_type_hints(TokenCoding)
 
 
 def _default_name(steps: int, guidance: float, coding: dict) -> str:
@@ -58,34 +82,81 @@ def _default_name(steps: int, guidance: float, coding: dict) -> str:
     return name
 
 
-def parse_modes(spec: str, default_steps: int, default_guidance: float) -> list[Mode]:
-    """``spec`` (module docstring) -> modes; an empty spec gives the one default mode.
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
-    Raises ValueError naming the item for unknown keys, bad values or duplicate names."""
-    modes = []
-    for item in [part.strip() for part in (spec or "").split(";") if part.strip()] or [""]:
-        fields: dict = {}
-        for pair in [p.strip() for p in item.split(",") if p.strip()]:
-            key, sep, value = pair.partition("=")
-            key, value = key.strip(), value.strip()
-            if not sep or key not in _ALIASES:
-                raise ValueError(f"mode {item!r}: {pair!r} is not key=value with a key in {sorted(_ALIASES)}")
-            field = _ALIASES[key]
-            if field in fields:
-                raise ValueError(f"mode {item!r}: {field} given twice")
-            try:
-                fields[field] = int(value) if field in _INT else float(value) if field in _FLOAT else value
-            except ValueError:
-                raise ValueError(f"mode {item!r}: {key}={value!r} is not a number") from None
-        steps = int(fields.pop("sample_steps", default_steps))
-        guidance = float(fields.pop("guidance_scale", default_guidance))
-        if steps < 1:
-            raise ValueError(f"mode {item!r}: steps must be >= 1, got {steps}")
-        name = fields.pop("name", None)
-        coding = dict(sorted(fields.items()))
-        modes.append(Mode(name or _default_name(steps, guidance, coding), steps, guidance, tuple(coding.items())))
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check(value, kind, what: str, label: str):
+    """``value`` converted to ``kind`` (int, float, str, or ``int | None``); ValueError naming the mode."""
+    if value is None and kind is not type(None) and type(None) in typing.get_args(kind):
+        return None
+    kind = next((k for k in typing.get_args(kind) if k is not type(None)), kind)
+    ok = {int: _is_int, float: _is_number, str: lambda v: isinstance(v, str)}[kind](value)
+    if not ok:
+        raise ValueError(f"{label}: {what} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return kind(value)
+
+
+def _mode(spec: Any, label: str, default_steps: int, default_guidance: float) -> Mode:
+    if hasattr(spec, "to_dict"):  # an ml_collections ConfigDict
+        spec = spec.to_dict()
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"{label}: a mode must be a dict with keys from {MODE_KEYS}, got {type(spec).__name__} "
+            f'{spec!r} (on the command line, give the whole list: --config.modes="[{{...}}, ...]")'
+        )
+    unknown = sorted(set(spec) - set(MODE_KEYS), key=str)
+    if unknown:
+        hint = ""
+        if set(unknown) & set(coding_fields()):
+            hint = f"; token coding fields ({', '.join(coding_fields())}) go in the mode's 'coding' dict"
+        raise ValueError(f"{label}: unknown keys {unknown}; a mode has {list(MODE_KEYS)}{hint}")
+    steps = _check(spec.get("sample_steps", default_steps), int, "sample_steps", label)
+    if steps < 1:
+        raise ValueError(f"{label}: sample_steps must be >= 1, got {steps}")
+    guidance = _check(spec.get("guidance_scale", default_guidance), float, "guidance_scale", label)
+    coding_spec = spec.get("coding", {})
+    if hasattr(coding_spec, "to_dict"):
+        coding_spec = coding_spec.to_dict()
+    if not isinstance(coding_spec, Mapping):
+        raise ValueError(f"{label}: coding must be a dict of TokenCoding fields, got {coding_spec!r}")
+    fields = coding_fields()
+    unknown = sorted(set(coding_spec) - set(fields), key=str)
+    if unknown:
+        raise ValueError(f"{label}: unknown coding keys {unknown}; TokenCoding has {list(fields)}")
+    coding = {k: _check(v, fields[k], f"coding.{k}", label) for k, v in sorted(coding_spec.items())}
+    if coding.get("steps") is not None and coding["steps"] < 1:
+        raise ValueError(f"{label}: coding.steps must be >= 1 (or None: the schedule's default), got {coding['steps']}")
+    name = spec.get("name")
+    if name is None:
+        name = _default_name(steps, guidance, coding)
+    elif not isinstance(name, str) or not name:
+        raise ValueError(f"{label}: name must be a non-empty str, got {name!r}")
+    return Mode(name, steps, guidance, tuple(coding.items()))
+
+
+def modes_from_config(specs: Sequence[Any] | None, default_steps: int, default_guidance: float) -> list[Mode]:
+    """``config.modes`` (module docstring) -> modes; an empty sequence gives the one default mode.
+
+    ``default_steps`` / ``default_guidance``: the codec's (checkpoint's) sampling defaults.
+    Raises ValueError naming the mode (``modes[i]``) for a mode that is not a dict, unknown keys,
+    wrong types, steps < 1, and for modes with the same name.
+    """
+    if isinstance(specs, (str, bytes, Mapping)) or hasattr(specs, "to_dict"):
+        raise ValueError(
+            f"config.modes must be a list of dicts (see percov2_jax.evaluation.modes), got "
+            f"{type(specs).__name__} {specs!r}"
+        )
+    specs = list(specs or [])
+    modes = [_mode(spec, f"modes[{i}] {spec!r}", default_steps, default_guidance) for i, spec in enumerate(specs)]
+    modes = modes or [_mode({}, "the default mode", default_steps, default_guidance)]
     names = [m.name for m in modes]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"modes with the same name {duplicates}; give them distinct name=...")
+        where = [f"modes[{i}]" for i, n in enumerate(names) if n in duplicates]
+        raise ValueError(f"{', '.join(where)} have the same name {duplicates}; give them distinct 'name's")
     return modes

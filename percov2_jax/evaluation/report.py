@@ -98,7 +98,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def failures_line(images: dict) -> str:
-    """"22 of 24 images evaluated; 2 failed: kodim03.png (missing), ..." (at most 20 listed)."""
+    """ "22 of 24 images evaluated; 2 failed: kodim03.png (missing), ..." (at most 20 listed)."""
     total, evaluated = images.get("total"), images.get("evaluated")
     failures = images.get("failures") or []
     failed = max(images.get("failed") or 0, len(failures))
@@ -112,7 +112,7 @@ def failures_line(images: dict) -> str:
 
 
 def _coding_text(coding: dict | None) -> str:
-    """"prior, qlds" plus ", hybrid groups 4" when the mode sends hybrid token groups."""
+    """ "prior, qlds" plus ", hybrid groups 4" when the mode sends hybrid token groups."""
     if not coding:
         return MISSING
     parts = [str(coding[k]) for k in ("entropy_mode", "schedule") if coding.get(k) is not None]
@@ -122,7 +122,7 @@ def _coding_text(coding: dict | None) -> str:
 
 
 def _bpp_text(metrics: dict) -> str:
-    """"total (caption / tokens / header)" with "—" for any part not computed."""
+    """ "total (caption / tokens / header)" with "—" for any part not computed."""
     bpp = METRIC_BY_KEY["bpp"]
     total = bpp.format(metrics.get("bpp"))
     if all(metrics.get(k) is None for k in BPP_PARTS):

@@ -30,8 +30,8 @@ tower, so this matches torchmetrics' pad-to-longest).
 
 from __future__ import annotations
 
-import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ WEIGHT = 100.0
 
 
 # ------------------------------------------------------------------ scores ----------------------
+
 
 def cosine(image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array:
     """Row-wise cosine ``[B, P] x [B, P] -> [B]`` (``x / ||x||``, no epsilon, as torchmetrics)."""
@@ -64,6 +65,7 @@ def torchmetrics_clip_score(image_embeds: jax.Array, text_embeds: jax.Array) -> 
 
 
 # ------------------------------------------------------------------ preprocessing ---------------
+
 
 def to_uint8(images: Any, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
     """Float images in ``value_range`` -> uint8 ``[..., H, W, 3]`` (round half to even, clipped),
@@ -89,7 +91,7 @@ def resize_shortest_and_crop(image: np.ndarray, image_size: int, crop_size: int 
     if crop > min(new_h, new_w):
         raise ValueError(f"crop {crop} larger than the resized image {resized.shape[:2]}")
     top, left = (new_h - crop) // 2, (new_w - crop) // 2
-    return resized[top:top + crop, left:left + crop]
+    return resized[top : top + crop, left : left + crop]
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
@@ -98,8 +100,9 @@ def normalize(images: np.ndarray) -> np.ndarray:
     return (x - np.array(OPENAI_CLIP_MEAN, np.float32)) / np.array(OPENAI_CLIP_STD, np.float32)
 
 
-def preprocess(images: Sequence[np.ndarray] | np.ndarray, image_size: int = 224,
-               crop_size: int | None = None) -> np.ndarray:
+def preprocess(
+    images: Sequence[np.ndarray] | np.ndarray, image_size: int = 224, crop_size: int | None = None
+) -> np.ndarray:
     """uint8 images (a list of ``[H, W, 3]`` of any sizes, or ``[B, H, W, 3]``) -> float32
     ``[B, crop, crop, 3]`` NHWC ``pixel_values``; equal to ``CLIPImageProcessorPil``'s output."""
     return np.stack([normalize(resize_shortest_and_crop(im, image_size, crop_size)) for im in images])
@@ -113,11 +116,12 @@ def preprocess_jax(images: jax.Array, image_size: int = 224) -> jax.Array:
     new_h, new_w = (new_long, image_size) if w <= h else (image_size, new_long)
     x = jax.image.resize(images.astype(jnp.float32), (b, new_h, new_w, c), method="bicubic", antialias=True)
     top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
-    x = jnp.clip(x[:, top:top + image_size, left:left + image_size], 0.0, 1.0)
+    x = jnp.clip(x[:, top : top + image_size, left : left + image_size], 0.0, 1.0)
     return (x - jnp.array(OPENAI_CLIP_MEAN)) / jnp.array(OPENAI_CLIP_STD)
 
 
 # ------------------------------------------------------------------ scorer ----------------------
+
 
 def tokenize(tokenizer, captions: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, attention_mask)`` int32 ``[B, length]``: untruncated tokens cut to ``length``, padded."""
@@ -126,8 +130,8 @@ def tokenize(tokenizer, captions: Sequence[str], length: int) -> tuple[np.ndarra
     mask = np.zeros((len(captions), length), np.int32)
     for i, tokens in enumerate(tokenizer(list(captions), padding=False, truncation=False)["input_ids"]):
         tokens = tokens[:length]
-        ids[i, :len(tokens)] = tokens
-        mask[i, :len(tokens)] = 1
+        ids[i, : len(tokens)] = tokens
+        mask[i, : len(tokens)] = 1
     return ids, mask
 
 
@@ -143,19 +147,6 @@ class CLIPScorer:
         self.text_length = text_module.config.max_position_embeddings
         self._text = jax.jit(lambda p, ids, mask: text_module.apply({"params": p}, ids, mask).text_embeds)
         self._image = jax.jit(lambda p, x: vision_module.apply({"params": p}, x).image_embeds)
-
-    @classmethod
-    def from_pretrained(cls, model_folder: str | os.PathLike, tokenizer_folder: str | os.PathLike | None = None,
-                        **module_options) -> "CLIPScorer":
-        """From a transformers ``CLIPModel`` folder (e.g. a local copy of ``openai/clip-vit-large-patch14``)
-        and a folder with ``vocab.json`` + ``merges.txt`` (defaults to the model folder)."""
-        from transformers import CLIPTokenizer  # v5: CLIPTokenizer(vocab_file=...) silently ignores the file
-
-        from percov2_jax.convert.clip_vision_weights import load_clip_model
-
-        (text_module, text_params), (vision_module, vision_params) = load_clip_model(model_folder, **module_options)
-        tokenizer = CLIPTokenizer.from_pretrained(os.fspath(tokenizer_folder or model_folder))
-        return cls(text_module, text_params, vision_module, vision_params, tokenizer)
 
     def text_embeds(self, captions: Sequence[str]) -> jax.Array:
         ids, mask = tokenize(self.tokenizer, captions, self.text_length)

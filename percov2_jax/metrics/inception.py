@@ -91,8 +91,13 @@ class BasicConv2d(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         ph, pw = self.padding
         x = nn.Conv(
-            self.features, tuple(self.kernel), strides=(self.stride, self.stride),
-            padding=((ph, ph), (pw, pw)), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            self.features,
+            tuple(self.kernel),
+            strides=(self.stride, self.stride),
+            padding=((ph, ph), (pw, pw)),
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
             kernel_init=_boxed(nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
             name="conv",
         )(x)
@@ -122,8 +127,9 @@ class _InceptionBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def conv(self, name: str, x: jax.Array, features: int, kernel=(1, 1), stride: int = 1, padding=(0, 0)):
-        return BasicConv2d(features, tuple(kernel), stride, tuple(padding), dtype=self.dtype,
-                           param_dtype=self.param_dtype, name=name)(x)
+        return BasicConv2d(
+            features, tuple(kernel), stride, tuple(padding), dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )(x)
 
 
 class FIDInceptionA(_InceptionBlock):
@@ -201,12 +207,22 @@ class FIDInceptionE(_InceptionBlock):
     def __call__(self, x):
         b1 = self.conv("branch1x1", x, 320)
         b3 = self.conv("branch3x3_1", x, 384)
-        b3 = jnp.concatenate([self.conv("branch3x3_2a", b3, 384, (1, 3), padding=(0, 1)),
-                              self.conv("branch3x3_2b", b3, 384, (3, 1), padding=(1, 0))], axis=-1)
+        b3 = jnp.concatenate(
+            [
+                self.conv("branch3x3_2a", b3, 384, (1, 3), padding=(0, 1)),
+                self.conv("branch3x3_2b", b3, 384, (3, 1), padding=(1, 0)),
+            ],
+            axis=-1,
+        )
         bd = self.conv("branch3x3dbl_1", x, 448)
         bd = self.conv("branch3x3dbl_2", bd, 384, (3, 3), padding=(1, 1))
-        bd = jnp.concatenate([self.conv("branch3x3dbl_3a", bd, 384, (1, 3), padding=(0, 1)),
-                              self.conv("branch3x3dbl_3b", bd, 384, (3, 1), padding=(1, 0))], axis=-1)
+        bd = jnp.concatenate(
+            [
+                self.conv("branch3x3dbl_3a", bd, 384, (1, 3), padding=(0, 1)),
+                self.conv("branch3x3dbl_3b", bd, 384, (3, 1), padding=(1, 0)),
+            ],
+            axis=-1,
+        )
         pooled = avg_pool_3x3_exclude_pad(x) if self.pool == "avg" else max_pool_3x3_same(x)
         bp = self.conv("branch_pool", pooled, 192)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
@@ -322,6 +338,7 @@ def clean_fid_resize(image: np.ndarray, size: tuple[int, int] = (INPUT_SIZE, INP
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"clean_fid_resize expects one [H, W, 3] image, got {image.shape}")
     out_hw = (size[1], size[0])  # PIL sizes are (width, height)
-    channels = [np.asarray(Image.fromarray(image[:, :, c].astype(np.float32)).resize(out_hw, Image.BICUBIC))
-                for c in range(3)]
+    channels = [
+        np.asarray(Image.fromarray(image[:, :, c].astype(np.float32)).resize(out_hw, Image.BICUBIC)) for c in range(3)
+    ]
     return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.float32)

@@ -86,11 +86,20 @@ def _vgg16() -> Backbone:
 BACKBONES: dict[str, Backbone] = {
     # torchvision ``alexnet().features`` minus its final max pool (index 12, after the last tap).
     "alex": Backbone(
-        (Conv(64, 11, 4, 2), ReLU(), MaxPool(3, 2),
-         Conv(192, 5, 1, 2), ReLU(), MaxPool(3, 2),
-         Conv(384, 3, 1, 1), ReLU(),
-         Conv(256, 3, 1, 1), ReLU(),
-         Conv(256, 3, 1, 1), ReLU()),
+        (
+            Conv(64, 11, 4, 2),
+            ReLU(),
+            MaxPool(3, 2),
+            Conv(192, 5, 1, 2),
+            ReLU(),
+            MaxPool(3, 2),
+            Conv(384, 3, 1, 1),
+            ReLU(),
+            Conv(256, 3, 1, 1),
+            ReLU(),
+            Conv(256, 3, 1, 1),
+            ReLU(),
+        ),
         taps=(1, 4, 7, 9, 11),  # relu1 .. relu5
     ),
     "vgg": _vgg16(),
@@ -127,7 +136,11 @@ class NetLinLayer(nn.Module):
 
     def setup(self):
         self.model_1 = nn.Conv(
-            1, (1, 1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            1,
+            (1, 1),
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(nn.initializers.uniform(1.0), (None, None, "conv_in", "conv_out")),
         )
 
@@ -152,9 +165,19 @@ class LPIPS(nn.Module):
         backbone = BACKBONES[self.net]
         for i, layer in enumerate(backbone.layers):
             if isinstance(layer, Conv):
-                setattr(self, f"features_{i}", conv(
-                    layer.features, layer.kernel, strides=layer.stride, padding=[(layer.padding, layer.padding)] * 2,
-                    name=f"features_{i}", dtype=self.dtype, param_dtype=self.param_dtype))
+                setattr(
+                    self,
+                    f"features_{i}",
+                    conv(
+                        layer.features,
+                        layer.kernel,
+                        strides=layer.stride,
+                        padding=[(layer.padding, layer.padding)] * 2,
+                        name=f"features_{i}",
+                        dtype=self.dtype,
+                        param_dtype=self.param_dtype,
+                    ),
+                )
         for k in range(len(backbone.taps)):
             setattr(self, f"lin{k}", NetLinLayer(dtype=jnp.float32, param_dtype=self.param_dtype, name=f"lin{k}"))
 

@@ -66,9 +66,7 @@ def _cast(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _check_images(a: jax.Array, b: jax.Array, name: str) -> None:
     if np.shape(a) != np.shape(b):
-        raise ValueError(
-            f"{name}: images must have the same shape, got {np.shape(a)} and {np.shape(b)}"
-        )
+        raise ValueError(f"{name}: images must have the same shape, got {np.shape(a)} and {np.shape(b)}")
     if len(np.shape(a)) != 4:
         raise ValueError(f"{name}: expected images [B, H, W, C], got shape {np.shape(a)}")
 
@@ -202,9 +200,7 @@ def ssim(
     _check_window(win_size, sigma, "ssim")
     _check_positive(data_range, "data_range", "ssim")
     if min(np.shape(a)[1:3]) < win_size:
-        raise ValueError(
-            f"ssim: image sides must be at least win_size={win_size}, got H, W = {np.shape(a)[1:3]}"
-        )
+        raise ValueError(f"ssim: image sides must be at least win_size={win_size}, got H, W = {np.shape(a)[1:3]}")
     x, y = _cast(a, b)
     c1, c2 = _constants(data_range, k1, k2, x.dtype)
     s = _ssim_per_channel(x, y, c1, c2, win_size=win_size, sigma=sigma)

@@ -15,7 +15,7 @@ from percov2_jax.models.layers import Dtype, RMSNorm, dense
 
 def pallas_interpret() -> bool:
     """Whether Pallas TPU kernels run in interpret mode: ``PERCOV2_PALLAS_INTERPRET`` = 1/0, or by
-    default when the default backend is not a TPU (tools/plan.py sets 0 to compile for TPUs
+    default when the default backend is not a TPU (the planner sets 0 to compile for TPUs
     from a CPU host)."""
     value = os.environ.get("PERCOV2_PALLAS_INTERPRET", "auto")
     if value not in ("auto", "0", "1"):
@@ -23,9 +23,17 @@ def pallas_interpret() -> bool:
     return jax.default_backend() != "tpu" if value == "auto" else value == "1"
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None, *,
-                          bias: jax.Array | None = None, mask: jax.Array | None = None, scale: float | None = None,
-                          is_causal: bool = False) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    implementation: str | None = None,
+    *,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+) -> jax.Array:
     """Softmax attention ``[B, Lq, N, Hd] x [B, Lk, N, Hd] -> [B, Lq, N, Hd]``.
 
     ``scale`` defaults to ``1/sqrt(Hd)``; ``bias`` is added to the logits (broadcast to
@@ -38,15 +46,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementati
     """
     if implementation == "splash":
         if bias is not None or mask is not None or is_causal:
-            raise ValueError("implementation='splash' supports only unmasked attention: got "
-                             f"bias={bias is not None}, mask={mask is not None}, is_causal={is_causal}")
+            raise ValueError(
+                "implementation='splash' supports only unmasked attention: got "
+                f"bias={bias is not None}, mask={mask is not None}, is_causal={is_causal}"
+            )
         if q.dtype != jnp.float64:
             from percov2_jax.models.splash import splash_attention
 
             return splash_attention(q, k, v, scale=scale, interpret=pallas_interpret())
     elif q.dtype != jnp.float64:
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
-                                            implementation=implementation)
+        return jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal, implementation=implementation
+        )
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     logits = jnp.einsum("bqnd,bknd->bnqk", q, k) * scale
     if bias is not None:
@@ -110,8 +121,9 @@ class Attention(nn.Module):
         if self.joint:
             if encoder_hidden_states is None:
                 raise ValueError("joint attention needs encoder_hidden_states")
-            cq, ck, cv = project("add_q_proj", "add_k_proj", "add_v_proj", encoder_hidden_states,
-                                 "norm_added_q", "norm_added_k")
+            cq, ck, cv = project(
+                "add_q_proj", "add_k_proj", "add_v_proj", encoder_hidden_states, "norm_added_q", "norm_added_k"
+            )
             q = jnp.concatenate([q, cq], axis=1)
             k = jnp.concatenate([k, ck], axis=1)
             v = jnp.concatenate([v, cv], axis=1)

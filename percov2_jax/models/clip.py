@@ -8,7 +8,8 @@ Covers CLIP-L/14 (``quick_gelu``) and OpenCLIP bigG/14 (``gelu``) as SD3 package
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -16,8 +17,16 @@ import jax
 import jax.numpy as jnp
 
 from percov2_jax.models.attention import dot_product_attention
-from percov2_jax.models.layers import (Dtype, LayerNorm, activation, config_from_dict, config_from_transformers,
-                                      config_to_dict, dense, embed)
+from percov2_jax.models.layers import (
+    Dtype,
+    LayerNorm,
+    activation,
+    config_from_dict,
+    config_from_transformers,
+    config_to_dict,
+    dense,
+    embed,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +50,11 @@ class CLIPTextConfig:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPTextConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> CLIPTextConfig:
         return config_from_dict(cls, d, "CLIPTextModelWithProjection")
 
     @classmethod
-    def from_transformers(cls, d: Mapping[str, Any]) -> "CLIPTextConfig":
+    def from_transformers(cls, d: Mapping[str, Any]) -> CLIPTextConfig:
         """From a transformers config.json dict (its other, generic fields are not architecture).
         A full ``CLIPModel`` config's projection width is its top-level ``projection_dim``."""
         if "text_config" not in d:
@@ -85,8 +94,9 @@ class CLIPTextEmbeddings(nn.Module):
         if t > cfg.max_position_embeddings:
             raise ValueError(f"sequence length {t} exceeds max_position_embeddings={cfg.max_position_embeddings}")
         tokens = embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="token_embedding", **kw)(input_ids)
-        positions = embed(cfg.max_position_embeddings, cfg.hidden_size, ("pos", "embed"), name="position_embedding",
-                          **kw)(jnp.arange(t)[None])
+        positions = embed(
+            cfg.max_position_embeddings, cfg.hidden_size, ("pos", "embed"), name="position_embedding", **kw
+        )(jnp.arange(t)[None])
         return tokens + positions
 
 
@@ -137,8 +147,9 @@ class CLIPEncoderLayer(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
-        x = x + CLIPAttention(cfg, implementation=self.implementation, causal=self.causal, name="self_attn",
-                              **kw)(h, mask)
+        x = x + CLIPAttention(cfg, implementation=self.implementation, causal=self.causal, name="self_attn", **kw)(
+            h, mask
+        )
         h = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
         return x + CLIPMLP(cfg, name="mlp", **kw)(h)
 
@@ -157,8 +168,9 @@ class CLIPEncoder(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, ...]:
         states = [x]
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, self.dtype, self.param_dtype, self.implementation, self.causal,
-                                 name=f"layers_{i}")(x, mask)
+            x = CLIPEncoderLayer(
+                self.config, self.dtype, self.param_dtype, self.implementation, self.causal, name=f"layers_{i}"
+            )(x, mask)
             states.append(x)
         return tuple(states)
 
@@ -202,9 +214,16 @@ class CLIPTextModelWithProjection(nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
         cfg = self.config
         last, pooled, hidden_states = CLIPTextTransformer(
-            cfg, self.dtype, self.param_dtype, self.attention_implementation, name="text_model")(input_ids, attention_mask)
-        text_embeds = dense(cfg.projection_dim, ("embed", "proj"), name="text_projection", use_bias=False,
-                            dtype=self.dtype, param_dtype=self.param_dtype)(pooled)
+            cfg, self.dtype, self.param_dtype, self.attention_implementation, name="text_model"
+        )(input_ids, attention_mask)
+        text_embeds = dense(
+            cfg.projection_dim,
+            ("embed", "proj"),
+            name="text_projection",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(pooled)
         return CLIPTextOutput(text_embeds, pooled, last, hidden_states)
 
 

@@ -16,7 +16,8 @@ The encoder is the text tower's ``clip.CLIPEncoder`` with ``causal=False``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -24,8 +25,16 @@ import jax
 import jax.numpy as jnp
 
 from percov2_jax.models.clip import CLIPEncoder
-from percov2_jax.models.layers import (Dtype, LayerNorm, activation, config_from_dict, config_from_transformers,
-                                      config_to_dict, dense, embed)
+from percov2_jax.models.layers import (
+    Dtype,
+    LayerNorm,
+    activation,
+    config_from_dict,
+    config_from_transformers,
+    config_to_dict,
+    dense,
+    embed,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +65,11 @@ class CLIPVisionConfig:
         return (self.image_size // self.patch_size) ** 2 + 1
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPVisionConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> CLIPVisionConfig:
         return config_from_dict(cls, d, "CLIPVisionModelWithProjection")
 
     @classmethod
-    def from_transformers(cls, d: Mapping[str, Any]) -> "CLIPVisionConfig":
+    def from_transformers(cls, d: Mapping[str, Any]) -> CLIPVisionConfig:
         """From a transformers config.json dict: a ``CLIPVisionConfig`` or a full ``CLIPConfig``.
 
         In a ``CLIPConfig`` the projection width that ``CLIPModel.visual_projection`` uses is the
@@ -101,18 +110,31 @@ class CLIPVisionEmbeddings(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = pixel_values.shape
         if (h, w) != (cfg.image_size, cfg.image_size) or c != cfg.num_channels:
-            raise ValueError(f"pixel_values {pixel_values.shape} do not match the model's "
-                             f"[B, {cfg.image_size}, {cfg.image_size}, {cfg.num_channels}] (NHWC, preprocessed)")
-        x = nn.Conv(cfg.hidden_size, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
-                    padding="VALID", use_bias=False, name="patch_embedding", **kw,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                             (None, None, "conv_in", "embed")))(pixel_values)
+            raise ValueError(
+                f"pixel_values {pixel_values.shape} do not match the model's "
+                f"[B, {cfg.image_size}, {cfg.image_size}, {cfg.num_channels}] (NHWC, preprocessed)"
+            )
+        x = nn.Conv(
+            cfg.hidden_size,
+            (cfg.patch_size, cfg.patch_size),
+            strides=(cfg.patch_size, cfg.patch_size),
+            padding="VALID",
+            use_bias=False,
+            name="patch_embedding",
+            **kw,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, "conv_in", "embed")),
+        )(pixel_values)
         x = x.reshape(b, -1, cfg.hidden_size)  # row-major patches, as torch's flatten(2)
-        cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-                         (cfg.hidden_size,), self.param_dtype)
+        cls = self.param(
+            "class_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+            (cfg.hidden_size,),
+            self.param_dtype,
+        )
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.hidden_size)), x], axis=1)
-        positions = embed(cfg.num_positions, cfg.hidden_size, ("pos", "embed"), name="position_embedding",
-                          **kw)(jnp.arange(cfg.num_positions)[None])
+        positions = embed(cfg.num_positions, cfg.hidden_size, ("pos", "embed"), name="position_embedding", **kw)(
+            jnp.arange(cfg.num_positions)[None]
+        )
         return x + positions
 
 
@@ -147,9 +169,16 @@ class CLIPVisionModelWithProjection(nn.Module):
     def __call__(self, pixel_values: jax.Array) -> CLIPVisionOutput:
         cfg = self.config
         last, pooled, hidden_states = CLIPVisionTransformer(
-            cfg, self.dtype, self.param_dtype, self.attention_implementation, name="vision_model")(pixel_values)
-        image_embeds = dense(cfg.projection_dim, ("embed", "proj"), name="visual_projection", use_bias=False,
-                             dtype=self.dtype, param_dtype=self.param_dtype)(pooled)
+            cfg, self.dtype, self.param_dtype, self.attention_implementation, name="vision_model"
+        )(pixel_values)
+        image_embeds = dense(
+            cfg.projection_dim,
+            ("embed", "proj"),
+            name="visual_projection",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(pooled)
         return CLIPVisionOutput(image_embeds, pooled, last, hidden_states)
 
 

@@ -24,7 +24,9 @@ def sincos_pos_table(embed_dim: int, grid_size: int, base_size: int, interpolati
     """
     if embed_dim % 4:
         raise ValueError(f"embed_dim must be divisible by 4, got {embed_dim}")
-    coords = np.arange(grid_size, dtype=np.float32) / np.float32(grid_size / base_size) / np.float32(interpolation_scale)
+    coords = (
+        np.arange(grid_size, dtype=np.float32) / np.float32(grid_size / base_size) / np.float32(interpolation_scale)
+    )
     cols, rows = np.meshgrid(coords, coords, indexing="xy")  # cols[i, j] = coords[j]
 
     def one_axis(pos: np.ndarray) -> np.ndarray:
@@ -74,8 +76,14 @@ class PatchEmbed(nn.Module):
         if h % p or w % p:
             raise ValueError(f"latent size {h}x{w} is not a multiple of patch_size={p}")
         x = conv(
-            self.embed_dim, p, strides=p, padding="VALID", name="proj",
-            dtype=self.dtype, param_dtype=self.param_dtype, axes=(None, None, "patch_in", "embed"),
+            self.embed_dim,
+            p,
+            strides=p,
+            padding="VALID",
+            name="proj",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            axes=(None, None, "patch_in", "embed"),
         )(latents)
         x = x.reshape(b, (h // p) * (w // p), self.embed_dim)
         m = self.pos_embed_max_size
@@ -85,7 +93,9 @@ class PatchEmbed(nn.Module):
             table = sincos_pos_table(self.embed_dim, m, self.base_size, self.interpolation_scale)
             return jnp.asarray(table, dtype).reshape(shape)
 
-        table = self.param("pos_embed", _boxed(init_table, (None, "pos", "embed")), (1, m * m, self.embed_dim), self.param_dtype)
+        table = self.param(
+            "pos_embed", _boxed(init_table, (None, "pos", "embed")), (1, m * m, self.embed_dim), self.param_dtype
+        )
         pos = crop_pos_table(table, m, h // p, w // p)
         return (x + pos.astype(x.dtype)).astype(self.dtype)
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -63,10 +64,13 @@ class HyperEncoderConfig:
             if ratio not in (1, 2, 4, 8):
                 problems.append(
                     f"latent_side / hyper_side must be 1, 2, 4 or 8 (PerCo's 0 to 3 stride-2 convs), got "
-                    f"{self.latent_side} / {self.hyper_side} = {ratio:g}")
+                    f"{self.latent_side} / {self.hyper_side} = {ratio:g}"
+                )
         if self.channels % 2 or self.out_channels % 2:
-            problems.append(f"channels ({self.channels}) and out_channels ({self.out_channels}) must be even "
-                            "(the bottleneck blocks halve them)")
+            problems.append(
+                f"channels ({self.channels}) and out_channels ({self.out_channels}) must be even "
+                "(the bottleneck blocks halve them)"
+            )
         if problems:
             raise ValueError("invalid HyperEncoderConfig: " + "; ".join(problems))
 
@@ -75,7 +79,7 @@ class HyperEncoderConfig:
         return int(math.log2(self.latent_side // self.hyper_side))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "HyperEncoderConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> HyperEncoderConfig:
         """From a ``to_dict`` dict; ``_``-prefixed keys are ignored, unknown keys raise."""
         return config_from_dict(cls, d, "HyperEncoder")
 
@@ -85,7 +89,7 @@ class HyperEncoderConfig:
 
 def downsample_factor(config: HyperEncoderConfig) -> int:
     """Spatial reduction ``f`` of the hyper-encoder: latents ``[h, w]`` -> ``[h/f, w/f]``."""
-    return 2 ** config.num_downsamples
+    return 2**config.num_downsamples
 
 
 def layer_plan(config: HyperEncoderConfig) -> tuple[tuple[str, int], ...]:
@@ -98,8 +102,23 @@ def layer_plan(config: HyperEncoderConfig) -> tuple[tuple[str, int], ...]:
         return ("down" if k >= needed else "conv1x1", n)
 
     rbb = ("bottleneck", n)
-    return (maybe_down(3), rbb, rbb, rbb, maybe_down(2), rbb, rbb, rbb, ("attention", n),
-            maybe_down(1), rbb, rbb, rbb, ("conv1x1", m), ("attention", m))
+    return (
+        maybe_down(3),
+        rbb,
+        rbb,
+        rbb,
+        maybe_down(2),
+        rbb,
+        rbb,
+        rbb,
+        ("attention", n),
+        maybe_down(1),
+        rbb,
+        rbb,
+        rbb,
+        ("conv1x1", m),
+        ("attention", m),
+    )
 
 
 def _conv1x1(features: int, name: str, kw: dict) -> nn.Conv:

@@ -7,7 +7,8 @@ compute their statistics in at least float32 whatever the compute dtype.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -143,7 +144,9 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", _boxed(nn.initializers.ones_init(), (self.axis_name,)), (self.dim,), self.param_dtype)
+        scale = self.param(
+            "scale", _boxed(nn.initializers.ones_init(), (self.axis_name,)), (self.dim,), self.param_dtype
+        )
         stats = _stats_dtype(x.dtype)
         var = mean_square(x)
         y = x.astype(stats) * (1.0 / jnp.sqrt(var + self.eps)).astype(stats)  # torch's rsqrt rounding
@@ -167,11 +170,24 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(stats) + bias.astype(stats)).astype(self.dtype)
 
 
-def embed(num_embeddings: int, features: int, axes: tuple[str | None, str | None], *, name: str, dtype: Dtype,
-          param_dtype: Dtype) -> nn.Embed:
+def embed(
+    num_embeddings: int,
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    name: str,
+    dtype: Dtype,
+    param_dtype: Dtype,
+) -> nn.Embed:
     """Embedding table ``[num_embeddings, features]`` (torch ``nn.Embedding.weight``)."""
-    return nn.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype, name=name,
-                    embedding_init=_boxed(nn.initializers.normal(0.02), axes))
+    return nn.Embed(
+        num_embeddings,
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+        embedding_init=_boxed(nn.initializers.normal(0.02), axes),
+    )
 
 
 def activation(name: str):

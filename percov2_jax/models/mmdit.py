@@ -14,7 +14,8 @@ parameter trees between the two layouts.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -54,12 +55,15 @@ class SD3TransformerConfig:
         if self.caption_projection_dim != self.inner_dim:
             problems.append(
                 f"caption_projection_dim ({self.caption_projection_dim}) must equal num_attention_heads * "
-                f"attention_head_dim ({self.inner_dim})")
+                f"attention_head_dim ({self.inner_dim})"
+            )
         if self.qk_norm not in (None, "rms_norm"):
             problems.append(f"qk_norm must be None or 'rms_norm', got {self.qk_norm!r}")
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers - 1]
         if bad:
-            problems.append(f"dual_attention_layers {bad} must lie in [0, num_layers - 1) (the last block is context-only)")
+            problems.append(
+                f"dual_attention_layers {bad} must lie in [0, num_layers - 1) (the last block is context-only)"
+            )
         if self.pos_embed_max_size is None or self.pos_embed_max_size < 1:
             problems.append("pos_embed_max_size must be a positive int (SD3 crops its position table)")
         if (self.inner_dim // 2) % 2:
@@ -72,7 +76,7 @@ class SD3TransformerConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SD3TransformerConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> SD3TransformerConfig:
         """From a diffusers config.json dict; ``_``-prefixed keys are ignored, unknown keys raise."""
         return config_from_dict(cls, d, "SD3Transformer2DModel")
 
@@ -118,13 +122,15 @@ def block_runs(config: SD3TransformerConfig, scan_layers: bool) -> list[BlockRun
     return runs
 
 
-def locate_block(path: tuple[str, ...], config: SD3TransformerConfig, scan_layers: bool) -> tuple[tuple[str, ...], int | None]:
+def locate_block(
+    path: tuple[str, ...], config: SD3TransformerConfig, scan_layers: bool
+) -> tuple[tuple[str, ...], int | None]:
     """Map an unscanned parameter path to its place in the chosen layout: (path, stack index or None)."""
     head = path[0]
     if not head.startswith("transformer_blocks_") or not scan_layers:
         return path, None
     try:
-        index = int(head[len("transformer_blocks_"):])
+        index = int(head[len("transformer_blocks_") :])
     except ValueError:
         return path, None
     for run in block_runs(config, True):
@@ -153,11 +159,20 @@ class JointTransformerBlock(nn.Module):
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn_kw = dict(dim=self.dim, num_heads=self.num_attention_heads, head_dim=self.attention_head_dim,
-                       qk_norm=self.qk_norm, implementation=self.attention_implementation, **kw)
-        self.norm1 = SD35AdaLayerNormZeroX(self.dim, **kw) if self.use_dual_attention else AdaLayerNormZero(self.dim, **kw)
-        self.norm1_context = (AdaLayerNormContinuous(self.dim, **kw) if self.context_pre_only
-                              else AdaLayerNormZero(self.dim, **kw))
+        attn_kw = dict(
+            dim=self.dim,
+            num_heads=self.num_attention_heads,
+            head_dim=self.attention_head_dim,
+            qk_norm=self.qk_norm,
+            implementation=self.attention_implementation,
+            **kw,
+        )
+        self.norm1 = (
+            SD35AdaLayerNormZeroX(self.dim, **kw) if self.use_dual_attention else AdaLayerNormZero(self.dim, **kw)
+        )
+        self.norm1_context = (
+            AdaLayerNormContinuous(self.dim, **kw) if self.context_pre_only else AdaLayerNormZero(self.dim, **kw)
+        )
         self.attn = Attention(joint=True, context_pre_only=self.context_pre_only, **attn_kw)
         if self.use_dual_attention:
             self.attn2 = Attention(joint=False, **attn_kw)
@@ -182,7 +197,9 @@ class JointTransformerBlock(nn.Module):
             hidden_states = hidden_states + gate_msa2[:, None] * attn_out2
         ff_out = self.ff(modulate(layer_norm(hidden_states), shift_mlp, scale_mlp))
         hidden_states = hidden_states + gate_mlp[:, None] * ff_out
-        hidden_states = nn.with_logical_constraint(hidden_states, ("activation_batch", "activation_length", "activation_embed"))
+        hidden_states = nn.with_logical_constraint(
+            hidden_states, ("activation_batch", "activation_length", "activation_embed")
+        )
 
         if self.context_pre_only:
             return None, hidden_states
@@ -190,7 +207,8 @@ class JointTransformerBlock(nn.Module):
         ctx_ff = self.ff_context(modulate(layer_norm(encoder_hidden_states), c_shift_mlp, c_scale_mlp))
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp[:, None] * ctx_ff
         encoder_hidden_states = nn.with_logical_constraint(
-            encoder_hidden_states, ("activation_batch", "activation_length", "activation_embed"))
+            encoder_hidden_states, ("activation_batch", "activation_length", "activation_embed")
+        )
         return encoder_hidden_states, hidden_states
 
 
@@ -229,26 +247,45 @@ class SD3Transformer2DModel(nn.Module):
         b, height, width, _ = hidden_states.shape
         timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32).reshape(-1), (b,))
 
-        x = PatchEmbed(cfg.patch_size, cfg.inner_dim, cfg.pos_embed_max_size, base_size=cfg.sample_size // cfg.patch_size,
-                       name="pos_embed", **kw)(hidden_states.astype(self.dtype))
+        x = PatchEmbed(
+            cfg.patch_size,
+            cfg.inner_dim,
+            cfg.pos_embed_max_size,
+            base_size=cfg.sample_size // cfg.patch_size,
+            name="pos_embed",
+            **kw,
+        )(hidden_states.astype(self.dtype))
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-        temb = CombinedTimestepTextProjEmbeddings(cfg.inner_dim, name="time_text_embed", **kw)(timestep, pooled_projections)
+        temb = CombinedTimestepTextProjEmbeddings(cfg.inner_dim, name="time_text_embed", **kw)(
+            timestep, pooled_projections
+        )
         ctx = dense(cfg.caption_projection_dim, ("cond_in", "embed"), name="context_embedder", **kw)(
-            encoder_hidden_states.astype(self.dtype))
+            encoder_hidden_states.astype(self.dtype)
+        )
 
         policy = remat_policy(self.remat_policy)
-        block_kw = dict(dim=cfg.inner_dim, num_attention_heads=cfg.num_attention_heads,
-                        attention_head_dim=cfg.attention_head_dim, qk_norm=cfg.qk_norm,
-                        attention_implementation=self.attention_implementation, **kw)
+        block_kw = dict(
+            dim=cfg.inner_dim,
+            num_attention_heads=cfg.num_attention_heads,
+            attention_head_dim=cfg.attention_head_dim,
+            qk_norm=cfg.qk_norm,
+            attention_implementation=self.attention_implementation,
+            **kw,
+        )
         for run in block_runs(cfg, self.scan_layers):
             flags = dict(context_pre_only=run.kind == "last", use_dual_attention=run.kind == "dual")
             if run.scanned:
                 step = _ScanStep
                 if self.remat_policy != "none":
                     step = nn.remat(step, policy=policy, prevent_cse=False)
-                scanned = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=(nn.broadcast,), length=run.stop - run.start,
-                                  metadata_params={nn.PARTITION_NAME: "layers"})
+                scanned = nn.scan(
+                    step,
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast,),
+                    length=run.stop - run.start,
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                )
                 (x, ctx), _ = scanned(name=run.name, **block_kw, **flags)((x, ctx), temb)
             else:
                 block = JointTransformerBlock
@@ -264,15 +301,22 @@ class SD3Transformer2DModel(nn.Module):
         return x.reshape(b, h * p, w * p, c)
 
 
-def example_inputs(config: SD3TransformerConfig, batch: int = 1, height: int | None = None, width: int | None = None,
-                   context_length: int = 1):
+def example_inputs(
+    config: SD3TransformerConfig,
+    batch: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    context_length: int = 1,
+):
     """Zero inputs of the right shapes, for ``init`` and ``jax.eval_shape``."""
     height = height or 2 * config.patch_size
     width = width or 2 * config.patch_size
-    return (jnp.zeros((batch, height, width, config.in_channels), jnp.float32),
-            jnp.zeros((batch, context_length, config.joint_attention_dim), jnp.float32),
-            jnp.zeros((batch, config.pooled_projection_dim), jnp.float32),
-            jnp.zeros((batch,), jnp.float32))
+    return (
+        jnp.zeros((batch, height, width, config.in_channels), jnp.float32),
+        jnp.zeros((batch, context_length, config.joint_attention_dim), jnp.float32),
+        jnp.zeros((batch, config.pooled_projection_dim), jnp.float32),
+        jnp.zeros((batch,), jnp.float32),
+    )
 
 
 def scan_block_params(params: Mapping[str, Any], config: SD3TransformerConfig) -> dict[str, Any]:

@@ -32,7 +32,8 @@ class AdaLayerNormZero(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(
-            self.dim, 6, emb, self.dtype, self.param_dtype)
+            self.dim, 6, emb, self.dtype, self.param_dtype
+        )
         return modulate(layer_norm(x), shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
@@ -48,11 +49,19 @@ class SD35AdaLayerNormZeroX(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array):
-        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp,
-         shift_msa2, scale_msa2, gate_msa2) = _modulation(self.dim, 9, emb, self.dtype, self.param_dtype)
+        (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2) = (
+            _modulation(self.dim, 9, emb, self.dtype, self.param_dtype)
+        )
         normed = layer_norm(x)
-        return (modulate(normed, shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp,
-                modulate(normed, shift_msa2, scale_msa2), gate_msa2)
+        return (
+            modulate(normed, shift_msa, scale_msa),
+            gate_msa,
+            shift_mlp,
+            scale_mlp,
+            gate_mlp,
+            modulate(normed, shift_msa2, scale_msa2),
+            gate_msa2,
+        )
 
 
 class AdaLayerNormContinuous(nn.Module):

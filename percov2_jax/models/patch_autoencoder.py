@@ -11,7 +11,8 @@ and look blurred; real quality needs the converted SD3 VAE.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,7 +37,7 @@ class PatchAutoencoderConfig:
         return self.patch_size * self.patch_size * self.in_channels
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PatchAutoencoderConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> PatchAutoencoderConfig:
         return config_from_dict(cls, d, "PatchAutoencoder")
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,13 +74,24 @@ class PatchAutoencoder(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.mean = self.param("mean", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
-                               (cfg.patch_dim,), self.param_dtype)
+        self.mean = self.param(
+            "mean",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+            (cfg.patch_dim,),
+            self.param_dtype,
+        )
         self.components = self.param(
-            "components", nn.with_logical_partitioning(nn.initializers.orthogonal(), (None, None)),
-            (cfg.patch_dim, cfg.latent_channels), self.param_dtype)
-        self.scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
-                                (cfg.latent_channels,), self.param_dtype)
+            "components",
+            nn.with_logical_partitioning(nn.initializers.orthogonal(), (None, None)),
+            (cfg.patch_dim, cfg.latent_channels),
+            self.param_dtype,
+        )
+        self.scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (None,)),
+            (cfg.latent_channels,),
+            self.param_dtype,
+        )
 
     def encode_to_latents(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         del rng  # deterministic encoder; the argument mirrors AutoencoderKL.encode_to_latents
@@ -96,8 +108,12 @@ class PatchAutoencoder(nn.Module):
         return self.decode_latents(self.encode_to_latents(images))
 
 
-def fit_patch_pca(images: Iterable[np.ndarray], config: PatchAutoencoderConfig = PatchAutoencoderConfig(),
-                  max_patches: int = 200_000, seed: int = 0) -> dict[str, np.ndarray]:
+def fit_patch_pca(
+    images: Iterable[np.ndarray],
+    config: PatchAutoencoderConfig = PatchAutoencoderConfig(),
+    max_patches: int = 200_000,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Fit the parameters on images (``[H, W, 3]`` float in [-1, 1] or uint8), cropped to the patch grid.
 
     Returns the ``params`` dict of ``PatchAutoencoder``. Deterministic for a given ``seed``.
@@ -128,5 +144,8 @@ def fit_patch_pca(images: Iterable[np.ndarray], config: PatchAutoencoderConfig =
     signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(config.latent_channels)])
     components = components * signs
     std = s[: config.latent_channels] / np.sqrt(len(patches))
-    return {"mean": mean.astype(np.float32), "components": components.astype(np.float32),
-            "scale": (1.0 / np.maximum(std, 1e-8)).astype(np.float32)}
+    return {
+        "mean": mean.astype(np.float32),
+        "components": components.astype(np.float32),
+        "scale": (1.0 / np.maximum(std, 1e-8)).astype(np.float32),
+    }

@@ -1,7 +1,7 @@
 """The PerCoV2 stage-1 model: hyper-encoder + VQ (the local code z_l) and the SD3 MM-DiT whose
 patch embedding is widened to take the upsampled token features next to the noisy latent.
 
-Token conditioning (percov2-method.md §1.3, an inference: the paper does not state it):
+Token conditioning (docs/method.md §3.3, an inference: the paper does not state it):
 the quantized hyper-latent ``[B, s_h, s_w, C]`` is nearest-upsampled to the latent grid and
 concatenated to x_t, so the MM-DiT sees ``16 + C`` input channels. ``widen_patch_embedding``
 turns pretrained SD3 weights into the widened layout by zero-filling the new input slices, so
@@ -11,7 +11,8 @@ the model equals pretrained SD3 at initialisation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -41,11 +42,15 @@ class PerCoV2Config:
     def __post_init__(self):
         problems = []
         if self.hyper_encoder.in_channels != self.transformer.in_channels:
-            problems.append(f"hyper_encoder.in_channels ({self.hyper_encoder.in_channels}) must equal the latent "
-                            f"channels transformer.in_channels ({self.transformer.in_channels})")
+            problems.append(
+                f"hyper_encoder.in_channels ({self.hyper_encoder.in_channels}) must equal the latent "
+                f"channels transformer.in_channels ({self.transformer.in_channels})"
+            )
         if self.quantizer.dim != self.hyper_encoder.out_channels:
-            problems.append(f"quantizer.dim ({self.quantizer.dim}) must equal hyper_encoder.out_channels "
-                            f"({self.hyper_encoder.out_channels})")
+            problems.append(
+                f"quantizer.dim ({self.quantizer.dim}) must equal hyper_encoder.out_channels "
+                f"({self.hyper_encoder.out_channels})"
+            )
         if problems:
             raise ValueError("invalid PerCoV2Config: " + "; ".join(problems))
 
@@ -56,19 +61,30 @@ class PerCoV2Config:
     @property
     def conditioned_transformer(self) -> SD3TransformerConfig:
         """The MM-DiT config with ``latent + token-feature`` input channels."""
-        return dataclasses.replace(self.transformer, in_channels=self.latent_channels + self.hyper_encoder.out_channels,
-                                   out_channels=self.transformer.out_channels)
+        return dataclasses.replace(
+            self.transformer,
+            in_channels=self.latent_channels + self.hyper_encoder.out_channels,
+            out_channels=self.transformer.out_channels,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"transformer": self.transformer.to_dict(), "hyper_encoder": self.hyper_encoder.to_dict(),
-                "quantizer": self.quantizer.to_dict(), "learned_null_text": self.learned_null_text,
-                "text_length": self.text_length}
+        return {
+            "transformer": self.transformer.to_dict(),
+            "hyper_encoder": self.hyper_encoder.to_dict(),
+            "quantizer": self.quantizer.to_dict(),
+            "learned_null_text": self.learned_null_text,
+            "text_length": self.text_length,
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PerCoV2Config":
-        return cls(SD3TransformerConfig.from_dict(d["transformer"]), HyperEncoderConfig.from_dict(d["hyper_encoder"]),
-                   QuantizerConfig.from_dict(d["quantizer"]), bool(d.get("learned_null_text", False)),
-                   int(d.get("text_length", 333)))
+    def from_dict(cls, d: Mapping[str, Any]) -> PerCoV2Config:
+        return cls(
+            SD3TransformerConfig.from_dict(d["transformer"]),
+            HyperEncoderConfig.from_dict(d["hyper_encoder"]),
+            QuantizerConfig.from_dict(d["quantizer"]),
+            bool(d.get("learned_null_text", False)),
+            int(d.get("text_length", 333)),
+        )
 
 
 def upsample_tokens(features: jax.Array, height: int, width: int) -> jax.Array:
@@ -96,12 +112,17 @@ class PerCoV2(nn.Module):
         self.hyper_encoder = HyperEncoder(self.config.hyper_encoder, **kw)
         self.quantizer = CosineVectorQuantizer(self.config.quantizer, dtype=jnp.float32, param_dtype=self.param_dtype)
         self.transformer = SD3Transformer2DModel(
-            self.config.conditioned_transformer, scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-            attention_implementation=self.attention_implementation, **kw)
+            self.config.conditioned_transformer,
+            scan_layers=self.scan_layers,
+            remat_policy=self.remat_policy,
+            attention_implementation=self.attention_implementation,
+            **kw,
+        )
         if self.config.learned_null_text:
             t = self.config.transformer
-            self.null_text = NullText(self.config.text_length, t.joint_attention_dim, t.pooled_projection_dim,
-                                      param_dtype=self.param_dtype)
+            self.null_text = NullText(
+                self.config.text_length, t.joint_attention_dim, t.pooled_projection_dim, param_dtype=self.param_dtype
+            )
 
     def hyper_latent_tokens(self, latents: jax.Array, *, train: bool = False):
         """Latents ``[B, h, w, 16]`` -> ``QuantizerOutput`` (quantized features, int32 indices ``[B, s_h, s_w]``)."""
@@ -111,8 +132,14 @@ class PerCoV2(nn.Module):
         """Token indices ``[B, s_h, s_w]`` -> quantized features ``[B, s_h, s_w, C]`` (the decoder's side)."""
         return self.quantizer.decode_indices(indices)
 
-    def velocity(self, noisy_latents: jax.Array, token_features: jax.Array, encoder_hidden_states: jax.Array,
-                 pooled_projections: jax.Array, timestep: jax.Array) -> jax.Array:
+    def velocity(
+        self,
+        noisy_latents: jax.Array,
+        token_features: jax.Array,
+        encoder_hidden_states: jax.Array,
+        pooled_projections: jax.Array,
+        timestep: jax.Array,
+    ) -> jax.Array:
         """Predicted velocity ``[B, h, w, 16]`` for x_t ``[B, h, w, 16]`` and timestep ``[B]`` (sigma * 1000)."""
         _, h, w, _ = noisy_latents.shape
         cond = upsample_tokens(token_features, h, w).astype(noisy_latents.dtype)
@@ -125,7 +152,9 @@ class PerCoV2(nn.Module):
             raise ValueError("this PerCoV2 config has no learned null text (learned_null_text=False)")
         return self.null_text(batch)
 
-    def __call__(self, latents, noisy_latents, encoder_hidden_states, pooled_projections, timestep, *, train: bool = False):
+    def __call__(
+        self, latents, noisy_latents, encoder_hidden_states, pooled_projections, timestep, *, train: bool = False
+    ):
         """Training forward: returns ``(velocity [B, h, w, 16], QuantizerOutput)``."""
         q = self.hyper_latent_tokens(latents, train=train)
         v = self.velocity(noisy_latents, q.quantized, encoder_hidden_states, pooled_projections, timestep)
@@ -145,10 +174,18 @@ class NullText(nn.Module):
     @nn.compact
     def __call__(self, batch: int):
         init = nn.initializers.normal(0.02)
-        seq = self.param("encoder_hidden_states", nn.with_logical_partitioning(init, (None, "cond_in")),
-                         (self.length, self.features), self.param_dtype)
-        pooled = self.param("pooled_projections", nn.with_logical_partitioning(init, ("cond_in",)),
-                            (self.pooled_features,), self.param_dtype)
+        seq = self.param(
+            "encoder_hidden_states",
+            nn.with_logical_partitioning(init, (None, "cond_in")),
+            (self.length, self.features),
+            self.param_dtype,
+        )
+        pooled = self.param(
+            "pooled_projections",
+            nn.with_logical_partitioning(init, ("cond_in",)),
+            (self.pooled_features,),
+            self.param_dtype,
+        )
         return (jnp.broadcast_to(seq, (batch,) + seq.shape), jnp.broadcast_to(pooled, (batch,) + pooled.shape))
 
 
@@ -175,8 +212,13 @@ def example_inputs(config: PerCoV2Config, batch: int = 1, height: int = 64, widt
     h, w = height // 8, width // 8
     t = config.transformer
     latents = jnp.zeros((batch, h, w, config.latent_channels), jnp.float32)
-    return (latents, latents, jnp.zeros((batch, text_length, t.joint_attention_dim), jnp.float32),
-            jnp.zeros((batch, t.pooled_projection_dim), jnp.float32), jnp.zeros((batch,), jnp.float32))
+    return (
+        latents,
+        latents,
+        jnp.zeros((batch, text_length, t.joint_attention_dim), jnp.float32),
+        jnp.zeros((batch, t.pooled_projection_dim), jnp.float32),
+        jnp.zeros((batch,), jnp.float32),
+    )
 
 
 def count_params(params: Any) -> int:

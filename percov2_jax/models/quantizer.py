@@ -28,7 +28,8 @@ If ``codebook_dim == dim`` there are no projections (the reference's ``nn.Identi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -77,7 +78,7 @@ class QuantizerConfig:
         return self.dead_code_threshold if self.reset_cluster_size is None else self.reset_cluster_size
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "QuantizerConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantizerConfig:
         """From a ``to_dict`` dict; ``_``-prefixed keys are ignored, unknown keys raise."""
         return config_from_dict(cls, d, "CosineVectorQuantizer")
 
@@ -147,14 +148,19 @@ class CosineVectorQuantizer(nn.Module):
         store = jnp.promote_types(self.param_dtype, jnp.float32)
         shape = (cfg.codebook_size, cfg.codebook_dim)
         self.codebook = self.variable(
-            STATS, "codebook",
-            nn.with_logical_partitioning(lambda: _init_codebook(self.make_rng("params"), shape, store), _CODE_AXES))
+            STATS,
+            "codebook",
+            nn.with_logical_partitioning(lambda: _init_codebook(self.make_rng("params"), shape, store), _CODE_AXES),
+        )
         # The reference starts embed_avg as a copy of the codebook and every cluster at size 1.
         self.embed_avg = self.variable(
-            STATS, "embed_avg", nn.with_logical_partitioning(lambda: self.codebook.value, _CODE_AXES))
+            STATS, "embed_avg", nn.with_logical_partitioning(lambda: self.codebook.value, _CODE_AXES)
+        )
         self.cluster_size = self.variable(
-            STATS, "cluster_size",
-            nn.with_logical_partitioning(lambda: jnp.ones((cfg.codebook_size,), store), ("codebook",)))
+            STATS,
+            "cluster_size",
+            nn.with_logical_partitioning(lambda: jnp.ones((cfg.codebook_size,), store), ("codebook",)),
+        )
 
     @property
     def _stats_dtype(self) -> Any:
@@ -192,8 +198,13 @@ class CosineVectorQuantizer(nn.Module):
         usage, perplexity = usage_and_perplexity(counts)
         if updating:
             self._ema_update(jax.lax.stop_gradient(z), indices, counts)
-        return QuantizerOutput(quantized=quantized.reshape(*lead, cfg.dim), indices=indices.reshape(lead),
-                               commit_loss=commit_loss, usage=usage, perplexity=perplexity)
+        return QuantizerOutput(
+            quantized=quantized.reshape(*lead, cfg.dim),
+            indices=indices.reshape(lead),
+            commit_loss=commit_loss,
+            usage=usage,
+            perplexity=perplexity,
+        )
 
     def _ema_update(self, z: jax.Array, indices: jax.Array, counts: jax.Array) -> None:
         """One EMA step of the reference's ``CosineSimCodebook.forward`` from ``z [N, d]``."""

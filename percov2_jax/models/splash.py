@@ -33,18 +33,28 @@ def _block(length: int) -> int:
     return next(b for b in (512, 256, LANES) if length % b == 0)
 
 
-def block_sizes(q_len: int, kv_len: int, block: int | splash_kernel.BlockSizes | None = None
-                ) -> splash_kernel.BlockSizes:
+def block_sizes(
+    q_len: int, kv_len: int, block: int | splash_kernel.BlockSizes | None = None
+) -> splash_kernel.BlockSizes:
     """Forward and backward tiles for padded lengths ``q_len``/``kv_len``. ``block`` overrides:
     an int is used for every tile (it must divide both lengths), a ``BlockSizes`` is used as is."""
     if isinstance(block, splash_kernel.BlockSizes):
         return block
     bq, bkv = (block, block) if block else (_block(q_len), _block(kv_len))
     if q_len % bq or kv_len % bkv or bkv % LANES:
-        raise ValueError(f"splash block {block} must be a multiple of {LANES} dividing the padded lengths "
-                         f"q={q_len}, kv={kv_len}")
-    return splash_kernel.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                                    block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+        raise ValueError(
+            f"splash block {block} must be a multiple of {LANES} dividing the padded lengths q={q_len}, kv={kv_len}"
+        )
+    return splash_kernel.BlockSizes(
+        block_q=bq,
+        block_kv=bkv,
+        block_kv_compute=bkv,
+        block_q_dkv=bq,
+        block_kv_dkv=bkv,
+        block_kv_dkv_compute=bkv,
+        block_q_dq=bq,
+        block_kv_dq=bkv,
+    )
 
 
 def _local_attention(q, k, v, *, kv_len: int, block, interpret: bool):
@@ -58,13 +68,16 @@ def _local_attention(q, k, v, *, kv_len: int, block, interpret: bool):
     q_len, num_heads = q.shape[1], q.shape[2]
     k_len = k.shape[1]
     mask = splash_mask.MultiHeadMask([splash_mask.FullMask((q_len, k_len)) for _ in range(num_heads)])
-    kernel = splash_kernel.make_splash_mha(mask, block_sizes=block_sizes(q_len, k_len, block), head_shards=1,
-                                           q_seq_shards=1, interpret=interpret)
-    segments = splash_kernel.SegmentIds(q=jnp.zeros((q_len,), jnp.int32),
-                                        kv=(jnp.arange(k_len) >= kv_len).astype(jnp.int32))
+    kernel = splash_kernel.make_splash_mha(
+        mask, block_sizes=block_sizes(q_len, k_len, block), head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+    segments = splash_kernel.SegmentIds(
+        q=jnp.zeros((q_len,), jnp.int32), kv=(jnp.arange(k_len) >= kv_len).astype(jnp.int32)
+    )
     heads_first = lambda x: jnp.swapaxes(x, 0, 1)  # [L, N, Hd] <-> [N, L, Hd]
-    one_row = lambda q1, k1, v1: heads_first(kernel(heads_first(q1), heads_first(k1), heads_first(v1),
-                                                    segment_ids=segments))
+    one_row = lambda q1, k1, v1: heads_first(
+        kernel(heads_first(q1), heads_first(k1), heads_first(v1), segment_ids=segments)
+    )
     return jax.vmap(one_row)(q, k, v)
 
 
@@ -81,8 +94,15 @@ def _mesh_specs(mesh, batch: int, heads: int, kv_heads: int) -> P | None:
     return P(batch_axes or None, None, head_axis, None)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
-                     interpret: bool = False, block: int | splash_kernel.BlockSizes | None = None) -> jax.Array:
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float | None = None,
+    interpret: bool = False,
+    block: int | splash_kernel.BlockSizes | None = None,
+) -> jax.Array:
     """Full (unmasked) softmax attention ``[B, Lq, N, Hd] x [B, Lk, N_kv, Hd] -> [B, Lq, N, Hd]``.
 
     Any float dtype (the kernel accumulates in float32); the output has ``q``'s dtype.

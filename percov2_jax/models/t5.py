@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -19,12 +20,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from percov2_jax.models.attention import dot_product_attention
-from percov2_jax.models.layers import (Dtype, RMSNorm, activation, config_from_dict, config_from_transformers,
-                                      config_to_dict, dense, embed)
+from percov2_jax.models.layers import (
+    Dtype,
+    RMSNorm,
+    activation,
+    config_from_dict,
+    config_from_transformers,
+    config_to_dict,
+    dense,
+    embed,
+)
 
 # feed_forward_proj -> (activation, gated); "gated-gelu" is T5 v1.1 (SD3's T5-XXL).
-_FEED_FORWARD = {"relu": ("relu", False), "gelu": ("gelu_new", False), "gated-gelu": ("gelu_new", True),
-                 "gated-relu": ("relu", True)}
+_FEED_FORWARD = {
+    "relu": ("relu", False),
+    "gelu": ("gelu_new", False),
+    "gated-gelu": ("gelu_new", True),
+    "gated-relu": ("relu", True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +57,16 @@ class T5EncoderConfig:
 
     def __post_init__(self):
         if self.feed_forward_proj not in _FEED_FORWARD:
-            raise ValueError(f"unsupported feed_forward_proj {self.feed_forward_proj!r}; supported: {sorted(_FEED_FORWARD)}")
+            raise ValueError(
+                f"unsupported feed_forward_proj {self.feed_forward_proj!r}; supported: {sorted(_FEED_FORWARD)}"
+            )
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "T5EncoderConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> T5EncoderConfig:
         return config_from_dict(cls, d, "T5EncoderModel")
 
     @classmethod
-    def from_transformers(cls, d: Mapping[str, Any]) -> "T5EncoderConfig":
+    def from_transformers(cls, d: Mapping[str, Any]) -> T5EncoderConfig:
         """From a transformers config.json dict (decoder and generic fields are not read)."""
         return config_from_transformers(cls, d)
 
@@ -69,8 +84,9 @@ class T5EncoderOutput:
     hidden_states: tuple[jax.Array, ...]
 
 
-def relative_position_buckets(query_length: int, key_length: int, num_buckets: int, max_distance: int,
-                              bidirectional: bool = True) -> np.ndarray:
+def relative_position_buckets(
+    query_length: int, key_length: int, num_buckets: int, max_distance: int, bidirectional: bool = True
+) -> np.ndarray:
     """T5's bucket of ``key - query`` for every pair: ``[query_length, key_length]`` int32.
 
     Computed on the host in float32 with transformers' operation order, so the buckets are
@@ -88,8 +104,11 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
     max_exact = num_buckets // 2
     is_small = rel < max_exact
     safe = np.maximum(rel, 1).astype(np.float32)
-    large = (np.log(safe / np.float32(max_exact)) / np.float32(math.log(max_distance / max_exact))
-             * np.float32(num_buckets - max_exact))
+    large = (
+        np.log(safe / np.float32(max_exact))
+        / np.float32(math.log(max_distance / max_exact))
+        * np.float32(num_buckets - max_exact)
+    )
     large = np.minimum(max_exact + large.astype(rel.dtype), num_buckets - 1)
     return (out + np.where(is_small, rel, large)).astype(np.int32)
 
@@ -108,18 +127,30 @@ class T5Attention(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, t, _ = x.shape
         inner = cfg.num_heads * cfg.d_kv
-        q, k, v = (dense(inner, ("embed", "heads"), name=p, use_bias=False, **kw)(x).reshape(b, t, cfg.num_heads, cfg.d_kv)
-                   for p in "qkv")
+        q, k, v = (
+            dense(inner, ("embed", "heads"), name=p, use_bias=False, **kw)(x).reshape(b, t, cfg.num_heads, cfg.d_kv)
+            for p in "qkv"
+        )
         if position_bias is None:
             if not self.has_relative_attention_bias:
                 raise ValueError("the first T5 block computes the position bias")
-            buckets = relative_position_buckets(t, t, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
-            table = embed(cfg.relative_attention_num_buckets, cfg.num_heads, ("rel_buckets", None),
-                          name="relative_attention_bias", **kw)
+            buckets = relative_position_buckets(
+                t, t, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+            )
+            table = embed(
+                cfg.relative_attention_num_buckets,
+                cfg.num_heads,
+                ("rel_buckets", None),
+                name="relative_attention_bias",
+                **kw,
+            )
             position_bias = table(jnp.asarray(buckets)).transpose(2, 0, 1)[None]
-        out = dot_product_attention(q, k, v, self.implementation, bias=position_bias.astype(q.dtype), mask=mask,
-                                    scale=1.0)
-        return dense(cfg.d_model, ("heads", "embed"), name="o", use_bias=False, **kw)(out.reshape(b, t, inner)), position_bias
+        out = dot_product_attention(
+            q, k, v, self.implementation, bias=position_bias.astype(q.dtype), mask=mask, scale=1.0
+        )
+        return dense(cfg.d_model, ("heads", "embed"), name="o", use_bias=False, **kw)(
+            out.reshape(b, t, inner)
+        ), position_bias
 
 
 class T5DenseReluDense(nn.Module):
@@ -135,7 +166,9 @@ class T5DenseReluDense(nn.Module):
         act_name, gated = _FEED_FORWARD[cfg.feed_forward_proj]
         act = activation(act_name)
         if gated:
-            h = act(dense(cfg.d_ff, ("embed", "mlp"), name="wi_0", **kw)(x)) * dense(cfg.d_ff, ("embed", "mlp"), name="wi_1", **kw)(x)
+            h = act(dense(cfg.d_ff, ("embed", "mlp"), name="wi_0", **kw)(x)) * dense(
+                cfg.d_ff, ("embed", "mlp"), name="wi_1", **kw
+            )(x)
         else:
             h = act(dense(cfg.d_ff, ("embed", "mlp"), name="wi", **kw)(x))
         return dense(cfg.d_model, ("mlp", "embed"), name="wo", **kw)(h)
@@ -154,8 +187,9 @@ class _SelfAttentionLayer(nn.Module):
     def __call__(self, x, position_bias, mask):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, axis_name="norm", name="layer_norm", **kw)(x)
-        out, position_bias = T5Attention(cfg, self.has_relative_attention_bias, implementation=self.implementation,
-                                         name="SelfAttention", **kw)(h, position_bias, mask)
+        out, position_bias = T5Attention(
+            cfg, self.has_relative_attention_bias, implementation=self.implementation, name="SelfAttention", **kw
+        )(h, position_bias, mask)
         return x + out, position_bias
 
 
@@ -183,8 +217,9 @@ class T5Block(nn.Module):
     @nn.compact
     def __call__(self, x, position_bias, mask):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x, position_bias = _SelfAttentionLayer(self.config, self.has_relative_attention_bias, implementation=self.implementation,
-                                               name="layer_0", **kw)(x, position_bias, mask)
+        x, position_bias = _SelfAttentionLayer(
+            self.config, self.has_relative_attention_bias, implementation=self.implementation, name="layer_0", **kw
+        )(x, position_bias, mask)
         return _FeedForwardLayer(self.config, name="layer_1", **kw)(x), position_bias
 
 
@@ -200,7 +235,8 @@ class T5Stack(nn.Module):
         states, position_bias = [x], None
         for i in range(cfg.num_layers):
             x, position_bias = T5Block(cfg, i == 0, implementation=self.implementation, name=f"block_{i}", **kw)(
-                x, position_bias, mask)
+                x, position_bias, mask
+            )
             states.append(x)
         last = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, axis_name="norm", name="final_layer_norm", **kw)(x)
         return last, tuple(states[:-1]) + (last,)

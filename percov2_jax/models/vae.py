@@ -10,7 +10,8 @@ Parameter names mirror diffusers (``encoder.down_blocks.0.resnets.1.conv1`` ->
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -72,7 +73,7 @@ class AutoencoderKLConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "AutoencoderKLConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> AutoencoderKLConfig:
         """From a diffusers config.json dict; ``_``-prefixed keys are ignored, unknown keys raise."""
         return config_from_dict(cls, d, "AutoencoderKL")
 
@@ -110,7 +111,9 @@ class Downsample2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv(self.channels, 3, strides=2, padding="VALID", name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return conv(
+            self.channels, 3, strides=2, padding="VALID", name="conv", dtype=self.dtype, param_dtype=self.param_dtype
+        )(x)
 
 
 class Upsample2D(nn.Module):
@@ -123,7 +126,9 @@ class Upsample2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return conv(self.channels, 3, padding=((1, 1), (1, 1)), name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return conv(
+            self.channels, 3, padding=((1, 1), (1, 1)), name="conv", dtype=self.dtype, param_dtype=self.param_dtype
+        )(x)
 
 
 class SpatialSelfAttention(nn.Module):
@@ -199,9 +204,17 @@ class Encoder(nn.Module):
         n = len(cfg.block_out_channels)
         x = conv(cfg.block_out_channels[0], 3, padding=((1, 1), (1, 1)), name="conv_in", **kw)(x)
         for i, channels in enumerate(cfg.block_out_channels):
-            x = ResnetStage2D(channels, cfg.layers_per_block, cfg.norm_num_groups, "down" if i < n - 1 else None,
-                              name=f"down_blocks_{i}", **kw)(x)
-        x = MidBlock2D(cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
+            x = ResnetStage2D(
+                channels,
+                cfg.layers_per_block,
+                cfg.norm_num_groups,
+                "down" if i < n - 1 else None,
+                name=f"down_blocks_{i}",
+                **kw,
+            )(x)
+        x = MidBlock2D(
+            cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw
+        )(x)
         x = nn.silu(group_norm(cfg.norm_num_groups, name="conv_norm_out", **kw)(x))
         return conv(2 * cfg.latent_channels, 3, padding=((1, 1), (1, 1)), name="conv_out", **kw)(x)
 
@@ -220,8 +233,14 @@ class Decoder(nn.Module):
         x = conv(channels[0], 3, padding=((1, 1), (1, 1)), name="conv_in", **kw)(z)
         x = MidBlock2D(channels[0], cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
         for i, ch in enumerate(channels):
-            x = ResnetStage2D(ch, cfg.layers_per_block + 1, cfg.norm_num_groups, "up" if i < len(channels) - 1 else None,
-                              name=f"up_blocks_{i}", **kw)(x)
+            x = ResnetStage2D(
+                ch,
+                cfg.layers_per_block + 1,
+                cfg.norm_num_groups,
+                "up" if i < len(channels) - 1 else None,
+                name=f"up_blocks_{i}",
+                **kw,
+            )(x)
         x = nn.silu(group_norm(cfg.norm_num_groups, name="conv_norm_out", **kw)(x))
         return conv(cfg.out_channels, 3, padding=((1, 1), (1, 1)), name="conv_out", **kw)(x)
 

@@ -23,33 +23,39 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class DeviceKind:
-    """One accelerator: ``peak_flops`` dense bf16 per device, ``memory_bytes`` per device.
+    """One accelerator: ``jax_kind`` the ``device_kind`` JAX reports for it, ``memory_bytes`` per
+    device; its dense bf16 ``peak_flops`` come from `percov2_jax.flops`.
 
     ``topology`` is the libtpu topology prefix (``v5p``) or None when it cannot be compiled for
     here; ``dims`` is the chip grid's rank (3 for v4/v5p tori, 2 for v5e/v6e).
     """
 
     name: str
-    peak_flops: float
+    jax_kind: str
     memory_bytes: float
     topology: str | None
     dims: int = 2
     megacore: bool = False
 
     @property
+    def peak_flops(self) -> float:
+        from percov2_jax.flops import peak_flops_of_kind
+
+        return peak_flops_of_kind(self.jax_kind)
+
+    @property
     def compiled_for_real(self) -> bool:
         return self.topology is not None
 
 
-# Peaks agree with percov2_jax.train.flops (vendor dense bf16 figures); memory is HBM per
-# device (one chip; v4 and v5p run in megacore mode, one device per chip).
+# Memory is HBM per device (one chip; v4 and v5p run in megacore mode, one device per chip).
 DEVICE_KINDS: dict[str, DeviceKind] = {
-    "tpu_v4": DeviceKind("tpu_v4", 275e12, 32 * GIB, "v4", dims=3, megacore=True),
-    "tpu_v5e": DeviceKind("tpu_v5e", 197e12, 16 * GIB, "v5e", dims=2),
-    "tpu_v5p": DeviceKind("tpu_v5p", 459e12, 95 * GIB, "v5p", dims=3, megacore=True),
-    "tpu_v6e": DeviceKind("tpu_v6e", 918e12, 32 * GIB, "v6e", dims=2),
-    "h100": DeviceKind("h100", 989e12, 80e9, None),
-    "a100": DeviceKind("a100", 312e12, 80e9, None),
+    "tpu_v4": DeviceKind("tpu_v4", "TPU v4", 32 * GIB, "v4", dims=3, megacore=True),
+    "tpu_v5e": DeviceKind("tpu_v5e", "TPU v5e", 16 * GIB, "v5e", dims=2),
+    "tpu_v5p": DeviceKind("tpu_v5p", "TPU v5p", 95 * GIB, "v5p", dims=3, megacore=True),
+    "tpu_v6e": DeviceKind("tpu_v6e", "TPU v6e", 32 * GIB, "v6e", dims=2),
+    "h100": DeviceKind("h100", "NVIDIA H100 80GB HBM3", 80e9, None),
+    "a100": DeviceKind("a100", "NVIDIA A100-SXM4-80GB", 80e9, None),
 }
 
 
@@ -94,12 +100,11 @@ def topology_name(kind: DeviceKind, count: int) -> str:
     return f"{kind.topology}:" + "x".join(str(g) for g in grid)
 
 
-def enable_libtpu(libtpu_path: str | None) -> str:
+def enable_libtpu(libtpu_path: str | None) -> None:
     """Make ``import libtpu`` work, from an installed package or a ``pip --target`` directory.
 
-    Returns the directory that holds the ``libtpu`` package. Raises with the install command
-    when neither is found. Sets the environment libtpu reads so that, with no TPU attached, it
-    only warns (the host and worker names it would otherwise look up).
+    Raises with the install command when neither is found. Sets the environment libtpu reads so
+    that, with no TPU attached, it only warns (the host and worker names it would otherwise look up).
     """
     candidates = [p for p in (libtpu_path, os.environ.get("PERCOV2_LIBTPU_PATH")) if p]
     for path in candidates:
@@ -113,13 +118,13 @@ def enable_libtpu(libtpu_path: str | None) -> str:
         raise RuntimeError(
             "planning for TPU needs libtpu (the TPU compiler; no TPU is used). Install it with "
             "`pip install 'jax[tpu]'` or `make libtpu` (a private copy in .venv/libtpu, passed with "
-            f"--libtpu_path or PERCOV2_LIBTPU_PATH); looked in {candidates or 'the environment'}") from e
+            f"--libtpu_path or PERCOV2_LIBTPU_PATH); looked in {candidates or 'the environment'}"
+        ) from e
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU to guard: plans may run side by side
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_WORKER_ID", "0")
-    return os.path.dirname(os.path.dirname(libtpu.__file__))
 
 
 def tpu_devices(kind: DeviceKind, count: int) -> list:

@@ -4,12 +4,12 @@ devices we do not have, and read off per-device memory and FLOPs.
 Nothing is allocated: the train state, the frozen VAE and the batch are ``ShapeDtypeStruct``s
 carrying the shardings the training loop would give them (the same ``build_state_spec``, the
 same logical-axis rule table), and the functions compiled are the loop's own
-(``make_train_step``) and the codec's own (``codec.api._decode``).
+(``make_train_step``) and the codec's own (``codec.networks.decode_tokens``).
 
 Memory is XLA's ``memory_analysis()`` of the per-device program: arguments, outputs (minus the
 donated buffers they alias) and temporaries; ``peak`` is their sum. FLOPs are XLA's cost
 analysis of that program (per device) and, independently, the model FLOPs of the MM-DiT
-(``train.flops``: 3x the forward for a training step) from which the step time at a given MFU
+(``percov2_jax.flops``: 3x the forward for a training step) from which the step time at a given MFU
 follows: ``model FLOPs / (devices x peak FLOP/s x MFU)``.
 """
 
@@ -22,17 +22,29 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from percov2_jax import rates
+from percov2_jax import build, rates
 from percov2_jax import sharding as sharding_lib
 from percov2_jax.planning.devices import DeviceKind
 
 # The SD3 release VAE (stabilityai/stable-diffusion-3-medium-diffusers vae/config.json).
-SD3_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-               latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-               use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
+SD3_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +75,18 @@ def _memory(compiled) -> dict[str, int]:
     stats = compiled.memory_analysis()
     if stats is None:
         raise RuntimeError("this backend gives no memory analysis")
-    return dict(argument_bytes=int(stats.argument_size_in_bytes), output_bytes=int(stats.output_size_in_bytes),
-                alias_bytes=int(stats.alias_size_in_bytes), temp_bytes=int(stats.temp_size_in_bytes),
-                code_bytes=int(stats.generated_code_size_in_bytes))
+    return dict(
+        argument_bytes=int(stats.argument_size_in_bytes),
+        output_bytes=int(stats.output_size_in_bytes),
+        alias_bytes=int(stats.alias_size_in_bytes),
+        temp_bytes=int(stats.temp_size_in_bytes),
+        code_bytes=int(stats.generated_code_size_in_bytes),
+    )
 
 
 def compile_cost(name: str, jitted, args: tuple, model_flops: float) -> CompiledCost:
     """Lower and compile ``jitted(*args)`` for the devices the args' shardings name."""
-    from percov2_jax.train.flops import cost_analysis_flops
+    from percov2_jax.flops import cost_analysis_flops
 
     start = time.perf_counter()
     lowered = jitted.lower(*args)
@@ -83,17 +99,26 @@ def compile_cost(name: str, jitted, args: tuple, model_flops: float) -> Compiled
             raise
         found = re.search(r"temporaries \(([\d.]+)G\)", str(e))
         temp = int(float(found.group(1)) * 2**30) if found else -1
-        return CompiledCost(name=name, argument_bytes=-1, output_bytes=-1, alias_bytes=0, temp_bytes=temp,
-                            code_bytes=0, xla_flops=None, model_flops=float(model_flops),
-                            compile_seconds=time.perf_counter() - start,
-                            out_of_memory=str(e).strip().splitlines()[0][:300])
+        return CompiledCost(
+            name=name,
+            argument_bytes=-1,
+            output_bytes=-1,
+            alias_bytes=0,
+            temp_bytes=temp,
+            code_bytes=0,
+            xla_flops=None,
+            model_flops=float(model_flops),
+            compile_seconds=time.perf_counter() - start,
+            out_of_memory=str(e).strip().splitlines()[0][:300],
+        )
     seconds = time.perf_counter() - start
-    return CompiledCost(name=name, xla_flops=cost_analysis_flops(compiled), model_flops=float(model_flops),
-                        compile_seconds=seconds, **_memory(compiled))
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+    return CompiledCost(
+        name=name,
+        xla_flops=cost_analysis_flops(compiled),
+        model_flops=float(model_flops),
+        compile_seconds=seconds,
+        **_memory(compiled),
+    )
 
 
 def latent_codec(config):
@@ -112,96 +137,108 @@ def latent_codec(config):
     raise ValueError(f"unknown vae.kind {kind!r}; choose sd3 or patch_pca")
 
 
-def text_length(config) -> int:
-    """Caption tokens the transformer sees: for ``sd3`` CLIP's 77 plus ``max_sequence_length`` T5
-    tokens (zeros without T5, as ``conditioning.PromptEncoder`` and diffusers give them)."""
-    from percov2_jax.conditioning import CLIP_MAX_LENGTH
-
-    t = config.text
-    if t.kind == "sd3":
-        return CLIP_MAX_LENGTH + int(t.max_sequence_length)
-    return int(t.length)
-
-
 class Planner:
     """The model, abstract state and shardings of ``config`` on ``mesh`` (built once, no arrays)."""
 
     def __init__(self, config, mesh):
-        from percov2_jax.train import components
         from percov2_jax.train.state import build_state_spec
 
         self.config, self.mesh = config, mesh
-        self.rate = components.validate_config(config, process_count=1, mesh=mesh)
-        self.model = components.build_model(config, self.rate)
-        self.text_length = text_length(config)
-        inputs = components.init_inputs(self.model, self.rate, self.text_length)
+        self.rate = build.validate_config(config, process_count=1, mesh=mesh)
+        self.model = build.build_model(config, self.rate)
+        self.text_length = self.model.config.text_length
+        inputs = build.init_inputs(self.model, self.rate)
         self.spec = build_state_spec(self.model, inputs, config.optim, mesh, ema=float(config.optim.ema_decay) > 0)
-        self.state = _abstract(self.spec.abstract, self.spec.shardings)
+        self.state = sharding_lib.with_shardings(self.spec.abstract, self.spec.shardings)
         self.codec, codec_inputs = latent_codec(config)
         boxed = jax.eval_shape(lambda: self.codec.init(jax.random.key(0), *codec_inputs))
         from percov2_jax.models.layers import unboxed
 
-        codec_shardings = sharding_lib.logical_shardings(boxed.get("params", {}), mesh) if config.vae.kind == "sd3" \
+        codec_shardings = (
+            sharding_lib.logical_shardings(boxed.get("params", {}), mesh)
+            if config.vae.kind == "sd3"
             else jax.tree.map(lambda _: self.replicated, unboxed(boxed)["params"])
-        self.codec_params = _abstract(unboxed(boxed)["params"], codec_shardings)
+        )
+        self.codec_params = sharding_lib.with_shardings(unboxed(boxed)["params"], codec_shardings)
         self.image_size = int(config.image_size)
         self.latent_side = self.image_size // rates.LATENT_DOWNSAMPLE
 
     @property
     def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec())
+        return sharding_lib.replicated(self.mesh)
 
     def _text(self, batch: int, sharding) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
         t = self.model.config.transformer
-        return (jax.ShapeDtypeStruct((batch, self.text_length, t.joint_attention_dim), jnp.float32, sharding=sharding),
-                jax.ShapeDtypeStruct((batch, t.pooled_projection_dim), jnp.float32, sharding=sharding))
+        return (
+            jax.ShapeDtypeStruct((batch, self.text_length, t.joint_attention_dim), jnp.float32, sharding=sharding),
+            jax.ShapeDtypeStruct((batch, t.pooled_projection_dim), jnp.float32, sharding=sharding),
+        )
 
     def forward_flops(self, batch: int) -> float:
-        from percov2_jax.train.flops import mmdit_forward_flops
+        from percov2_jax.flops import mmdit_forward_flops
 
-        return float(mmdit_forward_flops(self.model.config.conditioned_transformer, batch, self.latent_side,
-                                         self.latent_side, self.text_length))
+        return float(
+            mmdit_forward_flops(
+                self.model.config.conditioned_transformer, batch, self.latent_side, self.latent_side, self.text_length
+            )
+        )
 
     def train_step_program(self) -> tuple[Any, tuple]:
         """``(jitted step, abstract args)``: the training loop's stage-1 step at ``train.global_batch_size``."""
         from percov2_jax.train.loop import step_config
-        from percov2_jax.train.state import batch_sharding
         from percov2_jax.train.step import make_train_step
 
         b = int(self.config.train.global_batch_size)
-        bs = batch_sharding(self.mesh)
+        bs = sharding_lib.batch_sharding(self.mesh)
         null = None if self.config.model.learned_null_text else self._text(1, self.replicated)
-        frozen_shardings = {"vae": jax.tree.map(lambda x: x.sharding, self.codec_params),
-                            "null_text": None if null is None else (self.replicated, self.replicated)}
+        frozen_shardings = {
+            "vae": jax.tree.map(lambda x: x.sharding, self.codec_params),
+            "null_text": None if null is None else (self.replicated, self.replicated),
+        }
         step = make_train_step(self.model, self.codec, self.spec, step_config(self.config), self.mesh, frozen_shardings)
         seq, pooled = self._text(b, bs)
-        batch = {"image": jax.ShapeDtypeStruct((b, self.image_size, self.image_size, 3), jnp.float32, sharding=bs),
-                 "encoder_hidden_states": seq, "pooled_projections": pooled}
+        batch = {
+            "image": jax.ShapeDtypeStruct((b, self.image_size, self.image_size, 3), jnp.float32, sharding=bs),
+            "encoder_hidden_states": seq,
+            "pooled_projections": pooled,
+        }
         key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=self.replicated)
         return step, (self.state, batch, {"vae": self.codec_params, "null_text": null}, key)
 
     def train_step(self) -> CompiledCost:
         step, args = self.train_step_program()
-        return compile_cost("train_step", step, args, 3.0 * self.forward_flops(int(self.config.train.global_batch_size)))
+        return compile_cost(
+            "train_step", step, args, 3.0 * self.forward_flops(int(self.config.train.global_batch_size))
+        )
 
     def decode(self, batch: int, num_steps: int, guidance_scale: float) -> CompiledCost:
         """The codec's decoder (tokens + caption -> image) on ``batch`` images: ``num_steps`` Euler
         steps, CFG on the caption (two transformer passes per step when ``guidance_scale != 1``),
         then the VAE; traced under the activation constraints as ``Codec.decompress_batch`` does."""
-        from percov2_jax.codec.api import _decode
-        from percov2_jax.train.state import batch_sharding
+        from percov2_jax.codec.networks import decode_tokens
 
-        bs = batch_sharding(self.mesh)
+        bs = sharding_lib.batch_sharding(self.mesh)
         grid = self.rate.token_grid(self.image_size, self.image_size)
         seq, pooled = self._text(batch, bs)
-        null_seq, null_pooled = self._text(1, self.replicated)
-        args = (self.model, self.codec, self.state.params, self.state.vq_stats, self.codec_params,
-                jax.ShapeDtypeStruct((batch,) + grid, jnp.int32, sharding=bs), seq, pooled, null_seq, null_pooled,
-                jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated), num_steps,
-                float(guidance_scale))
+        null_text = None if self.config.model.learned_null_text else self._text(1, self.replicated)
+        args = (
+            self.model,
+            self.codec,
+            self.state.params,
+            self.state.vq_stats,
+            self.codec_params,
+            jax.ShapeDtypeStruct((batch,) + grid, jnp.int32, sharding=bs),
+            seq,
+            pooled,
+            null_text,
+            jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=self.replicated),
+            num_steps,
+            float(guidance_scale),
+            float(self.config.flow.shift),
+        )
         passes = num_steps * (2 if guidance_scale != 1.0 else 1)
         with sharding_lib.activation_constraints(self.mesh):
-            return compile_cost("decode", _decode, args, passes * self.forward_flops(batch))
+            return compile_cost("decode", decode_tokens, args, passes * self.forward_flops(batch))
 
     @property
     def param_count(self) -> int:

@@ -11,9 +11,12 @@ from percov2_jax.planning.plan import CompiledCost, step_seconds
 
 def cost_record(cost: CompiledCost, kind: DeviceKind, devices: int, mfu: float) -> dict[str, Any]:
     record = dataclasses.asdict(cost)
-    record.update(peak_bytes=cost.peak_bytes, fits=not cost.out_of_memory and cost.peak_bytes <= kind.memory_bytes,
-                  memory_bytes=kind.memory_bytes,
-                  seconds_at_mfu={k.name: step_seconds(cost, k, devices, mfu) for k in DEVICE_KINDS.values()})
+    record.update(
+        peak_bytes=cost.peak_bytes,
+        fits=not cost.out_of_memory and cost.peak_bytes <= kind.memory_bytes,
+        memory_bytes=kind.memory_bytes,
+        seconds_at_mfu={k.name: step_seconds(cost, k, devices, mfu) for k in DEVICE_KINDS.values()},
+    )
     return record
 
 
@@ -24,10 +27,13 @@ def describe(record: dict[str, Any], header: dict[str, Any]) -> str:
     where = "TPU compiler" if kind.compiled_for_real else "XLA:CPU (a proxy: no GPU compiler here)"
     mfu = header["mfu"]
     if record.get("out_of_memory"):
-        return "\n".join([
-            f"{record['name']}  ({where}, {record['compile_seconds']:.0f} s)",
-            f"  DOES NOT FIT on one {kind.name} ({gib(record['memory_bytes'])}): the compiler needs at least "
-            f"{gib(record['temp_bytes'])} of temporaries per device ({record['out_of_memory']})"])
+        return "\n".join(
+            [
+                f"{record['name']}  ({where}, {record['compile_seconds']:.0f} s)",
+                f"  DOES NOT FIT on one {kind.name} ({gib(record['memory_bytes'])}): the compiler needs at least "
+                f"{gib(record['temp_bytes'])} of temporaries per device ({record['out_of_memory']})",
+            ]
+        )
     lines = [
         f"{record['name']}  ({where}, compiled in {record['compile_seconds']:.0f} s)",
         f"  per device: arguments {gib(record['argument_bytes'])}, outputs {gib(record['output_bytes'])} "
@@ -48,14 +54,21 @@ def markdown_row(record: dict[str, Any], header: dict[str, Any]) -> str:
     gib = lambda b: f"{b / GIB:.1f}" if b >= 0 else "?"  # noqa: E731
     kind = header["device_kind"]
     if record.get("out_of_memory"):
-        return (f"| {kind} x{header['devices']} | {header['mesh']} | {record['name']} | "
-                f"{header['batch'][record['name']]} | {header['remat_policy']} | ? | > {gib(record['temp_bytes'])} "
-                f"| > {gib(record['memory_bytes'])} | no (compiler: out of memory) | - |")
-    return (f"| {kind} x{header['devices']} | {header['mesh']} | {record['name']} | {header['batch'][record['name']]} "
-            f"| {header['remat_policy'] if record['name'] == 'train_step' else '-'} | {gib(record['argument_bytes'])} | {gib(record['temp_bytes'])} "
-            f"| {gib(record['peak_bytes'])} / {gib(record['memory_bytes'])} | {'yes' if record['fits'] else 'no'} "
-            f"| {record['seconds_at_mfu'][kind]:.2f} |")
+        return (
+            f"| {kind} x{header['devices']} | {header['mesh']} | {record['name']} | "
+            f"{header['batch'][record['name']]} | {header['remat_policy']} | ? | > {gib(record['temp_bytes'])} "
+            f"| > {gib(record['memory_bytes'])} | no (compiler: out of memory) | - |"
+        )
+    return (
+        f"| {kind} x{header['devices']} | {header['mesh']} | {record['name']} | {header['batch'][record['name']]} "
+        f"| {header['remat_policy'] if record['name'] == 'train_step' else '-'} "
+        f"| {gib(record['argument_bytes'])} | {gib(record['temp_bytes'])} "
+        f"| {gib(record['peak_bytes'])} / {gib(record['memory_bytes'])} | {'yes' if record['fits'] else 'no'} "
+        f"| {record['seconds_at_mfu'][kind]:.2f} |"
+    )
 
 
-MARKDOWN_HEADER = ("| devices | mesh | program | global batch | remat | arguments GiB | temporaries GiB | peak / HBM GiB "
-                   "| fits | s per call @ MFU |\n|---|---|---|---|---|---|---|---|---|---|")
+MARKDOWN_HEADER = (
+    "| devices | mesh | program | global batch | remat | arguments GiB | temporaries GiB | peak / HBM GiB "
+    "| fits | s per call @ MFU |\n|---|---|---|---|---|---|---|---|---|---|"
+)

@@ -9,9 +9,20 @@ from __future__ import annotations
 import ml_collections
 
 SD3_MEDIUM = dict(  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-    pos_embed_max_size=192, dual_attention_layers=(), qk_norm=None)
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+    dual_attention_layers=(),
+    qk_norm=None,
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,25 +42,28 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # [ours] compute dtype; params stay float32 masters
     c.model.param_dtype = "float32"
     c.model.scan_layers = True  # [ours] compile one block per homogeneous run
-    # [ours] a name in models.layers.REMAT_POLICIES. tools/plan.py, SD3-medium, 5 images per chip:
+    # [ours] a name in models.layers.REMAT_POLICIES. Planned for SD3-medium at 5 images per chip:
     # 12.2 GiB per chip (fits v4, v5e, v5p); "none" needs 53.4 GiB (v5p only) and saves the recompute.
     c.model.remat_policy = "dots_no_batch"
-    c.model.attention_implementation = ml_collections.FieldReference(None, field_type=str)  # None=XLA, "cudnn" GPU, "splash" TPU
+    c.model.attention_implementation = ml_collections.FieldReference(
+        None, field_type=str
+    )  # None=XLA, "cudnn" GPU, "splash" TPU
 
     c.pretrained = ml_collections.ConfigDict()
-    c.pretrained.checkpoint = ""  # percov2-jax checkpoint from tools/convert_sd3.py (transformer, vae, text)
+    c.pretrained.checkpoint = ""  # percov2-jax checkpoint from `percov2 convert` (transformer, vae, text)
 
     c.vae = ml_collections.ConfigDict()
     c.vae.kind = "sd3"  # "sd3" (AutoencoderKL from pretrained.checkpoint) or "patch_pca" (tiny stand-in)
     c.vae.sample_posterior = True  # [SD3] scripts sample z ~ q(z|x)
 
     c.text = ml_collections.ConfigDict()
-    c.text.kind = "sd3"  # "sd3" | "precomputed" | "hashed" (see percov2_jax.train.text)
+    c.text.kind = "sd3"  # "sd3" | "precomputed" | "hashed" (see percov2_jax.text.conditioners)
     c.text.checkpoint = ""  # empty: use pretrained.checkpoint
     c.text.store = ""  # for "precomputed"
-    c.text.max_sequence_length = 256  # [SD3] diffusers default T5 length
+    # [SD3] diffusers' default T5 length; the caption is 77 CLIP + this many T5 tokens (333), or
+    # this many word slots for "hashed" (build.caption_length derives it, learned null text included)
+    c.text.max_sequence_length = 256
     c.text.use_t5 = True
-    c.text.length = 333  # sequence length for "hashed" and the learned null text: 77 + 256 [SD3]
     c.text.caption_dropout = 0.1  # [paper] "drop z_g in 10% of training iterations"
 
     c.flow = ml_collections.ConfigDict()

@@ -47,7 +47,7 @@ def reconstruction_grid(originals, reconstructions, *, max_images: int = 8, pad:
         tiles = to_uint8(images[:n])
         for i in range(n):
             left = pad + i * (w + pad)
-            grid[top:top + h, left:left + w] = tiles[i]
+            grid[top : top + h, left : left + w] = tiles[i]
     return grid
 
 

@@ -12,92 +12,104 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
+from percov2_jax import build, multihost
 from percov2_jax import sharding as sharding_lib
-from percov2_jax.train import checkpointing, components, distributed
-from percov2_jax.train.state import batch_sharding, build_state_spec, create_train_state, replicate
-from percov2_jax.train.step import StepConfig, make_reconstruct_fn, make_train_step
-from percov2_jax.train.text import build_text_conditioner
+from percov2_jax.runs import checkpointing
+from percov2_jax.runs.layout import RunDir
+from percov2_jax.train.state import build_state_spec, create_train_state
+from percov2_jax.train.step import StepConfig, make_train_step
 
 
 def step_config(config) -> StepConfig:
     f = config.flow
-    return StepConfig(caption_dropout=float(config.text.caption_dropout), timestep_scheme=f.timestep_scheme,
-                      logit_mean=float(f.logit_mean), logit_std=float(f.logit_std), mode_scale=float(f.mode_scale),
-                      shift=float(f.shift), discrete_timesteps=bool(f.discrete_timesteps),
-                      loss_weighting=f.loss_weighting, ema_decay=float(config.optim.ema_decay),
-                      sample_posterior=bool(config.vae.sample_posterior),
-                      learned_null_text=bool(config.model.learned_null_text))
-
-
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, process_count: int) -> jax.Array | dict:
-    """Process-local rows -> global arrays split over the batch axes."""
-    out = {}
-    for name, value in local.items():
-        value = np.asarray(value)
-        shape = (value.shape[0] * process_count,) + value.shape[1:]
-        out[name] = jax.make_array_from_process_local_data(sharding, value, shape)
-    return out
+    return StepConfig(
+        caption_dropout=float(config.text.caption_dropout),
+        timestep_scheme=f.timestep_scheme,
+        logit_mean=float(f.logit_mean),
+        logit_std=float(f.logit_std),
+        mode_scale=float(f.mode_scale),
+        shift=float(f.shift),
+        discrete_timesteps=bool(f.discrete_timesteps),
+        loss_weighting=f.loss_weighting,
+        ema_decay=float(config.optim.ema_decay),
+        sample_posterior=bool(config.vae.sample_posterior),
+        learned_null_text=bool(config.model.learned_null_text),
+    )
 
 
 class Trainer:
     """Holds one run's model, state, step function and I/O; ``run()`` trains to ``num_steps``."""
 
-    def __init__(self, config, workdir: str, devices=None):
+    def __init__(self, config, workdir: str | os.PathLike | RunDir, devices=None):
         from percov2_jax.data.pipeline import make_train_iterator
 
-        self.config, self.workdir = config, workdir
+        self.config, self.run = config, RunDir(workdir)
         m = config.mesh
         self.mesh = sharding_lib.make_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
-        self.rate = components.validate_config(config, mesh=self.mesh)
-        self.model = components.build_model(config, self.rate)
-        self.source = components.build_data_source(config)
-        self.codec, vae_params = components.build_latent_codec(config, self.source, workdir, mesh=self.mesh)
-        self.text = build_text_conditioner(config.text, self.model.config.transformer, config.pretrained.checkpoint)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.vae_params = replicate(vae_params, self.mesh) if config.vae.kind == "patch_pca" else vae_params
+        self.rate = build.validate_config(config, mesh=self.mesh)
+        self.model = build.build_model(config, self.rate)
+        self.source = build.build_data_source(config)
+        self.codec, vae_params = build.build_latent_codec(
+            config, self.source, self.run.patch_autoencoder, mesh=self.mesh
+        )
+        self.text = build.build_text_conditioner(config)
+        replicated = sharding_lib.replicated(self.mesh)
+        self.vae_params = (
+            sharding_lib.replicate(vae_params, self.mesh) if config.vae.kind == "patch_pca" else vae_params
+        )
         if config.model.learned_null_text:
             self.null_text = None
         else:
-            self.null_text = replicate(tuple(self.text.null_embeddings()), self.mesh)
-        self.text_length = self._text_length()
-        inputs = components.init_inputs(self.model, self.rate, self.text_length)
+            self.null_text = sharding_lib.replicate(tuple(self.text.null_embeddings()), self.mesh)
+        self.text_length = self.model.config.text_length
+        inputs = build.init_inputs(self.model, self.rate)
         self.spec = build_state_spec(self.model, inputs, config.optim, self.mesh, ema=float(config.optim.ema_decay) > 0)
-        self.batch_sharding = batch_sharding(self.mesh)
-        frozen_shardings = {"vae": jax.tree_util.tree_map(lambda x: x.sharding, self.vae_params),
-                            "null_text": None if self.null_text is None else (replicated, replicated)}
-        self.step_fn = make_train_step(self.model, self.codec, self.spec, step_config(config), self.mesh,
-                                       frozen_shardings)
+        frozen_shardings = {
+            "vae": jax.tree_util.tree_map(lambda x: x.sharding, self.vae_params),
+            "null_text": None if self.null_text is None else (replicated, replicated),
+        }
+        self.step_fn = make_train_step(
+            self.model, self.codec, self.spec, step_config(config), self.mesh, frozen_shardings
+        )
         # Raw key bits (a typed key cannot be built from host data across processes).
-        self.base_key = replicate(jax.random.key_data(jax.random.key(int(config.seed) + 1)), self.mesh)
-        self.process_count = jax.process_count()
+        self.base_key = sharding_lib.replicate(jax.random.key_data(jax.random.key(int(config.seed) + 1)), self.mesh)
         d = config.data
         self.iterator = make_train_iterator(
-            self.source, global_batch_size=int(config.train.global_batch_size), image_size=int(config.image_size),
-            seed=int(config.seed), process_index=jax.process_index(), process_count=self.process_count,
-            random_crop=bool(d.random_crop), random_flip=bool(d.random_flip), worker_count=int(d.worker_count))
+            self.source,
+            global_batch_size=int(config.train.global_batch_size),
+            image_size=int(config.image_size),
+            seed=int(config.seed),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            random_crop=bool(d.random_crop),
+            random_flip=bool(d.random_flip),
+            worker_count=int(d.worker_count),
+        )
         t = config.train
-        self.manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
-                                                  async_save=bool(t.async_checkpointing))
+        self.manager = checkpointing.make_manager(
+            self.run, max_to_keep=int(t.keep_checkpoints), async_save=bool(t.async_checkpointing)
+        )
         if self.manager.latest_step() is not None:
-            self.start_step, self.state = checkpointing.restore(self.manager, self.spec.abstract, self.spec.shardings,
-                                                                self.iterator)
+            self.start_step, self.state = checkpointing.restore(
+                self.manager, self.spec.abstract, self.spec.shardings, self.iterator
+            )
         else:
-            pretrained = components.load_pretrained_transformer(config, self.model, self.mesh)
+            pretrained = build.load_pretrained_transformer(config, self.model, self.mesh)
             extra = self.model.config.hyper_encoder.out_channels
             if pretrained is None:
                 self.state = create_train_state(self.model, inputs, self.spec, int(config.seed))
             else:
                 self.state = create_train_state(
-                    self.model, inputs, self.spec, int(config.seed),
-                    init_params=lambda p, pre: components.insert_pretrained(p, pre, extra), init_args=(pretrained,))
+                    self.model,
+                    inputs,
+                    self.spec,
+                    int(config.seed),
+                    init_params=lambda p, pre: build.insert_pretrained(p, pre, extra),
+                    init_args=(pretrained,),
+                )
             self.start_step = 0
-
-    def _text_length(self) -> int:
-        return int(np.asarray(self.text.null_embeddings()[0]).shape[1])
 
     def frozen(self) -> dict[str, Any]:
         return {"vae": self.vae_params, "null_text": self.null_text}
@@ -109,9 +121,12 @@ class Trainer:
             seq, pooled = self.text.lookup([str(i) for i in local["id"]])
         else:
             seq, pooled = self.text([str(c) for c in local["caption"]])
-        arrays = {"image": np.asarray(local["image"], np.float32), "encoder_hidden_states": seq,
-                  "pooled_projections": pooled}
-        return global_batch(arrays, self.batch_sharding, self.process_count), local
+        arrays = {
+            "image": np.asarray(local["image"], np.float32),
+            "encoder_hidden_states": seq,
+            "pooled_projections": pooled,
+        }
+        return sharding_lib.global_batch(arrays, self.mesh), local
 
     def train_steps(self, num_steps: int, on_step=None) -> list[dict[str, float]]:
         """Run ``num_steps`` steps without checkpoints or logs; returns the per-step metrics."""
@@ -147,31 +162,31 @@ def preview_images(source, count: int, image_size: int) -> tuple[np.ndarray, lis
     return np.stack(images), captions
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config, workdir: str | os.PathLike | RunDir) -> dict[str, float]:
     """Train to ``config.train.num_steps`` (resuming from ``workdir`` if it holds checkpoints),
     logging, checkpointing and writing reconstruction grids. Returns the last logged metrics."""
     from jax.experimental import multihost_utils
 
-    from percov2_jax.train.flops import mmdit_forward_flops, model_flops_utilization, peak_flops_per_device
+    from percov2_jax.codec import networks
+    from percov2_jax.flops import mmdit_forward_flops, model_flops_utilization, peak_flops_per_device
     from percov2_jax.train.image_grid import reconstruction_grid, save_png
-    from percov2_jax.train.metrics import MetricWriter, ProgressBar, StepTimer
+    from percov2_jax.train.monitoring import MetricWriter, ProgressBar, StepTimer
 
     trainer = Trainer(config, workdir)
+    run = trainer.run
     t = config.train
     lead = jax.process_index() == 0
     num_steps, start = int(t.num_steps), trainer.start_step
-    writer = MetricWriter(workdir, enabled=lead, purge_step=start or None)
+    writer = MetricWriter(run, enabled=lead, purge_step=start or None)
     bar = ProgressBar(num_steps, start, enabled=lead)
     timer = StepTimer(int(t.global_batch_size))
     preview, preview_captions = preview_images(trainer.source, int(config.sample.num_images), int(config.image_size))
-    preview_text = trainer.text.lookup if hasattr(trainer.text, "lookup") else None
-    reconstruct = None
-    if int(t.image_every) > 0 and preview_text is None:
-        reconstruct = make_reconstruct_fn(trainer.model, trainer.codec, num_steps=int(config.sample.num_steps),
-                                          guidance_scale=float(config.sample.guidance_scale), shift=float(config.flow.shift))
+    # A precomputed text store holds the training ids' captions only: no grid without a text encoder.
+    grids = int(t.image_every) > 0 and not hasattr(trainer.text, "lookup")
+    if grids:
         seq, pooled = trainer.text(preview_captions)
-        preview_inputs = replicate((preview, seq, pooled), trainer.mesh)
-        preview_key = replicate(jax.random.key_data(jax.random.key(int(config.seed))), trainer.mesh)
+        grid_images, grid_seq, grid_pooled = sharding_lib.replicate((preview, seq, pooled), trainer.mesh)
+        grid_key = sharding_lib.replicate(jax.random.key_data(jax.random.key(int(config.seed))), trainer.mesh)
     tcfg = trainer.model.config.transformer
     latent = int(config.image_size) // 8
     train_flops = 3.0 * mmdit_forward_flops(tcfg, int(t.global_batch_size), latent, latent, trainer.text_length)
@@ -180,15 +195,32 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     last: dict[str, float] = {}
 
     def write_grid(step: int) -> None:
-        if reconstruct is None:
+        if not grids:
             return
-        recon, _ = reconstruct(trainer.state.params, trainer.state.vq_stats, trainer.vae_params, *preview_inputs,
-                               trainer.null_text, preview_key)
+        s = trainer.state
+        indices = networks.encode_tokens(
+            trainer.model, trainer.codec, s.params, s.vq_stats, trainer.vae_params, grid_images
+        )
+        recon = networks.decode_tokens(
+            trainer.model,
+            trainer.codec,
+            s.params,
+            s.vq_stats,
+            trainer.vae_params,
+            indices,
+            grid_seq,
+            grid_pooled,
+            trainer.null_text,
+            grid_key,
+            int(config.sample.num_steps),
+            float(config.sample.guidance_scale),
+            float(config.flow.shift),
+        )
         recon = multihost_utils.process_allgather(recon, tiled=True)
         grid = reconstruction_grid(preview, np.asarray(recon))
         if lead:
-            save_png(os.path.join(workdir, "images", f"reconstructions_{step:07d}.png"), grid)
-            save_png(os.path.join(workdir, "reconstructions.png"), grid)
+            save_png(run.grid(step), grid)
+            save_png(run.latest_grid, grid)
             writer.write_images(step, {"reconstructions": grid})
         timer.restart_window()
 
@@ -208,13 +240,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     if known_peak:
                         last["mfu"] = model_flops_utilization(train_flops, window.seconds_per_step, jax.devices())
                 writer.write_scalars(step, last)
-                bar.update(step, loss=last["loss"], lr=last["learning_rate"],
-                           images_per_second=last.get("images_per_second"))
+                bar.update(
+                    step, loss=last["loss"], lr=last["learning_rate"], images_per_second=last.get("images_per_second")
+                )
                 if not np.isfinite(last["loss"]):
                     raise FloatingPointError(f"loss is {last['loss']} at step {step}")
             else:
                 bar.update(step)
-            out_of_time = deadline is not None and distributed.process0_decides(time.time() > deadline)
+            out_of_time = deadline is not None and multihost.process0_decides(time.time() > deadline)
             if step % int(t.checkpoint_every) == 0 or step == num_steps or out_of_time:
                 trainer.save()
                 timer.restart_window()

@@ -76,8 +76,9 @@ def make_optimizer(cfg, params: Any) -> tuple[optax.GradientTransformation, Any,
     mask = trainable_mask(params, cfg.trainable)
     if not any(jax.tree_util.tree_leaves(mask)):
         raise ValueError(f"trainable mode {cfg.trainable!r} selects no parameters")
-    adamw = optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
-                        weight_decay=float(cfg.weight_decay))
+    adamw = optax.adamw(
+        schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps), weight_decay=float(cfg.weight_decay)
+    )
     train = optax.chain(optax.clip_by_global_norm(float(cfg.grad_clip)), adamw) if cfg.grad_clip else adamw
     labels = jax.tree_util.tree_map(lambda m: "train" if m else "freeze", mask)
     tx = optax.multi_transform({"train": train, "freeze": optax.set_to_zero()}, labels)

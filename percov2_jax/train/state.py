@@ -3,14 +3,15 @@ on the mesh, so no host ever holds a full copy of the model."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import optax
 from flax import struct
 from flax.core import unfreeze
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from percov2_jax import sharding as sharding_lib
 from percov2_jax.models.layers import unboxed
@@ -43,71 +44,41 @@ class StateSpec:
     abstract: Any = struct.field(pytree_node=False)
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Host values (the same on every process) -> global arrays replicated over ``mesh``.
-
-    Works across processes, where ``jax.device_put`` cannot target non-addressable devices.
-    """
-    import numpy as np
-
-    sharding = NamedSharding(mesh, PartitionSpec())
-
-    def put(x):
-        x = np.asarray(jax.device_get(x))
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree_util.tree_map(put, tree)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over ``(data, fsdp)``, the rest replicated."""
-    spec = nn.logical_to_mesh_axes(("activation_batch",), sharding_lib.LOGICAL_AXIS_RULES)
-    return NamedSharding(mesh, PartitionSpec(*spec))
-
-
-def batch_multiple(mesh: Mesh | None) -> int:
-    """Rows a batch must be a multiple of to split over ``(data, fsdp)`` (1 without a mesh)."""
-    return 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
-
-
-def place_padded_batch(x, mesh: Mesh | None) -> jax.Array:
-    """A host batch padded (its last row repeated) to `batch_multiple` rows and placed with
-    `batch_sharding` (on the default device without a mesh); callers drop the padding rows."""
-    import numpy as np
-
-    x = np.asarray(x)
-    m = batch_multiple(mesh)
-    if len(x) % m:
-        x = np.concatenate([x, np.repeat(x[-1:], m - len(x) % m, axis=0)])
-    return jax.numpy.asarray(x) if mesh is None else jax.device_put(x, batch_sharding(mesh))
-
-
 def build_state_spec(model: nn.Module, example_inputs: tuple, optim_cfg, mesh: Mesh, *, ema: bool) -> StateSpec:
     """Abstract state, optimizer and shardings for ``model`` on ``mesh`` (no arrays allocated)."""
-    rngs = {"params": jax.random.key(0), "vq": jax.random.key(0)}
-    boxed = jax.eval_shape(lambda: model.init(rngs, *example_inputs))
-    specs = nn.get_partition_spec(boxed)
-    var_shardings = nn.logical_to_mesh_sharding(specs, mesh, sharding_lib.LOGICAL_AXIS_RULES)
-    abstract_vars = unboxed(boxed)
+    abstract_vars, var_shardings = sharding_lib.abstract_variables(model, example_inputs, mesh)
     params = abstract_vars["params"]
     param_shardings = unfreeze(var_shardings["params"])
     tx, mask, schedule = make_optimizer(optim_cfg, params)
     opt_abstract = jax.eval_shape(tx.init, params)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = sharding_lib.replicated(mesh)
     opt_shardings = _like_params(opt_abstract, params, param_shardings, replicated)
     shardings = TrainState(
-        step=replicated, params=param_shardings, opt_state=opt_shardings,
-        vq_stats=unfreeze(var_shardings.get("vq_stats", {})), ema_params=param_shardings if ema else None)
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jax.numpy.int32), params=params, opt_state=opt_abstract,
-                          vq_stats=abstract_vars.get("vq_stats", {}), ema_params=params if ema else None)
+        step=replicated,
+        params=param_shardings,
+        opt_state=opt_shardings,
+        vq_stats=unfreeze(var_shardings.get("vq_stats", {})),
+        ema_params=param_shardings if ema else None,
+    )
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jax.numpy.int32),
+        params=params,
+        opt_state=opt_abstract,
+        vq_stats=abstract_vars.get("vq_stats", {}),
+        ema_params=params if ema else None,
+    )
     return StateSpec(shardings=shardings, tx=tx, mask=mask, schedule=schedule, abstract=abstract)
 
 
 def _like_params(tree: Any, params: Any, param_shardings: Any, default: NamedSharding) -> Any:
     """Shardings for an optimizer state: a leaf whose trailing dict keys name a parameter of the same
     shape (Adam's ``mu``/``nu`` mirror the param tree) takes that parameter's sharding."""
-    flat = {tuple(k.key for k in path): (leaf.shape, shard) for (path, leaf), shard in zip(
-        jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_shardings))}
+    flat = {
+        tuple(k.key for k in path): (leaf.shape, shard)
+        for (path, leaf), shard in zip(
+            jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_shardings)
+        )
+    }
 
     def pick(path, leaf):
         keys = []
@@ -121,8 +92,14 @@ def _like_params(tree: Any, params: Any, param_shardings: Any, default: NamedSha
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def create_train_state(model: nn.Module, example_inputs: tuple, spec: StateSpec, seed: int,
-                       init_params: Callable[..., Any] | None = None, init_args: tuple = ()) -> TrainState:
+def create_train_state(
+    model: nn.Module,
+    example_inputs: tuple,
+    spec: StateSpec,
+    seed: int,
+    init_params: Callable[..., Any] | None = None,
+    init_args: tuple = (),
+) -> TrainState:
     """Initialise the state directly onto ``spec.shardings``.
 
     ``init_params(params, *init_args) -> params`` may replace parts of the fresh parameters inside
@@ -136,8 +113,12 @@ def create_train_state(model: nn.Module, example_inputs: tuple, spec: StateSpec,
         params = variables["params"]
         if init_params is not None:
             params = init_params(params, *args)
-        return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=spec.tx.init(params),
-                          vq_stats=variables.get("vq_stats", {}),
-                          ema_params=params if spec.shardings.ema_params is not None else None)
+        return TrainState(
+            step=jax.numpy.zeros((), jax.numpy.int32),
+            params=params,
+            opt_state=spec.tx.init(params),
+            vq_stats=variables.get("vq_stats", {}),
+            ema_params=params if spec.shardings.ema_params is not None else None,
+        )
 
     return jax.jit(init, out_shardings=spec.shardings)(jax.random.key(seed), *init_args)

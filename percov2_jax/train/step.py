@@ -1,5 +1,5 @@
-"""The stage-1 train step (rectified-flow loss through the MM-DiT, hyper-encoder and VQ) and
-the reconstruction function used for the image grid, both jitted with explicit shardings.
+"""The stage-1 train step (rectified-flow loss through the MM-DiT, hyper-encoder and VQ), jitted
+with explicit shardings.
 
 All randomness of step ``n`` comes from ``fold_in(base_key, n)``, and JAX's partitionable
 threefry makes random draws independent of the sharding, so a step gives the same result on one
@@ -9,17 +9,18 @@ device, on a mesh, across processes and after a restart.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from percov2_jax import flow
 from percov2_jax import sharding as sharding_lib
-from percov2_jax.train.state import StateSpec, TrainState, batch_sharding
+from percov2_jax.train.state import StateSpec, TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +45,9 @@ def _split(key, n):
     return list(jax.random.split(key, n))
 
 
-def make_train_step(model: nn.Module, latent_codec: nn.Module, spec: StateSpec, cfg: StepConfig, mesh: Mesh,
-                    frozen_shardings: Any) -> Callable:
+def make_train_step(
+    model: nn.Module, latent_codec: nn.Module, spec: StateSpec, cfg: StepConfig, mesh: Mesh, frozen_shardings: Any
+) -> Callable:
     """``step(state, batch, frozen, base_key) -> (state, metrics)``, jitted, the state donated.
     ``base_key`` is raw key data (``jax.random.key_data``), uint32.
 
@@ -57,14 +59,24 @@ def make_train_step(model: nn.Module, latent_codec: nn.Module, spec: StateSpec, 
     def loss_and_updates(state: TrainState, batch, frozen, base_key):
         images = batch["image"]
         b = images.shape[0]
-        k_vae, k_noise, k_sigma, k_drop, k_vq = _split(jax.random.fold_in(jax.random.wrap_key_data(base_key), state.step), 5)
-        latents = latent_codec.apply({"params": frozen["vae"]}, images, k_vae if cfg.sample_posterior else None,
-                                     method="encode_to_latents")
+        k_vae, k_noise, k_sigma, k_drop, k_vq = _split(
+            jax.random.fold_in(jax.random.wrap_key_data(base_key), state.step), 5
+        )
+        latents = latent_codec.apply(
+            {"params": frozen["vae"]}, images, k_vae if cfg.sample_posterior else None, method="encode_to_latents"
+        )
         latents = jax.lax.stop_gradient(latents.astype(jnp.float32))
         noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
         sigmas = flow.sample_training_sigmas(
-            k_sigma, b, scheme=cfg.timestep_scheme, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-            mode_scale=cfg.mode_scale, shift=cfg.shift, discrete=cfg.discrete_timesteps)
+            k_sigma,
+            b,
+            scheme=cfg.timestep_scheme,
+            logit_mean=cfg.logit_mean,
+            logit_std=cfg.logit_std,
+            mode_scale=cfg.mode_scale,
+            shift=cfg.shift,
+            discrete=cfg.discrete_timesteps,
+        )
         x_t = flow.noisy_latents(latents, noise, sigmas)
         target = flow.velocity_target(latents, noise)
         weights = flow.loss_weighting(sigmas, cfg.loss_weighting)
@@ -78,8 +90,16 @@ def make_train_step(model: nn.Module, latent_codec: nn.Module, spec: StateSpec, 
             text = jnp.where(drop[:, None, None], null_seq.astype(jnp.float32), batch["encoder_hidden_states"])
             pooled = jnp.where(drop[:, None], null_pooled.astype(jnp.float32), batch["pooled_projections"])
             (velocity, q), mutated = model.apply(
-                {"params": params, "vq_stats": state.vq_stats}, latents, x_t, text, pooled, sigmas * 1000.0,
-                train=True, mutable=["vq_stats"], rngs={"vq": k_vq})
+                {"params": params, "vq_stats": state.vq_stats},
+                latents,
+                x_t,
+                text,
+                pooled,
+                sigmas * 1000.0,
+                train=True,
+                mutable=["vq_stats"],
+                rngs={"vq": k_vq},
+            )
             loss = flow.flow_matching_loss(velocity.astype(jnp.float32), target, weights)
             return loss, (mutated["vq_stats"], q)
 
@@ -92,10 +112,15 @@ def make_train_step(model: nn.Module, latent_codec: nn.Module, spec: StateSpec, 
         if ema is not None:
             d = cfg.ema_decay
             ema = jax.tree_util.tree_map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, vq_stats=vq_stats,
-                               ema_params=ema)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": spec.schedule(state.step),
-                   "caption_dropped": jnp.mean(drop.astype(jnp.float32))}
+        new_state = TrainState(
+            step=state.step + 1, params=params, opt_state=opt_state, vq_stats=vq_stats, ema_params=ema
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": spec.schedule(state.step),
+            "caption_dropped": jnp.mean(drop.astype(jnp.float32)),
+        }
         metrics.update(q.metrics())
         return new_state, metrics
 
@@ -103,47 +128,12 @@ def make_train_step(model: nn.Module, latent_codec: nn.Module, spec: StateSpec, 
         with sharding_lib.activation_constraints(mesh):
             return loss_and_updates(*args)
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    bs = batch_sharding(mesh)
+    replicated = sharding_lib.replicated(mesh)
+    bs = sharding_lib.batch_sharding(mesh)
     batch_shardings = {"image": bs, "encoder_hidden_states": bs, "pooled_projections": bs}
-    return jax.jit(constrained_step, in_shardings=(spec.shardings, batch_shardings, frozen_shardings, replicated),
-                   out_shardings=(spec.shardings, replicated), donate_argnums=(0,))
-
-
-def make_reconstruct_fn(model: nn.Module, latent_codec: nn.Module, *, num_steps: int, guidance_scale: float,
-                        shift: float = 3.0) -> Callable:
-    """``reconstruct(params, vq_stats, vae_params, images, text, pooled, null_text, key_data) -> (recon, indices)``.
-
-    ``null_text``: ``([1, L, D], [1, P])`` or None for the model's learned null text;
-    ``key_data``: raw key bits (``jax.random.key_data``) for the sampler's noise.
-
-    Encodes images ``[B, H, W, 3]`` to tokens, decodes the tokens as the receiver would (index
-    lookup), samples latents with the Euler sampler (CFG on the caption only: the token
-    features are in both branches) and decodes them to ``[B, H, W, 3]`` in [-1, 1].
-    """
-
-    def reconstruct(params, vq_stats, vae_params, images, text, pooled, null_text, key_data):
-        variables = {"params": params, "vq_stats": vq_stats}
-        key = jax.random.wrap_key_data(key_data)
-        if null_text is None:
-            null_text = model.apply({"params": params}, 1, method="null_text_embeddings")
-        latents = latent_codec.apply({"params": vae_params}, images, None, method="encode_to_latents")
-        q = model.apply(variables, latents.astype(jnp.float32), train=False, method="hyper_latent_tokens")
-        features = model.apply(variables, q.indices, method="token_features")
-        b = images.shape[0]
-        null_seq, null_pooled = null_text
-        null_seq = jnp.broadcast_to(null_seq, (b,) + null_seq.shape[1:])
-        null_pooled = jnp.broadcast_to(null_pooled, (b,) + null_pooled.shape[1:])
-
-        def velocity_fn(x, t, c):
-            return model.apply(variables, x, c["features"], c["text"], c["pooled"], t, method="velocity").astype(jnp.float32)
-
-        noise = jax.random.normal(key, latents.shape, jnp.float32)
-        cond = {"features": features, "text": text, "pooled": pooled}
-        uncond = {"features": features, "text": null_seq.astype(text.dtype), "pooled": null_pooled.astype(pooled.dtype)}
-        sampled = flow.sample(velocity_fn, noise, cond, uncond, num_steps=num_steps, guidance_scale=guidance_scale,
-                              shift=shift)
-        recon = latent_codec.apply({"params": vae_params}, sampled, method="decode_latents")
-        return jnp.clip(recon.astype(jnp.float32), -1.0, 1.0), q.indices
-
-    return jax.jit(reconstruct)
+    return jax.jit(
+        constrained_step,
+        in_shardings=(spec.shardings, batch_shardings, frozen_shardings, replicated),
+        out_shardings=(spec.shardings, replicated),
+        donate_argnums=(0,),
+    )

@@ -17,15 +17,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from percov2_jax import pretrained
+
 CLIP_MAX_LENGTH = 77  # SD3's CLIP tokenizers' model_max_length
-# diffusers pipeline folder -> our component names.
-TOKENIZER_FOLDERS = {"tokenizer": "clip_l", "tokenizer_2": "clip_g", "tokenizer_3": "t5"}
 
 
 def load_tokenizers(folder: str | os.PathLike) -> dict[str, Any]:
@@ -36,19 +37,31 @@ def load_tokenizers(folder: str | os.PathLike) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     folder = os.fspath(folder)
-    candidates = {name: os.path.join(folder, sub) for sub, name in TOKENIZER_FOLDERS.items()}
+    candidates = {name: os.path.join(folder, sub) for sub, name in pretrained.TOKENIZER_FOLDERS.items()}
     if not os.path.isdir(candidates["clip_l"]):
-        candidates = {name: os.path.join(folder, "tokenizers", name) for name in TOKENIZER_FOLDERS.values()}
+        candidates = {name: os.path.join(folder, "tokenizers", name) for name in pretrained.TOKENIZER_FOLDERS.values()}
     missing = [p for name, p in candidates.items() if name != "t5" and not os.path.isdir(p)]
     if missing:
-        raise FileNotFoundError(f"{folder}: no CLIP tokenizer folders {missing} (expected a diffusers SD3 pipeline "
-                                "folder or a percov2-jax checkpoint converted from one)")
-    return {name: AutoTokenizer.from_pretrained(path, local_files_only=True)
-            for name, path in candidates.items() if os.path.isdir(path)}
+        raise FileNotFoundError(
+            f"{folder}: no CLIP tokenizer folders {missing} (expected a diffusers SD3 pipeline "
+            "folder or a percov2-jax checkpoint converted from one)"
+        )
+    return {
+        name: AutoTokenizer.from_pretrained(path, local_files_only=True)
+        for name, path in candidates.items()
+        if os.path.isdir(path)
+    }
 
 
-def sd3_prompt_embeddings(clip_l, clip_g, t5_hidden: jax.Array | None, *, clip_skip: int | None = None,
-                          max_sequence_length: int = 256, joint_attention_dim: int = 4096):
+def sd3_prompt_embeddings(
+    clip_l,
+    clip_g,
+    t5_hidden: jax.Array | None,
+    *,
+    clip_skip: int | None = None,
+    max_sequence_length: int = 256,
+    joint_attention_dim: int = 4096,
+):
     """Assemble SD3's conditioning from the encoders' outputs (pure; any batch).
 
     Args:
@@ -93,13 +106,18 @@ class PromptEncoder:
             raise ValueError(f"PromptEncoder needs encoders and tokenizers for {missing}")
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, use_t5: bool = True, tokenizers_path=None,
-                        options: Mapping[str, Mapping[str, Any]] | None = None, **kwargs) -> "PromptEncoder":
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        *,
+        use_t5: bool = True,
+        tokenizers_path=None,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        **kwargs,
+    ) -> PromptEncoder:
         """Text encoders from a percov2-jax checkpoint (tokenizers from it, or ``tokenizers_path``)."""
-        from percov2_jax import checkpoints
-
         names = ("clip_l", "clip_g", "t5") if use_t5 else ("clip_l", "clip_g")
-        encoders = checkpoints.load(path, components=names, options=options)
+        encoders = pretrained.load(path, components=names, options=options)
         return cls(encoders, load_tokenizers(tokenizers_path or path), **kwargs)
 
     @property
@@ -112,12 +130,23 @@ class PromptEncoder:
             captions = [captions]
         ids = {}
         for name in ("clip_l", "clip_g"):
-            ids[name] = np.asarray(self.tokenizers[name](list(captions), padding="max_length", max_length=CLIP_MAX_LENGTH,
-                                                         truncation=True).input_ids, np.int32)
+            ids[name] = np.asarray(
+                self.tokenizers[name](
+                    list(captions), padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True
+                ).input_ids,
+                np.int32,
+            )
         if self.use_t5:
-            ids["t5"] = np.asarray(self.tokenizers["t5"](list(captions), padding="max_length",
-                                                         max_length=self.max_sequence_length, truncation=True,
-                                                         add_special_tokens=True).input_ids, np.int32)
+            ids["t5"] = np.asarray(
+                self.tokenizers["t5"](
+                    list(captions),
+                    padding="max_length",
+                    max_length=self.max_sequence_length,
+                    truncation=True,
+                    add_special_tokens=True,
+                ).input_ids,
+                np.int32,
+            )
         return ids
 
     def embed_ids(self, ids: Mapping[str, np.ndarray]):
@@ -144,5 +173,11 @@ def _embed(modules, clip_skip, max_sequence_length, joint_attention_dim, params,
     t5_hidden = None
     if "t5" in modules:
         t5_hidden = modules["t5"].apply({"params": params["t5"]}, ids["t5"]).last_hidden_state
-    return sd3_prompt_embeddings(clip_l, clip_g, t5_hidden, clip_skip=clip_skip, max_sequence_length=max_sequence_length,
-                                 joint_attention_dim=joint_attention_dim)
+    return sd3_prompt_embeddings(
+        clip_l,
+        clip_g,
+        t5_hidden,
+        clip_skip=clip_skip,
+        max_sequence_length=max_sequence_length,
+        joint_attention_dim=joint_attention_dim,
+    )

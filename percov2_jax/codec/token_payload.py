@@ -22,13 +22,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from percov2_jax.codec.bitstream import BitstreamError
 from percov2_jax.entropy import coder, mim, schedules, token_coding
+from percov2_jax.runs.prior import load_prior
 
 
 def params_digest(tree: Any) -> str:
@@ -59,15 +61,13 @@ class TokenPrior:
             self.apply = jax.jit(self.model.apply)
 
     @classmethod
-    def load(cls, workdir: str, step: int | None = None) -> "TokenPrior":
+    def load(cls, workdir, step: int | None = None) -> TokenPrior:
         """The latest (or ``step``) checkpoint of a ``python -m percov2_jax.train_prior`` run."""
-        from percov2_jax.train.prior import load_prior
-
         model, params = load_prior(workdir, step)
         return cls.from_params(model, params)
 
     @classmethod
-    def from_params(cls, model: mim.MaskedTokenPrior, params: Any) -> "TokenPrior":
+    def from_params(cls, model: mim.MaskedTokenPrior, params: Any) -> TokenPrior:
         config = json.dumps(model.config.to_dict(), sort_keys=True)
         digest = hashlib.sha256((config + params_digest(params)).encode()).hexdigest()
         return cls(model, params, digest)
@@ -92,6 +92,24 @@ class TokenCoding:
     temperature: float = 0.0
     seed: int = 0
 
+    @classmethod
+    def of_header(cls, header) -> TokenCoding:
+        """The coding a stream's `bitstream.StreamHeader` names; `BitstreamError` for an unknown schedule."""
+        if not header.has_schedule:
+            return cls(entropy_mode=header.entropy_mode)
+        try:
+            name = schedules.schedule_from_id(header.schedule_id)
+        except ValueError as e:
+            raise BitstreamError("field", str(e)) from None
+        return cls(
+            entropy_mode=header.entropy_mode,
+            schedule=name,
+            steps=header.steps,
+            hybrid_groups=header.hybrid_groups,
+            temperature=header.temperature or 0.0,
+            seed=header.seed or 0,
+        )
+
     @property
     def needs_prior(self) -> bool:
         return self.entropy_mode == "prior" or self.hybrid_groups > 0
@@ -105,18 +123,27 @@ def build_schedule(coding: TokenCoding, rows: int, cols: int) -> schedules.Sched
     """The coding schedule for a ``rows x cols`` token map; ValueError names a bad combination."""
     schedule = schedules.make_schedule(coding.schedule, rows, cols, coding.steps)
     if coding.hybrid_groups >= schedule.num_steps:
-        raise ValueError(f"hybrid_groups={coding.hybrid_groups} must be below the schedule's "
-                         f"{schedule.num_steps} groups ({coding.schedule} on {rows}x{cols} tokens)")
+        raise ValueError(
+            f"hybrid_groups={coding.hybrid_groups} must be below the schedule's "
+            f"{schedule.num_steps} groups ({coding.schedule} on {rows}x{cols} tokens)"
+        )
     return schedule
 
 
-def encode(indices: np.ndarray, vocab: int, coding: TokenCoding, prior: TokenPrior | None = None,
-           caption_embedding: np.ndarray | None = None) -> bytes:
+def encode(
+    indices: np.ndarray,
+    vocab: int,
+    coding: TokenCoding,
+    prior: TokenPrior | None = None,
+    caption_embedding: np.ndarray | None = None,
+) -> bytes:
     """Token map ``[h, w]`` int -> payload bytes (see the module table)."""
     indices = np.asarray(indices)
     if coding.needs_prior and prior is None:
-        raise ValueError(f"entropy mode {coding.entropy_mode!r} with hybrid_groups={coding.hybrid_groups} needs a "
-                         "stage-2 prior (Codec.from_workdir(..., prior=DIR))")
+        raise ValueError(
+            f"entropy mode {coding.entropy_mode!r} with hybrid_groups={coding.hybrid_groups} needs a "
+            "stage-2 prior (Codec.from_workdir(..., prior=DIR))"
+        )
     if not coding.has_schedule:
         return coder.encode_uniform(indices.reshape(-1), vocab)
     schedule = build_schedule(coding, *indices.shape)
@@ -124,8 +151,9 @@ def encode(indices: np.ndarray, vocab: int, coding: TokenCoding, prior: TokenPri
     if coding.entropy_mode == "uniform":
         return coder.encode_uniform(indices.reshape(-1)[_sent_positions(schedule, k)], vocab)
     _check_vocab(prior, vocab)
-    payload, _ = token_coding.encode_with_prior(prior.probabilities, prior.params, indices, schedule,
-                                                caption=_caption(prior, caption_embedding), groups=k)
+    payload, _ = token_coding.encode_with_prior(
+        prior.probabilities, prior.params, indices, schedule, caption=_caption(prior, caption_embedding), groups=k
+    )
     return payload
 
 
@@ -133,13 +161,21 @@ def require_prior(coding: TokenCoding, prior: TokenPrior | None) -> None:
     """`BitstreamError` (kind ``model``) when a stream coded this way needs a prior and none is loaded."""
     if coding.needs_prior and prior is None:
         raise BitstreamError(
-            "model", f"the stream is coded with entropy mode {coding.entropy_mode!r}, hybrid k="
-                     f"{coding.hybrid_groups}: decoding it needs a stage-2 prior, and this codec has none "
-                     "(Codec.from_workdir(..., prior=DIR), percov2 decompress --prior DIR)")
+            "model",
+            f"the stream is coded with entropy mode {coding.entropy_mode!r}, hybrid k="
+            f"{coding.hybrid_groups}: decoding it needs a stage-2 prior, and this codec has none "
+            "(Codec.from_workdir(..., prior=DIR), percov2 decompress --prior DIR)",
+        )
 
 
-def decode(payload: bytes, grid: tuple[int, int], vocab: int, coding: TokenCoding, prior: TokenPrior | None = None,
-           caption_embedding: np.ndarray | None = None) -> np.ndarray:
+def decode(
+    payload: bytes,
+    grid: tuple[int, int],
+    vocab: int,
+    coding: TokenCoding,
+    prior: TokenPrior | None = None,
+    caption_embedding: np.ndarray | None = None,
+) -> np.ndarray:
     """Inverse of `encode`: the token map ``[h, w]`` int32; `BitstreamError` for a bad payload."""
     rows, cols = grid
     require_prior(coding, prior)
@@ -158,14 +194,27 @@ def decode(payload: bytes, grid: tuple[int, int], vocab: int, coding: TokenCodin
             tokens = tokens.reshape(rows, cols)
         else:
             _check_vocab(prior, vocab)
-            tokens, _ = token_coding.decode_with_prior(prior.probabilities, prior.params, payload, schedule,
-                                                       caption=_caption(prior, caption_embedding), groups=k)
+            tokens, _ = token_coding.decode_with_prior(
+                prior.probabilities,
+                prior.params,
+                payload,
+                schedule,
+                caption=_caption(prior, caption_embedding),
+                groups=k,
+            )
     except coder.CodingError as e:
         raise BitstreamError("field", f"token payload: {e}") from None
     if coding.hybrid_groups:
-        tokens = mim.hybrid_complete(prior.apply, prior.params, tokens, schedule, coding.hybrid_groups,
-                                     temperature=coding.temperature, seed=coding.seed,
-                                     caption=_caption(prior, caption_embedding))
+        tokens = mim.hybrid_complete(
+            prior.apply,
+            prior.params,
+            tokens,
+            schedule,
+            coding.hybrid_groups,
+            temperature=coding.temperature,
+            seed=coding.seed,
+            caption=_caption(prior, caption_embedding),
+        )
     return np.asarray(tokens, np.int32)
 
 

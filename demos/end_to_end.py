@@ -1,6 +1,6 @@
 """`make demo`: the whole codec on the builtin photographs, from nothing, in bounded time.
 
-  python -m percov2_jax.demo --config configs/demo.py --prior_config configs/prior_demo.py \\
+  python demos/end_to_end.py --config configs/demo.py --prior_config configs/prior_demo.py \\
       --workdir /tmp/percov2_demo
 
 1. Stage 1 (``--config``): the tiny PerCoV2 (hyper-encoder, VQ, MM-DiT) on the builtin photos,
@@ -60,12 +60,19 @@ def codec_report(workdir: str, image_size: int) -> dict:
             f.write(data)
         out = codec.decompress(data)
         budget, ubudget = bitstream.bit_budget(data), bitstream.bit_budget(uniform)
-        rows.append({
-            "image": name, "caption_bits": budget["caption_bits"], "token_bits": budget["tokens_bits"],
-            "uniform_token_bits": ubudget["tokens_bits"],
-            "overhead_bits": budget["header_bits"] + budget["padding_bits"] + budget["checksum_bits"],
-            "total_bits": budget["total_bits"], "bpp": round(budget["total_bpp"], 5),
-            "uniform_bpp": round(ubudget["total_bpp"], 5), "psnr": round(psnr(image, out), 2)})
+        rows.append(
+            {
+                "image": name,
+                "caption_bits": budget["caption_bits"],
+                "token_bits": budget["tokens_bits"],
+                "uniform_token_bits": ubudget["tokens_bits"],
+                "overhead_bits": budget["header_bits"] + budget["padding_bits"] + budget["checksum_bits"],
+                "total_bits": budget["total_bits"],
+                "bpp": round(budget["total_bpp"], 5),
+                "uniform_bpp": round(ubudget["total_bpp"], 5),
+                "psnr": round(psnr(image, out), 2),
+            }
+        )
         originals.append(image)
         decoded.append(out)
     grid = os.path.join(workdir, "codec.png")
@@ -73,7 +80,9 @@ def codec_report(workdir: str, image_size: int) -> dict:
     tokens = sum(r["token_bits"] for r in rows)
     uniform_tokens = sum(r["uniform_token_bits"] for r in rows)
     return {
-        "images": rows, "picture": grid, "streams": streams,
+        "images": rows,
+        "picture": grid,
+        "streams": streams,
         "mean_bpp": round(float(np.mean([r["bpp"] for r in rows])), 5),
         "mean_uniform_bpp": round(float(np.mean([r["uniform_bpp"] for r in rows])), 5),
         "mean_psnr": round(float(np.mean([r["psnr"] for r in rows])), 2),
@@ -85,11 +94,15 @@ def codec_report(workdir: str, image_size: int) -> dict:
 def print_table(report: dict) -> None:
     print(f"{'image':12s} {'caption':>8s} {'tokens':>7s} {'uniform':>8s} {'overhead':>9s} {'bpp':>8s} {'PSNR':>6s}")
     for r in report["images"]:
-        print(f"{r['image']:12s} {r['caption_bits']:8d} {r['token_bits']:7d} {r['uniform_token_bits']:8d} "
-              f"{r['overhead_bits']:9d} {r['bpp']:8.5f} {r['psnr']:6.2f}")
-    print(f"mean bpp {report['mean_bpp']} (uniform token coding: {report['mean_uniform_bpp']}), mean PSNR "
-          f"{report['mean_psnr']} dB; the prior ({report['schedule']}) saves {report['token_saving_vs_uniform']} "
-          "of the token bits")
+        print(
+            f"{r['image']:12s} {r['caption_bits']:8d} {r['token_bits']:7d} {r['uniform_token_bits']:8d} "
+            f"{r['overhead_bits']:9d} {r['bpp']:8.5f} {r['psnr']:6.2f}"
+        )
+    print(
+        f"mean bpp {report['mean_bpp']} (uniform token coding: {report['mean_uniform_bpp']}), mean PSNR "
+        f"{report['mean_psnr']} dB; the prior ({report['schedule']}) saves {report['token_saving_vs_uniform']} "
+        "of the token bits"
+    )
     print("(these are the photos both models trained on; experiments/entropy_schedules.md has held-out photos)")
 
 
@@ -97,24 +110,30 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    from percov2_jax.runs.layout import RunDir
     from percov2_jax.train.loop import train_and_evaluate
-    from percov2_jax.train.metrics import read_metrics
+    from percov2_jax.train.monitoring import read_metrics
     from percov2_jax.train.prior import train_prior
 
     workdir = os.path.abspath(FLAGS.workdir)
-    train_and_evaluate(FLAGS.config, workdir)
+    run = RunDir(workdir)
+    train_and_evaluate(FLAGS.config, run)
     prior_config = FLAGS.prior_config
     prior_config.stage1 = workdir
-    train_prior(prior_config, os.path.join(workdir, "prior"))
+    train_prior(prior_config, run.prior)
     report = codec_report(workdir, int(FLAGS.config.image_size))
-    stage1 = [r for r in read_metrics(workdir) if "loss" in r]
-    stage2 = [r for r in read_metrics(os.path.join(workdir, "prior")) if "bits_per_token" in r]
-    report["stage1"] = {"steps": stage1[-1]["step"] if stage1 else 0,
-                        "first_loss": stage1[0]["loss"] if stage1 else None,
-                        "last_loss": stage1[-1]["loss"] if stage1 else None}
-    report["stage2"] = {"steps": stage2[-1]["step"] if stage2 else 0,
-                        "first_bits_per_token": stage2[0]["bits_per_token"] if stage2 else None,
-                        "last_bits_per_token": stage2[-1]["bits_per_token"] if stage2 else None}
+    stage1 = [r for r in read_metrics(run) if "loss" in r]
+    stage2 = [r for r in read_metrics(run.prior) if "bits_per_token" in r]
+    report["stage1"] = {
+        "steps": stage1[-1]["step"] if stage1 else 0,
+        "first_loss": stage1[0]["loss"] if stage1 else None,
+        "last_loss": stage1[-1]["loss"] if stage1 else None,
+    }
+    report["stage2"] = {
+        "steps": stage2[-1]["step"] if stage2 else 0,
+        "first_bits_per_token": stage2[0]["bits_per_token"] if stage2 else None,
+        "last_bits_per_token": stage2[-1]["bits_per_token"] if stage2 else None,
+    }
     with open(os.path.join(workdir, "codec.json"), "w") as f:
         json.dump(report, f, indent=2)
     print_table(report)

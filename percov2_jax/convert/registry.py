@@ -6,7 +6,8 @@ Adding a convertible model means adding one ``ComponentKind`` here plus its name
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,18 +31,37 @@ class ComponentKind:
 
 KINDS: dict[str, ComponentKind] = {
     "SD3Transformer2DModel": ComponentKind(
-        "SD3Transformer2DModel", mmdit.SD3TransformerConfig, mmdit.SD3Transformer2DModel, sd3_transformer.RULES,
+        "SD3Transformer2DModel",
+        mmdit.SD3TransformerConfig,
+        mmdit.SD3Transformer2DModel,
+        sd3_transformer.RULES,
         mmdit.example_inputs,
-        lambda m: lambda path: mmdit.locate_block(path, m.config, m.scan_layers)),
+        lambda m: lambda path: mmdit.locate_block(path, m.config, m.scan_layers),
+    ),
     "AutoencoderKL": ComponentKind(
-        "AutoencoderKL", vae.AutoencoderKLConfig, vae.AutoencoderKL, sd3_vae.RULES, vae.example_inputs,
-        lambda m: lambda path: (path, None)),
+        "AutoencoderKL",
+        vae.AutoencoderKLConfig,
+        vae.AutoencoderKL,
+        sd3_vae.RULES,
+        vae.example_inputs,
+        lambda m: lambda path: (path, None),
+    ),
     "CLIPTextModelWithProjection": ComponentKind(
-        "CLIPTextModelWithProjection", clip.CLIPTextConfig, clip.CLIPTextModelWithProjection, text_encoders.CLIP_RULES,
-        clip.example_inputs, lambda m: lambda path: (path, None)),
+        "CLIPTextModelWithProjection",
+        clip.CLIPTextConfig,
+        clip.CLIPTextModelWithProjection,
+        text_encoders.CLIP_RULES,
+        clip.example_inputs,
+        lambda m: lambda path: (path, None),
+    ),
     "T5EncoderModel": ComponentKind(
-        "T5EncoderModel", t5.T5EncoderConfig, t5.T5EncoderModel, text_encoders.T5_RULES, t5.example_inputs,
-        lambda m: lambda path: (path, None)),
+        "T5EncoderModel",
+        t5.T5EncoderConfig,
+        t5.T5EncoderModel,
+        text_encoders.T5_RULES,
+        t5.example_inputs,
+        lambda m: lambda path: (path, None),
+    ),
 }
 
 
@@ -49,7 +69,8 @@ def kind_of(config: Mapping[str, Any], where: str) -> ComponentKind:
     name = config.get("_class_name")
     if name not in KINDS:
         raise core.ConversionError(
-            f"{where}: unsupported component class {name!r}; percov2-jax converts {sorted(KINDS)}")
+            f"{where}: unsupported component class {name!r}; percov2-jax converts {sorted(KINDS)}"
+        )
     return KINDS[name]
 
 
@@ -81,8 +102,9 @@ def convert(
     """Plan and assemble ``sources`` into ``module``'s parameter tree (strict; see ``core``)."""
     boxed = abstract_params(module, kind)
     target = core.flatten_shapes(nn.meta.unbox(boxed))
-    assignments = core.plan(list(sources), kind.rules, target, kind.locate(module),
-                            what=what or f"{kind.class_name}({module.config})")
+    assignments = core.plan(
+        list(sources), kind.rules, target, kind.locate(module), what=what or f"{kind.class_name}({module.config})"
+    )
     if mesh is not None and shardings is None:
         shardings = sharding_lib.logical_shardings(boxed, mesh)
     bar = tqdm(total=len(assignments), desc=f"converting {kind.class_name}", unit="tensor", disable=not progress)

@@ -4,10 +4,8 @@ a throughput timer.
 Only process 0 writes (pass ``enabled=jax.process_index() == 0``); the others get writers
 and bars that do nothing, so the loop calls them unconditionally.
 
-Layout under ``workdir``::
-
-    tensorboard/events.out.tfevents.*   TensorBoard event files (scalars and images)
-    metrics.jsonl                        one {"step": ..., name: value, ...} object per write
+Files (`percov2_jax.runs.layout.RunDir`): ``tensorboard/events.out.tfevents.*`` (scalars and
+images) and ``metrics.jsonl`` (one ``{"step": ..., name: value, ...}`` object per write).
 
 TensorBoard files are written with tensorboardX, which needs only numpy and protobuf (no
 TensorFlow) and already handles the record framing, CRCs, image summaries and the
@@ -23,12 +21,12 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from percov2_jax.runs.layout import RunDir
 
 
 def _scalar(name: str, value: Any) -> float | int:
@@ -42,15 +40,15 @@ def _scalar(name: str, value: Any) -> float | int:
 
 
 class MetricWriter:
-    """Writes scalars and images for one run under ``workdir``; a no-op when not ``enabled``.
+    """Writes scalars and images for one run (a `RunDir` or its path); a no-op when not ``enabled``.
 
     Resuming appends to ``metrics.jsonl`` and starts a new event file. Pass the restored step
     as ``purge_step`` so TensorBoard hides the events the previous run wrote at or after it
     (``read_metrics`` does the same for the JSON lines on its own).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, purge_step: int | None = None):
-        self.workdir = pathlib.Path(workdir)
+    def __init__(self, run: str | os.PathLike | RunDir, *, enabled: bool = True, purge_step: int | None = None):
+        self.run = RunDir(run)
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
@@ -58,12 +56,13 @@ class MetricWriter:
             return
         from tensorboardX import SummaryWriter
 
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.run.root.mkdir(parents=True, exist_ok=True)
         # tensorboardX names files by the second and opens them with "wb": a nanosecond suffix
         # keeps a quick restart from overwriting the previous file and keeps files in time order.
-        self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR), purge_step=purge_step,
-                                 filename_suffix=f".{time.time_ns()}")
-        path = self.workdir / METRICS_FILE
+        self._tb = SummaryWriter(
+            os.fspath(self.run.tensorboard), purge_step=purge_step, filename_suffix=f".{time.time_ns()}"
+        )
+        path = pathlib.Path(self.run.metrics_file)
         # A run killed mid-write can leave a line without its newline; start on a fresh line.
         torn = False
         if path.exists() and path.stat().st_size:
@@ -110,15 +109,15 @@ class MetricWriter:
             self._tb = self._jsonl = None
             self.enabled = False
 
-    def __enter__(self) -> "MetricWriter":
+    def __enter__(self) -> MetricWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of ``workdir/metrics.jsonl``, one dict per step in step order.
+def read_metrics(run: str | os.PathLike | RunDir) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``, one dict per step in step order.
 
     Records written at the same step by one run are merged (later values win). A step lower
     than one already seen marks a restart from a checkpoint: the records of the abandoned run
@@ -126,7 +125,7 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     record. Lines that do not parse (a write cut off by a crash) are skipped. An absent file
     gives ``[]``.
     """
-    path = pathlib.Path(workdir) / METRICS_FILE
+    path = pathlib.Path(RunDir(run).metrics_file)
     if not path.exists():
         return []
     by_step: dict[int, dict[str, Any]] = {}
@@ -159,11 +158,13 @@ class ProgressBar:
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial_step, file=sys.stdout, unit="step",
-                             dynamic_ncols=True, smoothing=0.1)
+            self._bar = tqdm(
+                total=total_steps, initial=initial_step, file=sys.stdout, unit="step", dynamic_ncols=True, smoothing=0.1
+            )
 
-    def update(self, step: int, *, loss: float | None = None, lr: float | None = None,
-               images_per_second: float | None = None) -> None:
+    def update(
+        self, step: int, *, loss: float | None = None, lr: float | None = None, images_per_second: float | None = None
+    ) -> None:
         if not self.enabled:
             return
         if loss is not None:
@@ -186,7 +187,7 @@ class ProgressBar:
             self._bar = None
             self.enabled = False
 
-    def __enter__(self) -> "ProgressBar":
+    def __enter__(self) -> ProgressBar:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -253,8 +254,11 @@ class StepTimer:
             return None
         now = self._clock()
         seconds = now - self._window_start
-        result = Throughput(self._window_steps, seconds,
-                            self._window_steps * self.images_per_step / seconds if seconds > 0 else math.inf)
+        result = Throughput(
+            self._window_steps,
+            seconds,
+            self._window_steps * self.images_per_step / seconds if seconds > 0 else math.inf,
+        )
         self._window_start, self._window_steps = now, 0
         return result
 

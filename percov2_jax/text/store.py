@@ -14,14 +14,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 import numpy as np
 from flax import serialization
 from tqdm.auto import tqdm
 
-from percov2_jax.conditioning import PromptEncoder
+from percov2_jax.text.prompt_encoder import PromptEncoder
 
 PATTERN = "text_embeddings-{index:05d}-of-{count:05d}.array_record"
 
@@ -33,9 +33,17 @@ def _shard_ids(ids: list[str], shard_index: int, shard_count: int) -> list[str]:
     return ids[shard_index::shard_count]
 
 
-def precompute_text_embeddings(encoder: PromptEncoder, captions: Mapping[str, str], output_dir: str, *,
-                               batch_size: int = 16, dtype: str = "float32", shard_index: int | None = None,
-                               shard_count: int | None = None, progress: bool = True) -> str:
+def precompute_text_embeddings(
+    encoder: PromptEncoder,
+    captions: Mapping[str, str],
+    output_dir: str,
+    *,
+    batch_size: int = 16,
+    dtype: str = "float32",
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    progress: bool = True,
+) -> str:
     """Encode ``captions`` (id -> caption) into ``output_dir``; returns the shard path written.
 
     Hosts split the ids (sorted) round-robin by ``jax.process_index()`` unless ``shard_index`` /
@@ -56,21 +64,34 @@ def precompute_text_embeddings(encoder: PromptEncoder, captions: Mapping[str, st
     writer = ArrayRecordWriter(path, "group_size:1")
     try:
         for start in tqdm(range(0, len(ids), batch_size), desc=f"text shard {shard_index}", disable=not progress):
-            batch = ids[start:start + batch_size]
+            batch = ids[start : start + batch_size]
             texts = [captions[i] for i in batch]
             # Pad the last batch to a full one so every call reuses one compiled shape.
             padded = texts + [""] * (batch_size - len(texts))
             embeds, pooled = jax.device_get(encoder(padded))
             for j, example_id in enumerate(batch):
-                writer.write(serialization.msgpack_serialize({
-                    "id": example_id, "caption": texts[j],
-                    "prompt_embeds": np.asarray(embeds[j]).astype(store_dtype),
-                    "pooled": np.asarray(pooled[j]).astype(store_dtype)}))
+                writer.write(
+                    serialization.msgpack_serialize(
+                        {
+                            "id": example_id,
+                            "caption": texts[j],
+                            "prompt_embeds": np.asarray(embeds[j]).astype(store_dtype),
+                            "pooled": np.asarray(pooled[j]).astype(store_dtype),
+                        }
+                    )
+                )
     finally:
         writer.close()
     with open(path + ".index.json", "w") as f:
-        json.dump({"ids": ids, "dtype": store_dtype.name, "max_sequence_length": encoder.max_sequence_length,
-                   "use_t5": encoder.use_t5}, f)
+        json.dump(
+            {
+                "ids": ids,
+                "dtype": store_dtype.name,
+                "max_sequence_length": encoder.max_sequence_length,
+                "use_t5": encoder.use_t5,
+            },
+            f,
+        )
     return path
 
 

@@ -37,7 +37,8 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,7 @@ SHARD_DIR = "shards"
 
 
 # ------------------------------------------------------------------------------ identity, shards
+
 
 def shard_ranges(num_items: int, shard_size: int) -> list[range]:
     """Consecutive index ranges of ``shard_size`` covering ``range(num_items)``."""
@@ -103,8 +105,11 @@ def check_run_file(workdir: str, identity: dict, write: bool) -> None:
             old = json.load(f)
         changed = _differences(old, json.loads(_dumps(identity)))
         if changed:
-            raise ValueError(f"{workdir} holds another evaluation run; resuming would mix results. Changed: "
-                             + "; ".join(changed[:10]) + ". Use a new --workdir.")
+            raise ValueError(
+                f"{workdir} holds another evaluation run; resuming would mix results. Changed: "
+                + "; ".join(changed[:10])
+                + ". Use a new --workdir."
+            )
     elif write:
         os.makedirs(workdir, exist_ok=True)
         _write_atomic(path, _dumps(identity))
@@ -127,6 +132,7 @@ def shard_done(workdir: str, shard: int, run_fingerprint: str) -> bool:
 
 # ------------------------------------------------------------------------------ one shard
 
+
 @dataclasses.dataclass
 class Evaluator:
     """Scores images with one codec under several modes (see the module docstring).
@@ -141,8 +147,10 @@ class Evaluator:
     caption_coder: str = "zlib"
 
     def __post_init__(self):
-        self._codecs = {m.name: dataclasses.replace(self.codec, sample_steps=m.sample_steps,
-                                                    guidance_scale=m.guidance_scale) for m in self.modes}
+        self._codecs = {
+            m.name: dataclasses.replace(self.codec, sample_steps=m.sample_steps, guidance_scale=m.guidance_scale)
+            for m in self.modes
+        }
 
     def evaluate(self, dataset, indices: Sequence[int], progress=None) -> tuple[list, list, dict]:
         """Score ``dataset`` items ``indices`` -> ``(records, failures, arrays)``.
@@ -195,8 +203,9 @@ class Evaluator:
         for mode in self.modes:
             codec = self._codecs[mode.name]
             if mode.coding not in streams_by_coding:
-                streams_by_coding[mode.coding] = codec.compress_batch(images, captions, self.caption_coder,
-                                                                      **mode.coding_overrides)
+                streams_by_coding[mode.coding] = codec.compress_batch(
+                    images, captions, self.caption_coder, **mode.coding_overrides
+                )
             streams = streams_by_coding[mode.coding]
             reconstructions = codec.decompress_batch(streams)
             shapes = {(a.shape, b.shape) for a, b in zip(images, reconstructions) if a.shape != b.shape}
@@ -212,12 +221,19 @@ class Evaluator:
                 _append(arrays, f"{mode.name}/inception", suite.inception_features(reconstructions))
             for row, (index, item) in enumerate(batch):
                 budget = bitstream.bit_budget(streams[row])
-                record = {"index": index, "id": item["id"], "mode": mode.name, "bytes": len(streams[row]),
-                          "height": int(budget["height"]), "width": int(budget["width"]),
-                          "bpp": budget["total_bpp"], "bpp_caption": budget["caption_bpp"],
-                          "bpp_tokens": budget["tokens_bpp"],
-                          "bpp_header": budget["total_bpp"] - budget["caption_bpp"] - budget["tokens_bpp"],
-                          "caption": item["caption"]}
+                record = {
+                    "index": index,
+                    "id": item["id"],
+                    "mode": mode.name,
+                    "bytes": len(streams[row]),
+                    "height": int(budget["height"]),
+                    "width": int(budget["width"]),
+                    "bpp": budget["total_bpp"],
+                    "bpp_caption": budget["caption_bpp"],
+                    "bpp_tokens": budget["tokens_bpp"],
+                    "bpp_header": budget["total_bpp"] - budget["caption_bpp"] - budget["tokens_bpp"],
+                    "caption": item["caption"],
+                }
                 for name, values in per_image.items():
                     record[name] = values[row]
                 if clip_scores is not None:
@@ -241,14 +257,25 @@ def _batches(items: list, batch_size: int) -> list[list]:
     groups: dict = {}
     for index, item in items:
         groups.setdefault(item["image"].shape, []).append((index, item))
-    return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
 # ------------------------------------------------------------------------------ the run
 
-def run_shards(evaluator: Evaluator, dataset, workdir: str, identity: dict, *, shard_size: int,
-               process_index: int = 0, process_count: int = 1, max_shards: int | None = None,
-               max_minutes: float | None = None, show_progress: bool = True) -> dict:
+
+def run_shards(
+    evaluator: Evaluator,
+    dataset,
+    workdir: str,
+    identity: dict,
+    *,
+    shard_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_shards: int | None = None,
+    max_minutes: float | None = None,
+    show_progress: bool = True,
+) -> dict:
     """Evaluate this process's unfinished shards; returns ``{"done": [...], "skipped": [...],
     "remaining": [...]}`` (shard numbers). ``max_shards`` / ``max_minutes`` stop early (the next
     run continues)."""
@@ -271,9 +298,18 @@ def run_shards(evaluator: Evaluator, dataset, workdir: str, identity: dict, *, s
             records, failures, arrays = evaluator.evaluate(dataset, list(ranges[s]), progress)
             np.savez(shard_path(workdir, s, "npz.tmp"), **arrays)
             os.replace(shard_path(workdir, s, "npz.tmp") + ".npz", shard_path(workdir, s, "npz"))
-            _write_atomic(shard_path(workdir, s), _dumps({
-                "fingerprint": run_fingerprint, "shard": s, "indices": [int(i) for i in ranges[s]],
-                "records": records, "failures": failures}))
+            _write_atomic(
+                shard_path(workdir, s),
+                _dumps(
+                    {
+                        "fingerprint": run_fingerprint,
+                        "shard": s,
+                        "indices": [int(i) for i in ranges[s]],
+                        "records": records,
+                        "failures": failures,
+                    }
+                ),
+            )
             done.append(s)
     return {"done": done, "skipped": skipped, "remaining": [s for s in todo if s not in done]}
 
@@ -301,8 +337,10 @@ def load_shards(workdir: str, num_items: int, shard_size: int, run_fingerprint: 
         seen = {r["index"] for r in shard["records"]} | {f["index"] for f in shard["failures"]}
         both = {r["index"] for r in shard["records"]} & {f["index"] for f in shard["failures"]}
         if seen != set(expected) or both:
-            raise ValueError(f"{shard_path(workdir, s)}: images not accounted for exactly once "
-                             f"(missing {sorted(set(expected) - seen)[:5]}, both scored and failed {sorted(both)[:5]})")
+            raise ValueError(
+                f"{shard_path(workdir, s)}: images not accounted for exactly once "
+                f"(missing {sorted(set(expected) - seen)[:5]}, both scored and failed {sorted(both)[:5]})"
+            )
         records += shard["records"]
         failures += shard["failures"]
         with np.load(shard_path(workdir, s, "npz")) as z:
@@ -311,9 +349,17 @@ def load_shards(workdir: str, num_items: int, shard_size: int, run_fingerprint: 
     return records, failures, arrays
 
 
-def dataset_metrics(records: list, arrays: dict, modes: Sequence[Mode], names: Sequence[str], *,
-                    kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0,
-                    fid_method: str = "sqrtm") -> list[dict]:
+def dataset_metrics(
+    records: list,
+    arrays: dict,
+    modes: Sequence[Mode],
+    names: Sequence[str],
+    *,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    seed: int = 0,
+    fid_method: str = "sqrtm",
+) -> list[dict]:
     """Per mode: the means of the per-image values, FID / KID (originals vs reconstructions, on
     the Inception features) and the CLIP score (mean over images, and of the originals)."""
     from percov2_jax.metrics import fid as fid_lib
@@ -321,8 +367,9 @@ def dataset_metrics(records: list, arrays: dict, modes: Sequence[Mode], names: S
 
     clip_original = None  # the same for every mode: the originals against their scored captions
     if "original/clip" in arrays and len(arrays["original/clip"]):
-        clip_original = float(np.mean(np.asarray(clip_score(arrays["original/clip"], arrays["caption/clip"]),
-                                                 np.float64)))
+        clip_original = float(
+            np.mean(np.asarray(clip_score(arrays["original/clip"], arrays["caption/clip"]), np.float64))
+        )
     out = []
     for mode in modes:
         rows = [r for r in records if r["mode"] == mode.name]
@@ -337,8 +384,9 @@ def dataset_metrics(records: list, arrays: dict, modes: Sequence[Mode], names: S
             if "fid" in names:
                 metrics["fid"] = fid_lib.fid_from_features(real, fake, method=fid_method)
             if "kid" in names:
-                metrics["kid"] = fid_lib.kernel_inception_distance(real, fake, num_subsets=kid_subsets,
-                                                                   max_subset_size=kid_subset_size, seed=seed)
+                metrics["kid"] = fid_lib.kernel_inception_distance(
+                    real, fake, num_subsets=kid_subsets, max_subset_size=kid_subset_size, seed=seed
+                )
         metrics["clip_score_original"] = clip_original
         metrics["images"] = n
         out.append({**mode.describe(), "metrics": metrics})

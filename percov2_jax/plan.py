@@ -1,7 +1,7 @@
 """Plan a run on machines we do not have: compile the stage-1 training step and the decoder ahead
 of time for a mesh of TPU (or GPU) devices and print per-device memory, FLOPs and step times.
 
-  python tools/plan.py --config configs/sd3_medium_ultralow.py --mesh data=1,fsdp=32,tensor=1 \
+  python -m percov2_jax.plan --config configs/sd3_medium_ultralow.py --mesh data=1,fsdp=32,tensor=1 \
       --device_kind tpu_v5p [--mfu 0.4] [--programs train,decode] [--json plan.json] \
       [--config.model.remat_policy=full] [--config.train.global_batch_size=160]
 
@@ -17,11 +17,12 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
+
+from percov2_jax import jobs
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "stage-1 config file (configs/*.py)", lock_config=True)
+jobs.define_flags("stage-1 config file (configs/*.py)", None, multihost=False)
 flags.DEFINE_string("mesh", "data=1,fsdp=-1,tensor=1", "mesh sizes; the product is the device count")
 flags.DEFINE_string("device_kind", "tpu_v5p", "tpu_v4 | tpu_v5e | tpu_v5p | tpu_v6e | h100 | a100")
 flags.DEFINE_integer("devices", None, "device count when --mesh has a -1 entry")
@@ -30,34 +31,34 @@ flags.DEFINE_list("programs", ["train", "decode"], "which programs to compile: t
 flags.DEFINE_integer("decode_batch", None, "images per decode call (default: one per batch shard)")
 flags.DEFINE_string("libtpu_path", None, "directory holding a `pip --target` copy of libtpu")
 flags.DEFINE_string("json", None, "also write the plan here")
-flags.mark_flags_as_required(["config"])
 
 
 def parse_mesh(text: str, devices: int | None) -> dict[str, int]:
+    """``"data=1,fsdp=-1,tensor=1"`` -> mesh sizes; a ``-1`` entry needs ``devices``."""
+    from percov2_jax.sharding import mesh_sizes
+
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
     for part in filter(None, text.split(",")):
         name, _, value = part.partition("=")
         if name.strip() not in sizes or not value.strip().lstrip("-").isdigit():
             raise ValueError(f"--mesh wants data=D,fsdp=F,tensor=T, got {text!r}")
         sizes[name.strip()] = int(value)
-    if -1 in sizes.values():
-        if devices is None:
-            raise ValueError("--mesh has a -1 size: give --devices")
-        known = 1
-        for v in sizes.values():
-            known *= v if v != -1 else 1
-        if devices % known:
-            raise ValueError(f"{devices} devices do not divide into mesh {sizes}")
-        sizes = {k: (devices // known if v == -1 else v) for k, v in sizes.items()}
-    if any(v < 1 for v in sizes.values()):
-        raise ValueError(f"mesh sizes must be positive, got {sizes}")
-    return sizes
+    if -1 in sizes.values() and devices is None:
+        raise ValueError("--mesh has a -1 size: give --devices")
+    count = devices if devices is not None else sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+    return mesh_sizes(sizes["data"], sizes["fsdp"], sizes["tensor"], count)
 
 
-def main(argv):
-    del argv
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+def _backends_initialized() -> bool:
+    """Whether JAX already made its devices (then XLA_FLAGS can no longer add virtual ones)."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge  # no public API tells
+
+    return xla_bridge.backends_are_initialized()
+
+
+def main() -> None:
     from percov2_jax.planning import devices as device_lib
 
     kind = device_lib.device_kind(FLAGS.device_kind)
@@ -70,8 +71,8 @@ def main(argv):
         device_lib.topology_name(kind, count)  # a slice shape exists, before loading libtpu
         device_lib.enable_libtpu(FLAGS.libtpu_path)
         os.environ["PERCOV2_PALLAS_INTERPRET"] = "0"  # compile Pallas kernels (splash) for the TPU
-    elif "jax" not in sys.modules:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}")
+    elif not _backends_initialized():
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
@@ -81,21 +82,32 @@ def main(argv):
 
     devices = device_lib.tpu_devices(kind, count) if kind.compiled_for_real else jax.devices()[:count]
     if len(devices) != count:
-        raise RuntimeError(f"need {count} devices, have {len(devices)} (start tools/plan.py fresh for GPU kinds)")
+        raise RuntimeError(f"need {count} devices, have {len(devices)} (start a fresh process for GPU kinds)")
     mesh = sharding.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
     config = FLAGS.config
     planner = Planner(config, mesh)
     shards = sizes["data"] * sizes["fsdp"]
     decode_batch = FLAGS.decode_batch or shards
-    header = dict(config=FLAGS["config"].value and flags.FLAGS["config"].config_filename, device_kind=kind.name,
-                  devices=count, mesh=",".join(f"{k}={v}" for k, v in sizes.items()), mfu=FLAGS.mfu,
-                  remat_policy=str(config.model.remat_policy), dtype=str(config.model.dtype),
-                  image_size=int(config.image_size), params=planner.param_count,
-                  batch={"train_step": int(config.train.global_batch_size), "decode": decode_batch},
-                  decode_steps=int(config.sample.num_steps), guidance_scale=float(config.sample.guidance_scale),
-                  jax_version=jax.__version__)
-    print(f"{kind.name} x{count} mesh {header['mesh']}: {planner.param_count / 1e9:.3f} B parameters, "
-          f"{header['image_size']}^2 images, remat {header['remat_policy']}, compute {header['dtype']}", flush=True)
+    header = dict(
+        config=FLAGS["config"].value and flags.FLAGS["config"].config_filename,
+        device_kind=kind.name,
+        devices=count,
+        mesh=",".join(f"{k}={v}" for k, v in sizes.items()),
+        mfu=FLAGS.mfu,
+        remat_policy=str(config.model.remat_policy),
+        dtype=str(config.model.dtype),
+        image_size=int(config.image_size),
+        params=planner.param_count,
+        batch={"train_step": int(config.train.global_batch_size), "decode": decode_batch},
+        decode_steps=int(config.sample.num_steps),
+        guidance_scale=float(config.sample.guidance_scale),
+        jax_version=jax.__version__,
+    )
+    print(
+        f"{kind.name} x{count} mesh {header['mesh']}: {planner.param_count / 1e9:.3f} B parameters, "
+        f"{header['image_size']}^2 images, remat {header['remat_policy']}, compute {header['dtype']}",
+        flush=True,
+    )
     records = []
     for program in FLAGS.programs:
         if program == "train":
@@ -114,4 +126,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    jobs.run(main)

@@ -2,7 +2,7 @@
 
 Three kinds, chosen by ``config.text.kind``:
 - ``sd3``: the frozen SD3 text encoders (CLIP-L, CLIP-G, T5-XXL) from a converted checkpoint,
-  via ``conditioning.PromptEncoder`` (equal to diffusers' ``encode_prompt``).
+  via ``prompt_encoder.PromptEncoder`` (equal to diffusers' ``encode_prompt``).
 - ``precomputed``: embeddings written by ``tools/precompute_text.py``, looked up by example id.
 - ``hashed``: a parameter-free bag-of-words stand-in for the tiny config (no text-encoder weights
   can be downloaded): each word maps to a fixed pseudo-random vector seeded by its CRC32. It
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,8 +36,10 @@ class HashedTextEncoder:
     def _word(self, word: str) -> tuple[np.ndarray, np.ndarray]:
         if word not in self._cache:
             rng = np.random.default_rng([self.seed, zlib.crc32(word.encode("utf-8"))])
-            self._cache[word] = (rng.standard_normal(self.features).astype(np.float32),
-                                 rng.standard_normal(self.pooled_features).astype(np.float32))
+            self._cache[word] = (
+                rng.standard_normal(self.features).astype(np.float32),
+                rng.standard_normal(self.pooled_features).astype(np.float32),
+            )
         return self._cache[word]
 
     def __call__(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -59,12 +61,16 @@ class HashedTextEncoder:
 
 
 class SD3TextEncoder:
-    """The SD3 text encoders from a checkpoint made by ``tools/convert_sd3.py`` (``sd3`` kind)."""
+    """The SD3 text encoders from a checkpoint made by ``percov2 convert`` (``sd3`` kind)."""
 
-    def __init__(self, checkpoint: str, max_sequence_length: int = 256, use_t5: bool = True):
-        from percov2_jax.conditioning import PromptEncoder
+    def __init__(
+        self, checkpoint: str, max_sequence_length: int = 256, use_t5: bool = True, joint_attention_dim: int = 4096
+    ):
+        from percov2_jax.text.prompt_encoder import PromptEncoder
 
-        self.encoder = PromptEncoder.from_checkpoint(checkpoint, use_t5=use_t5, max_sequence_length=max_sequence_length)
+        self.encoder = PromptEncoder.from_checkpoint(
+            checkpoint, use_t5=use_t5, max_sequence_length=max_sequence_length, joint_attention_dim=joint_attention_dim
+        )
 
     def __call__(self, captions: Sequence[str]):
         seq, pooled = self.encoder(list(captions))
@@ -78,13 +84,15 @@ class PrecomputedText:
     """Embeddings from a ``TextEmbeddingStore``, looked up by example id (``precomputed`` kind)."""
 
     def __init__(self, directory: str):
-        from percov2_jax.data.text_store import EMPTY_PROMPT_ID, TextEmbeddingStore
+        from percov2_jax.text.store import EMPTY_PROMPT_ID, TextEmbeddingStore
 
         empty_prompt_id = EMPTY_PROMPT_ID
         self.store = TextEmbeddingStore(directory)
         if empty_prompt_id not in self.store:
-            raise ValueError(f"text store {directory} has no entry {empty_prompt_id!r} for the empty prompt; "
-                             "rebuild it with tools/precompute_text.py, which adds it")
+            raise ValueError(
+                f"text store {directory} has no entry {empty_prompt_id!r} for the empty prompt; "
+                "rebuild it with tools/precompute_text.py, which adds it"
+            )
         self.empty_prompt_id = empty_prompt_id
 
     def lookup(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -92,26 +100,37 @@ class PrecomputedText:
         if missing:
             raise KeyError(f"text store has no embeddings for ids {missing[:5]} ({len(missing)} missing)")
         rows = [self.store[i] for i in ids]
-        return (np.stack([r["prompt_embeds"] for r in rows]).astype(np.float32),
-                np.stack([r["pooled"] for r in rows]).astype(np.float32))
+        return (
+            np.stack([r["prompt_embeds"] for r in rows]).astype(np.float32),
+            np.stack([r["pooled"] for r in rows]).astype(np.float32),
+        )
 
     def null_embeddings(self):
         return self.lookup([self.empty_prompt_id])
 
 
-def build_text_conditioner(cfg, transformer_config, default_checkpoint: str = ""):
-    """The conditioner for ``cfg`` (``config.text``); ``sd3`` falls back to ``default_checkpoint``
-    (the run's ``pretrained.checkpoint``) when ``cfg.checkpoint`` is empty."""
+def text_conditioner(cfg, length: int, width: int, pooled_width: int, default_checkpoint: str = ""):
+    """The conditioner for ``cfg`` (a run's ``config.text``) giving ``[B, length, width]`` and
+    ``[B, pooled_width]``; ``sd3`` falls back to ``default_checkpoint`` (the run's
+    ``pretrained.checkpoint``) when ``cfg.checkpoint`` is empty. A precomputed store written with
+    other settings is refused."""
     if cfg.kind == "hashed":
-        return HashedTextEncoder(int(cfg.length), transformer_config.joint_attention_dim,
-                                 transformer_config.pooled_projection_dim, int(cfg.get("seed", 0)))
+        return HashedTextEncoder(length, width, pooled_width, int(cfg.get("seed", 0)))
     if cfg.kind == "sd3":
         checkpoint = cfg.checkpoint or default_checkpoint
         if not checkpoint:
-            raise ValueError("text.kind='sd3' needs text.checkpoint or pretrained.checkpoint (made by tools/convert_sd3.py)")
-        return SD3TextEncoder(checkpoint, int(cfg.max_sequence_length), bool(cfg.use_t5))
+            raise ValueError("text.kind='sd3' needs text.checkpoint or pretrained.checkpoint (made by percov2 convert)")
+        return SD3TextEncoder(checkpoint, int(cfg.max_sequence_length), bool(cfg.use_t5), joint_attention_dim=width)
     if cfg.kind == "precomputed":
         if not cfg.store:
             raise ValueError("text.kind='precomputed' needs text.store (a directory from tools/precompute_text.py)")
-        return PrecomputedText(cfg.store)
+        text = PrecomputedText(cfg.store)
+        stored = text.store.settings or {}
+        want = {"max_sequence_length": int(cfg.max_sequence_length), "use_t5": bool(cfg.use_t5)}
+        differ = {k: (stored.get(k), v) for k, v in want.items() if stored.get(k) != v}
+        if differ:
+            raise ValueError(
+                f"text store {cfg.store} was written with other settings than config.text: {differ} (store, config)"
+            )
+        return text
     raise ValueError(f"unknown text.kind {cfg.kind!r}; choose hashed, sd3 or precomputed")

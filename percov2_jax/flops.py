@@ -20,7 +20,8 @@ hardware does but that MFU does not credit.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 
@@ -139,8 +140,16 @@ _GPU_PEAK_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
 
 def peak_flops_per_device(device: Any) -> float | None:
     """The dense bf16 peak FLOP/s of one JAX device from its ``device_kind``; None for CPU or unknown."""
-    kind = str(getattr(device, "device_kind", "")).strip()
-    if getattr(device, "platform", None) == "cpu" or not kind:
+    if getattr(device, "platform", None) == "cpu":
+        return None
+    return peak_flops_of_kind(str(getattr(device, "device_kind", "")))
+
+
+def peak_flops_of_kind(kind: str) -> float | None:
+    """The dense bf16 peak FLOP/s of a ``device_kind`` string (``"TPU v5p"``, ``"NVIDIA H100 80GB
+    HBM3"``); None when unknown."""
+    kind = kind.strip()
+    if not kind:
         return None
     if kind in _TPU_PEAK_FLOPS:
         return _TPU_PEAK_FLOPS[kind]
@@ -170,8 +179,9 @@ def model_flops_utilization(flops_per_step: float | None, step_seconds: float, d
     return float(flops_per_step) / (step_seconds * sum(peaks))
 
 
-def mmdit_forward_flop_breakdown(config: SD3TransformerConfig, batch: int, latent_h: int, latent_w: int,
-                                 text_len: int) -> dict[str, int]:
+def mmdit_forward_flop_breakdown(
+    config: SD3TransformerConfig, batch: int, latent_h: int, latent_w: int, text_len: int
+) -> dict[str, int]:
     """Matmul FLOPs (``2·m·n·k``) of one ``SD3Transformer2DModel`` forward, by part.
 
     ``latent_h × latent_w`` is the latent size (before patchify), ``text_len`` the number of

@@ -1,0 +1,205 @@
+"""Build a stage-1 run's pieces from its config, for training and inference alike: the PerCoV2
+model, the frozen latent codec (VAE), the caption conditioner, the pretrained SD3 weights and the
+data source. Every config problem raises one clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from percov2_jax import pretrained, rates
+from percov2_jax.models.hyper_encoder import HyperEncoderConfig
+from percov2_jax.models.mmdit import SD3TransformerConfig
+from percov2_jax.models.percov2 import PerCoV2, PerCoV2Config, widen_patch_embedding
+from percov2_jax.models.quantizer import QuantizerConfig
+from percov2_jax.text.prompt_encoder import CLIP_MAX_LENGTH
+
+LATENT_SIDE_AT_512 = 512 // rates.LATENT_DOWNSAMPLE  # 64: the hyper-encoder's reference input side
+
+
+def validate_config(config, process_count: int | None = None, mesh=None) -> rates.BitRate:
+    """Check the fields that must agree with each other; return the bit-rate."""
+    rate = rates.get_rate(config.rate)
+    rates.check_image_size(int(config.image_size), int(config.image_size))
+    process_count = jax.process_count() if process_count is None else process_count
+    gbs = int(config.train.global_batch_size)
+    if gbs <= 0:
+        raise ValueError(f"train.global_batch_size must be positive, got {gbs}")
+    if gbs % process_count:
+        raise ValueError(f"train.global_batch_size {gbs} is not divisible by the {process_count} processes")
+    if mesh is not None:
+        batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+        if gbs % batch_devices:
+            raise ValueError(
+                f"train.global_batch_size {gbs} is not divisible by the mesh's data x fsdp = "
+                f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {batch_devices} batch shards"
+            )
+    if not 0.0 <= float(config.text.caption_dropout) < 1.0:
+        raise ValueError(f"text.caption_dropout must be in [0, 1), got {config.text.caption_dropout}")
+    if int(config.train.num_steps) <= 0:
+        raise ValueError(f"train.num_steps must be positive, got {config.train.num_steps}")
+    return rate
+
+
+def model_config(config, rate: rates.BitRate) -> PerCoV2Config:
+    transformer = SD3TransformerConfig.from_dict(dict(config.model.transformer))
+    hyper = HyperEncoderConfig(
+        in_channels=transformer.in_channels,
+        channels=int(config.model.hyper_channels),
+        out_channels=int(config.model.hyper_out_channels),
+        latent_side=LATENT_SIDE_AT_512,
+        hyper_side=rate.hyper_side,
+    )
+    quantizer = QuantizerConfig(
+        dim=hyper.out_channels,
+        codebook_size=rate.codebook_size,
+        codebook_dim=int(config.model.codebook_dim),
+        decay=float(config.model.vq_decay),
+        dead_code_threshold=float(config.model.dead_code_threshold),
+    )
+    return PerCoV2Config(
+        transformer,
+        hyper,
+        quantizer,
+        learned_null_text=bool(config.model.learned_null_text),
+        text_length=caption_length(config.text),
+    )
+
+
+def caption_length(text) -> int:
+    """Caption tokens the transformer sees, derived from ``config.text`` alone: for ``sd3`` and
+    ``precomputed`` CLIP's 77 plus ``max_sequence_length`` T5 tokens (zeros without T5, as
+    diffusers gives them); for ``hashed`` the ``max_sequence_length`` word slots."""
+    if text.kind == "hashed":
+        return int(text.max_sequence_length)
+    return CLIP_MAX_LENGTH + int(text.max_sequence_length)
+
+
+def build_model(config, rate: rates.BitRate) -> PerCoV2:
+    m = config.model
+    return PerCoV2(
+        model_config(config, rate),
+        dtype=jnp.dtype(m.dtype),
+        param_dtype=jnp.dtype(m.param_dtype),
+        scan_layers=bool(m.scan_layers),
+        remat_policy=str(m.remat_policy),
+        attention_implementation=m.attention_implementation or None,
+    )
+
+
+def init_inputs(model: PerCoV2, rate: rates.BitRate):
+    """The smallest inputs that build every parameter: one token's worth of image, batch 1."""
+    from percov2_jax.models.percov2 import example_inputs
+
+    side = max(rates.IMAGE_MULTIPLE, rate.pixels_per_token)
+    return example_inputs(model.config, 1, side, side, model.config.text_length)
+
+
+def build_data_source(config):
+    from percov2_jax.data import sources
+
+    d = config.data
+    if d.source == "builtin":
+        return _builtin()
+    if d.source == "folder":
+        if not d.path:
+            raise ValueError("data.source='folder' needs data.path (an image folder)")
+        return sources.ImageFolderSource(d.path, captions=d.captions or None)
+    if d.source == "tfds":
+        if not d.path:
+            raise ValueError("data.source='tfds' needs data.path (a TFDS name or a prepared dataset directory)")
+        return sources.TfdsSource(
+            d.path, d.split, data_dir=d.tfds_data_dir or None, image_key=d.image_key, caption_key=d.caption_key or None
+        )
+    raise ValueError(f"unknown data.source {d.source!r}; choose builtin, folder or tfds")
+
+
+def _builtin():
+    from percov2_jax.data.builtin import BuiltinPhotos
+
+    return BuiltinPhotos()
+
+
+def build_latent_codec(config, source, fitted_path: str | os.PathLike, mesh=None) -> tuple[Any, Any]:
+    """``(module, params)`` of the frozen image <-> latent codec.
+
+    ``sd3``: the AutoencoderKL of ``pretrained.checkpoint``. ``patch_pca``: a PCA patch
+    autoencoder fitted on the first images of the training ``source`` and stored at
+    ``fitted_path`` (the run's ``patch_autoencoder.npz``; reloaded on restart, so a resumed run
+    uses the same codec; with ``source`` None it must exist).
+    """
+    kind = config.vae.kind
+    if kind == "sd3":
+        if not config.pretrained.checkpoint:
+            raise ValueError("vae.kind='sd3' needs pretrained.checkpoint (made by percov2 convert)")
+        from percov2_jax import pretrained
+
+        return pretrained.load(config.pretrained.checkpoint, components=("vae",), mesh=mesh)["vae"]
+    if kind == "patch_pca":
+        from percov2_jax.models.patch_autoencoder import PatchAutoencoder, PatchAutoencoderConfig, fit_patch_pca
+
+        module = PatchAutoencoder(PatchAutoencoderConfig())
+        path = epath.Path(fitted_path)
+        if path.exists():
+            with path.open("rb") as f, np.load(f) as arrays:
+                params = {k: arrays[k] for k in arrays.files}
+        elif source is None:
+            raise FileNotFoundError(f"{path} (the run's fitted latent codec) is missing")
+        else:
+            count = min(len(source), int(config.vae.get("fit_images", 64)))
+            params = fit_patch_pca((source[i]["image"] for i in range(count)), module.config)
+            if jax.process_index() == 0:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.parent / (path.name + ".tmp")
+                with tmp.open("wb") as f:
+                    np.savez(f, **params)
+                tmp.rename(path)
+        return module, jax.tree_util.tree_map(jnp.asarray, params)
+    raise ValueError(f"unknown vae.kind {kind!r}; choose sd3 or patch_pca")
+
+
+def load_pretrained_transformer(config, model: PerCoV2, mesh) -> Any | None:
+    """Pretrained SD3 transformer params (on the mesh, in the model's scan layout), or None."""
+    if not config.pretrained.checkpoint:
+        return None
+    module, params = pretrained.load(
+        config.pretrained.checkpoint,
+        components=("transformer",),
+        mesh=mesh,
+        options={"transformer": {"scan_layers": model.scan_layers, "param_dtype": model.param_dtype}},
+    )["transformer"]
+    want = model.config.transformer
+    if module.config != want:
+        diff = {
+            f.name: (getattr(module.config, f.name), getattr(want, f.name))
+            for f in dataclasses.fields(want)
+            if getattr(module.config, f.name) != getattr(want, f.name)
+        }
+        raise ValueError(f"pretrained transformer config differs from model.transformer: {diff} (checkpoint, config)")
+    return params
+
+
+def insert_pretrained(params: dict, transformer_params: Any, extra_channels: int) -> dict:
+    """``params`` with the transformer replaced by pretrained SD3, widened for the token channels."""
+    return {**params, "transformer": widen_patch_embedding(transformer_params, extra_channels)}
+
+
+def build_text_conditioner(config):
+    """The caption conditioner of ``config.text`` (`percov2_jax.text.conditioners`), producing
+    ``caption_length(config.text)`` tokens of the transformer's widths."""
+    from percov2_jax.text.conditioners import text_conditioner
+
+    t = SD3TransformerConfig.from_dict(dict(config.model.transformer))
+    return text_conditioner(
+        config.text,
+        caption_length(config.text),
+        t.joint_attention_dim,
+        t.pooled_projection_dim,
+        default_checkpoint=config.pretrained.checkpoint,
+    )
