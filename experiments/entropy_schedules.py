@@ -104,7 +104,8 @@ class Tokenizer:
 def train(loss_fn, params, data: dict, batch: int, max_steps: int, seed: int, lr: float):
     """Adam with warm-up and cosine decay for ``max_steps``; returns params, the step count, the
     losses and the seconds. ``loss_fn(params, batch_dict, key) -> (loss, metrics)``."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, 100, max_steps, lr * 0.05)
+    warmup = min(100, max_steps // 2)  # 100 for every full run; a quick run of 4 steps warms up for 2
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max_steps, lr * 0.05)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     opt_state = tx.init(params)
 

@@ -86,7 +86,6 @@ def check(meshes, batch: int, num_layers: int = 4) -> list[dict]:
     """Relative error of every (scan, constraints, mesh) forward against one device."""
     import flax.linen as nn
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from percov2_jax import sharding
     from percov2_jax.models.mmdit import SD3Transformer2DModel
@@ -116,9 +115,7 @@ def check(meshes, batch: int, num_layers: int = 4) -> list[dict]:
             x = [jax.device_put(a, sharding.batch_sharding(mesh)) for a in inputs]
             for constrained in (False, True):  # the models' activation constraints off / on (as trained)
                 with sharding.activation_constraints(mesh) if constrained else contextlib.nullcontext():
-                    out = jax.jit(fresh_forward(model), out_shardings=NamedSharding(mesh, PartitionSpec()))(
-                        {"params": p}, *x
-                    )
+                    out = jax.jit(fresh_forward(model), out_shardings=sharding.replicated(mesh))({"params": p}, *x)
                 err = float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
                 rows.append(
                     {

@@ -101,6 +101,24 @@ def init_inputs(model: PerCoV2, rate: rates.BitRate):
     return example_inputs(model.config, 1, side, side, model.config.text_length)
 
 
+def build_train_iterator(source, data, global_batch_size: int, image_size: int, seed: int):
+    """This process's grain iterator over ``source`` as a run's ``config.data`` asks (crops, flips,
+    workers): its rows of every global batch (`percov2_jax.data.pipeline.make_train_iterator`)."""
+    from percov2_jax.data.pipeline import make_train_iterator
+
+    return make_train_iterator(
+        source,
+        global_batch_size=global_batch_size,
+        image_size=image_size,
+        seed=seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        random_crop=bool(data.random_crop),
+        random_flip=bool(data.random_flip),
+        worker_count=int(data.worker_count),
+    )
+
+
 def build_data_source(config):
     from percov2_jax.data import sources
 

@@ -43,7 +43,6 @@ class Trainer:
     """Holds one run's model, state, step function and I/O; ``run()`` trains to ``num_steps``."""
 
     def __init__(self, config, workdir: str | os.PathLike | RunDir, devices=None):
-        from percov2_jax.data.pipeline import make_train_iterator
 
         self.config, self.run = config, RunDir(workdir)
         m = config.mesh
@@ -75,17 +74,8 @@ class Trainer:
         )
         # Raw key bits (a typed key cannot be built from host data across processes).
         self.base_key = sharding_lib.replicate(jax.random.key_data(jax.random.key(int(config.seed) + 1)), self.mesh)
-        d = config.data
-        self.iterator = make_train_iterator(
-            self.source,
-            global_batch_size=int(config.train.global_batch_size),
-            image_size=int(config.image_size),
-            seed=int(config.seed),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            random_crop=bool(d.random_crop),
-            random_flip=bool(d.random_flip),
-            worker_count=int(d.worker_count),
+        self.iterator = build.build_train_iterator(
+            self.source, config.data, int(config.train.global_batch_size), int(config.image_size), int(config.seed)
         )
         t = config.train
         self.manager = checkpointing.make_manager(

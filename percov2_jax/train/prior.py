@@ -104,7 +104,6 @@ class PriorTrainer:
     """
 
     def __init__(self, config, workdir: str | os.PathLike | RunDir, devices=None, stage1: Stage1Model | None = None):
-        from percov2_jax.data.pipeline import make_train_iterator
 
         self.config, self.run = config, RunDir(workdir)
         if not config.stage1:
@@ -136,17 +135,12 @@ class PriorTrainer:
         # Raw key bits (a typed key cannot be built from host data across processes).
         self.base_key = sharding_lib.replicate(jax.random.key_data(jax.random.key(int(config.seed) + 7)), self.mesh)
         data_config = s1 if not config.data.source else _with_source(s1, config.data)
-        d = data_config.data
-        self.iterator = make_train_iterator(
+        self.iterator = build.build_train_iterator(
             build.build_data_source(data_config),
-            global_batch_size=int(t.global_batch_size),
-            image_size=self.image_size,
-            seed=int(config.seed),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            random_crop=bool(d.random_crop),
-            random_flip=bool(d.random_flip),
-            worker_count=int(d.worker_count),
+            data_config.data,
+            int(t.global_batch_size),
+            self.image_size,
+            int(config.seed),
         )
         self.manager = checkpointing.make_manager(self.run, max_to_keep=int(t.keep_checkpoints), async_save=False)
         if self.manager.latest_step() is not None:
