@@ -13,6 +13,7 @@ import pytest
 
 from percov2_jax import rates
 from percov2_jax.captions import CODERS, get_coder
+from percov2_jax.codec import bits
 from percov2_jax.codec import bitstream as bs
 from percov2_jax.codec.bitstream import BitstreamError, CompressedImage, StreamHeader, bit_budget, pack, unpack
 
@@ -43,7 +44,7 @@ def hybrid() -> CompressedImage:
     return CompressedImage(header, get_coder("word-ngram-v1").encode("a red barn"), bytes(range(100, 140)))
 
 
-def seal(w: bs._BitWriter) -> bytes:
+def seal(w: bits.BitWriter) -> bytes:
     """The writer's bits as a stream with a valid checksum, however wrong the fields are."""
     body = w.to_bytes()
     return body + (binascii.crc_hqx(body, 0xFFFF) ^ 0xFFFF).to_bytes(2, "big")
@@ -69,7 +70,7 @@ def raw_stream(
 ) -> bytes:
     """A stream written field by field from raw code values, as the layout table in the module
     docstring states it (an independent statement of the layout; see test_layout_matches_table)."""
-    w = bs._BitWriter()
+    w = bits.BitWriter()
     w.write(0xAC2, 12)
     w.write_eg(version - 1, 0)
     w.write(model_id, 24)
@@ -99,19 +100,19 @@ def raw_stream(
 
 
 def test_crc16_is_genibus():
-    assert bs._crc16(b"123456789") == 0xD64E
+    assert bits.crc16(b"123456789") == 0xD64E
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 5, 8])
 def test_exp_golomb_round_trip_and_length(k):
     values = list(range(300)) + [2**16 - 1, 2**20 + 3, 2**32 - 1]
-    w = bs._BitWriter()
+    w = bits.BitWriter()
     for v in values:
         before = w.nbits
         w.write_eg(v, k)
         assert w.nbits - before == 2 * ((v >> k) + 1).bit_length() - 1 + k
     data = w.to_bytes()
-    r = bs._BitReader(data, w.nbits)
+    r = bits.BitReader(data, w.nbits)
     assert [r.read_eg(k, 2**32 - 1, "x") for _ in values] == values
     assert r.pos == w.nbits
 
@@ -323,7 +324,7 @@ def test_error_truncated():
     expect(b"\xac", "truncated", "1 bytes cannot hold the magic")
     expect(b"\xac\x20\x00", "truncated", "truncated .pcv2 stream: 3 bytes")
     expect(raw_stream(caption_length=1000, tokens=b"xyz"), "truncated", "caption length is 1000 bytes but 3 remain")
-    w = bs._BitWriter()
+    w = bits.BitWriter()
     w.write(0xAC2, 12)
     w.write_eg(0, 0)
     w.write(MODEL >> 8, 16)  # the stream ends inside the model id
@@ -363,11 +364,11 @@ def test_checksum_rejects_appended_and_dropped_bytes():
 
 def test_error_version():
     expect(raw_stream(version=2), "version", "unsupported .pcv2 format version 2: this decoder reads version 1")
-    w = bs._BitWriter()
+    w = bits.BitWriter()
     w.write(0xAC2, 12)
     w.write_eg(300, 0)
     expect(seal(w), "version", "unsupported .pcv2 format version 301")
-    w = bs._BitWriter()
+    w = bits.BitWriter()
     w.write(0xAC2, 12)
     w.write_eg(2**20, 0)
     expect(seal(w), "field", "format version code is longer than that of any value up to 65536")
@@ -403,7 +404,7 @@ def test_error_field(stream, message):
 
 
 def test_error_long_varint():
-    w = bs._BitWriter()
+    w = bits.BitWriter()
     w.write(0xAC2, 12)
     w.write_eg(0, 0)
     w.write(MODEL, 24)
@@ -496,7 +497,7 @@ def test_fuzz_parser_behind_a_valid_checksum():
     outcomes = collections.Counter()
     for n in range(3000):
         if n % 3 == 2:  # the magic, then random bits
-            w = bs._BitWriter()
+            w = bits.BitWriter()
             w.write(0xAC2, 12)
             w.write(rng.getrandbits(4), 4)
             w.write_bytes(rng.randbytes(rng.randrange(0, 40)))

@@ -91,7 +91,6 @@ is one of `ERROR_KINDS`; invalid arguments to `StreamHeader` raise ``ValueError`
 
 from __future__ import annotations
 
-import binascii
 import dataclasses
 import hashlib
 import json
@@ -99,6 +98,9 @@ import math
 from collections.abc import Mapping
 
 from percov2_jax import rates as rates_lib
+from percov2_jax.codec.bits import ERROR_KINDS as ERROR_KINDS  # part of this module's interface
+from percov2_jax.codec.bits import BitReader, BitWriter, crc16
+from percov2_jax.codec.bits import BitstreamError as BitstreamError
 
 MAGIC = 0xAC2
 MAGIC_BITS = 12
@@ -138,24 +140,6 @@ ENTROPY_MODE_IDS: dict[str, int] = {"prior": 0, "uniform": 1}
 # How an image whose sides are not multiples of 64 was brought to a coded size that is
 # (`coded_size`); id 0 means both sides already were, and no policy applies.
 RESIZE_POLICY_IDS: dict[str, int] = {"pad": 1, "resize": 2}
-
-ERROR_KINDS = ("truncated", "magic", "checksum", "version", "model", "field", "caption")
-
-
-class BitstreamError(ValueError):
-    """A byte string that is not a valid .pcv2 stream for this decoder.
-
-    ``kind`` says why: ``truncated`` (too short, or a field runs past the end), ``magic`` (not a
-    .pcv2 stream), ``checksum`` (corrupt, truncated or padded), ``version`` (a format version this
-    decoder does not read), ``model`` (made by another model), ``field`` (an out-of-range or
-    unknown value, e.g. written by a newer decoder's tables), ``caption`` (the caption bytes do
-    not decode with their coder).
-    """
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
 
 # --------------------------------------------------------------------------------------------
 # The header
@@ -349,88 +333,10 @@ def model_fingerprint(config: Mapping | str | bytes) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Bits
-
-
-class _BitWriter:
-    """MSB-first bit accumulator."""
-
-    def __init__(self):
-        self._acc = 0
-        self.nbits = 0
-
-    def write(self, value: int, nbits: int) -> None:
-        assert 0 <= value < (1 << nbits)
-        self._acc = (self._acc << nbits) | value
-        self.nbits += nbits
-
-    def write_eg(self, value: int, k: int) -> None:
-        """Exp-Golomb of order ``k``: ``n - 1 - k`` zeros, then ``value + 2**k`` in its ``n`` bits."""
-        x = value + (1 << k)
-        n = x.bit_length()
-        self.write(0, n - 1 - k)
-        self.write(x, n)
-
-    def write_bytes(self, data: bytes) -> None:
-        self.write(int.from_bytes(data, "big"), 8 * len(data))
-
-    def to_bytes(self) -> bytes:
-        """The bits, completed with zero bits to a whole byte."""
-        pad = -self.nbits % 8
-        return (self._acc << pad).to_bytes((self.nbits + pad) // 8, "big")
-
-
-class _BitReader:
-    """MSB-first reader of ``data``'s first ``end`` bits; reading past ``end`` raises `BitstreamError`."""
-
-    def __init__(self, data: bytes, end: int):
-        self.data, self.end, self.pos = data, end, 0
-
-    def read(self, nbits: int, field: str) -> int:
-        stop = self.pos + nbits
-        if stop > self.end:
-            raise BitstreamError("truncated", f"truncated .pcv2 stream: it ends inside the {field}")
-        first, last = self.pos >> 3, (stop + 7) >> 3
-        chunk = int.from_bytes(self.data[first:last], "big")
-        self.pos = stop
-        return (chunk >> (8 * last - stop)) & ((1 << nbits) - 1)
-
-    def read_eg(self, k: int, max_value: int, field: str) -> int:
-        max_zeros = (max_value + (1 << k)).bit_length() - 1 - k
-        zeros = 0
-        while not self.read(1, field):
-            zeros += 1
-            if zeros > max_zeros:
-                raise BitstreamError(
-                    "field",
-                    f"corrupt .pcv2 stream: the {field} code is longer than that of any value up to {max_value}",
-                )
-        value = ((1 << (zeros + k)) | self.read(zeros + k, field)) - (1 << k)
-        if value > max_value:
-            raise BitstreamError("field", f"corrupt .pcv2 stream: {field} {value} is above its maximum {max_value}")
-        return value
-
-    def read_id(self, table: dict, k: int, field: str):
-        value = self.read_eg(k, _MAX_TABLE_ID, field)
-        for name, i in table.items():
-            if i == value:
-                return name
-        raise BitstreamError(
-            "field",
-            f"unknown {field} {value} in .pcv2 stream (known: {sorted(table.values())}; written by a newer version?)",
-        )
-
-
-def _crc16(data: bytes) -> int:
-    """CRC-16/GENIBUS (poly 0x1021, init 0xFFFF, final XOR 0xFFFF): 0xD64E for b"123456789"."""
-    return binascii.crc_hqx(data, 0xFFFF) ^ 0xFFFF
-
-
-# --------------------------------------------------------------------------------------------
 # Pack and unpack
 
 
-def _write_header(w: _BitWriter, h: StreamHeader, caption_length: int) -> None:
+def _write_header(w: BitWriter, h: StreamHeader, caption_length: int) -> None:
     w.write(MAGIC, MAGIC_BITS)
     w.write_eg(h.version - 1, 0)
     w.write(h.model_id, MODEL_ID_BITS)
@@ -458,7 +364,7 @@ def _write_header(w: _BitWriter, h: StreamHeader, caption_length: int) -> None:
 
 def header_bits(header: StreamHeader, caption_length: int) -> int:
     """Bits of the header fields (magic through caption length; no checksum or padding)."""
-    w = _BitWriter()
+    w = BitWriter()
     _write_header(w, header, caption_length)
     return w.nbits
 
@@ -467,12 +373,12 @@ def pack(image: CompressedImage) -> bytes:
     """The .pcv2 bytes of ``image`` (layout in the module docstring)."""
     if not isinstance(image, CompressedImage):
         raise TypeError(f"pack takes a CompressedImage, not {type(image).__name__}")
-    w = _BitWriter()
+    w = BitWriter()
     _write_header(w, image.header, len(image.caption_bytes))
     w.write_bytes(image.caption_bytes)
     w.write_bytes(image.token_bytes)
     body = w.to_bytes()
-    return body + _crc16(body).to_bytes(CHECKSUM_BITS // 8, "big")
+    return body + crc16(body).to_bytes(CHECKSUM_BITS // 8, "big")
 
 
 def unpack(data: bytes, expected_model_id: int | None = None) -> CompressedImage:
@@ -502,14 +408,14 @@ def _parse(data, expected_model_id):
     if len(data) < 2 + checksum_bytes:
         raise BitstreamError("truncated", f"truncated .pcv2 stream: {len(data)} bytes")
     body, stored = data[:-checksum_bytes], int.from_bytes(data[-checksum_bytes:], "big")
-    if _crc16(body) != stored:
+    if crc16(body) != stored:
         raise BitstreamError(
             "checksum",
             f"corrupt .pcv2 stream: checksum mismatch (stored {stored:04x}, "
-            f"computed {_crc16(body):04x}); the file is damaged, truncated "
+            f"computed {crc16(body):04x}); the file is damaged, truncated "
             "or has bytes added",
         )
-    r = _BitReader(body, 8 * len(body))
+    r = BitReader(body, 8 * len(body))
     r.read(MAGIC_BITS, "magic")
     version = r.read_eg(0, _MAX_VERSION, "format version") + 1  # (version 301 is "unsupported")
     if version != FORMAT_VERSION:
@@ -518,7 +424,7 @@ def _parse(data, expected_model_id):
             f"unsupported .pcv2 format version {version}: this decoder reads "
             f"version {FORMAT_VERSION} (a newer percov2-jax wrote it?)",
         )
-    fields = {"model_id": r.read(MODEL_ID_BITS, "model id"), "rate": r.read_id(RATE_IDS, 0, "rate id")}
+    fields = {"model_id": r.read(MODEL_ID_BITS, "model id"), "rate": r.read_id(RATE_IDS, 0, _MAX_TABLE_ID, "rate id")}
     size_mode = r.read_eg(0, _MAX_TABLE_ID, "size mode")
     if size_mode == 0:
         fields["resize_policy"] = None
@@ -542,7 +448,7 @@ def _parse(data, expected_model_id):
                 f"corrupt .pcv2 stream: size mode {fields['resize_policy']} for "
                 f"{fields['height']}x{fields['width']}, which needs none",
             )
-    fields["entropy_mode"] = r.read_id(ENTROPY_MODE_IDS, 0, "entropy mode")
+    fields["entropy_mode"] = r.read_id(ENTROPY_MODE_IDS, 0, _MAX_TABLE_ID, "entropy mode")
     k = fields["hybrid_groups"] = r.read_eg(0, MAX_STEPS - 1, "hybrid group count")
     if fields["entropy_mode"] == "prior" or k:
         fields["schedule_id"] = r.read_eg(1, MAX_SCHEDULE_ID, "schedule id")
@@ -552,7 +458,7 @@ def _parse(data, expected_model_id):
         fields["temperature"] = tenths / 10
         if tenths:
             fields["seed"] = r.read_eg(0, MAX_SEED, "seed")
-    fields["caption_coder"] = r.read_id(CAPTION_CODER_IDS, 0, "caption coder id")
+    fields["caption_coder"] = r.read_id(CAPTION_CODER_IDS, 0, _MAX_TABLE_ID, "caption coder id")
     caption_length = r.read_eg(5, MAX_CAPTION_BYTES, "caption length")
     try:
         header = StreamHeader(**fields)
