@@ -8,8 +8,9 @@ host, no TPU used).
 Each row is one planner run in a subprocess (libtpu and the device count must be set before JAX
 starts). Rows of TPU kinds need libtpu (``make libtpu`` or ``pip install 'jax[tpu]'``); without
 it they are skipped and reported as such. ``--quick`` plans the tiny config instead, shrunk to two
-blocks and batch 4: an H100 row on 2 virtual CPU devices (XLA:CPU memory, a proxy) and, when
-libtpu is there, a v5e 2x2 slice.
+blocks and batch 4: an H100 row on 2 virtual CPU devices (XLA:CPU memory, a proxy); add
+``--only h100-tiny v5e-tiny`` for a v5e 2x2 slice through libtpu as well (the planner's TPU path
+itself is tested in tests/test_plan.py).
 
 Output: ``plan_sd3_medium.json`` (every plan) and ``plan_sd3_medium.md`` in ``--out`` (``_quick``
 appended with ``--quick``), rewritten after every row: an interrupted sweep keeps the rows it
@@ -136,11 +137,12 @@ def parse_args(argv=None):
         "--libtpu_path", default=os.environ.get("PERCOV2_LIBTPU_PATH", os.path.join(ROOT, ".venv", "libtpu"))
     )
     results_io.add_output_arguments(
-        parser, "configs/tiny.py on 2 virtual devices as H100s, and a v5e 2x2 slice if libtpu is installed"
+        parser, "configs/tiny.py on 2 virtual devices as H100s (--only h100-tiny v5e-tiny adds a v5e 2x2 slice)"
     )
     args = parser.parse_args(argv)
     runs = QUICK_RUNS if args.quick else RUNS
-    args.only = list(runs) if args.only is None else args.only
+    if args.only is None:
+        args.only = ["h100-tiny"] if args.quick else list(runs)
     unknown = set(args.only) - set(runs)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {list(runs)}")

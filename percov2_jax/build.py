@@ -5,15 +5,15 @@ data source. Every config problem raises one clear error."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 
-from percov2_jax import pretrained, rates
+from percov2_jax import pretrained, rates, storage
 from percov2_jax.models.hyper_encoder import HyperEncoderConfig
 from percov2_jax.models.mmdit import SD3TransformerConfig
 from percov2_jax.models.percov2 import PerCoV2, PerCoV2Config, widen_patch_embedding
@@ -163,9 +163,9 @@ def build_latent_codec(config, source, fitted_path: str | os.PathLike, mesh=None
         from percov2_jax.models.patch_autoencoder import PatchAutoencoder, PatchAutoencoderConfig, fit_patch_pca
 
         module = PatchAutoencoder(PatchAutoencoderConfig())
-        path = epath.Path(fitted_path)
+        path = storage.path(fitted_path)
         if path.exists():
-            with path.open("rb") as f, np.load(f) as arrays:
+            with np.load(io.BytesIO(storage.read_bytes(path))) as arrays:
                 params = {k: arrays[k] for k in arrays.files}
         elif source is None:
             raise FileNotFoundError(f"{path} (the run's fitted latent codec) is missing")
@@ -173,11 +173,9 @@ def build_latent_codec(config, source, fitted_path: str | os.PathLike, mesh=None
             count = min(len(source), int(config.vae.get("fit_images", 64)))
             params = fit_patch_pca((source[i]["image"] for i in range(count)), module.config)
             if jax.process_index() == 0:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.parent / (path.name + ".tmp")
-                with tmp.open("wb") as f:
-                    np.savez(f, **params)
-                tmp.rename(path)
+                buffer = io.BytesIO()
+                np.savez(buffer, **params)
+                storage.write_bytes(path, buffer.getvalue())
         return module, jax.tree_util.tree_map(jnp.asarray, params)
     raise ValueError(f"unknown vae.kind {kind!r}; choose sd3 or patch_pca")
 

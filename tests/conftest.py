@@ -1,5 +1,7 @@
 """Test-session setup: a persistent XLA compilation cache shared by the test process and its
-subprocesses (compiles dominate test time on 2 CPU cores), and quiet torch threading."""
+subprocesses (compiles dominate test time on 2 CPU cores), quiet torch threading, and every
+Cloud Storage client pointed at a local emulator (tests/gcs_emulator.py) before any Google
+library is imported, so that no test reaches an address outside 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,6 +15,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(ROOT / "tests"))
+
+import gcs_emulator  # noqa: E402
+
+# One port for the whole session: fsspec caches its filesystem objects and tensorstore reads its
+# URL once. The server itself starts only when a test asks for it (the `gcs` fixture).
+GCS_URL = gcs_emulator.configure_environment(gcs_emulator.free_port())
 
 import jax  # noqa: E402
 
@@ -43,3 +51,12 @@ def prior_workdir(stage1_workdir):
     import train_setup
 
     return train_setup.trained_prior(stage1_workdir, os.path.join(stage1_workdir, "prior"))
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """The Cloud Storage emulator on 127.0.0.1 (`gcs_emulator.Emulator`); ``gcs.create_bucket()``
+    gives a fresh ``gs://`` bucket."""
+    emulator = gcs_emulator.Emulator(GCS_URL).start()
+    yield emulator
+    emulator.stop()

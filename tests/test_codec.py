@@ -387,3 +387,36 @@ def test_forged_prior_payloads_fail_cleanly(prior_codec, photo):
             assert tokens.shape == (4, 4) and tokens.min() >= 0 and tokens.max() < 256
             outcomes["tokens"] += 1
     assert outcomes["error"] > 30, outcomes  # the range decoder's own checks catch most of them
+
+
+def test_runs_on_cloud_storage(gcs, workdir, prior_workdir, codec, tmp_path):
+    """A stage-1 run in a bucket: a prior trains into ``gs://.../prior`` from the bucket's run, and
+    ``percov2 compress/decompress --checkpoint gs://...`` gives the bytes and pixels of the same
+    run read from local disk (uniform coding: the local codec; prior coding: the local prior,
+    trained by the same steps)."""
+    import shutil
+
+    import train_setup
+
+    from percov2_jax import cli
+    from percov2_jax.codec.api import Codec
+
+    local_stage1 = tmp_path / "stage1"
+    shutil.copytree(workdir, local_stage1, ignore=shutil.ignore_patterns("prior"))
+    bucket = gcs.upload(local_stage1, gcs.create_bucket() + "/run")
+    train_setup.trained_prior(bucket, bucket + "/prior")
+
+    image = np.tile(np.arange(128, dtype=np.uint8)[:, None, None], (1, 128, 3))
+    Image.fromarray(image).save(tmp_path / "a.png")
+    uniform = ["--entropy-mode", "uniform"]
+    for name, extra, reference in (
+        ("u", uniform, codec),
+        ("p", [], Codec.from_workdir(workdir, sample_steps=2)),
+    ):
+        args = ["compress", str(tmp_path / "a.png"), "-o", str(tmp_path / f"{name}.pcv2"), "--checkpoint", bucket]
+        assert cli.main([*args, "--caption", "a ramp", *extra]) == 0
+        data = (tmp_path / f"{name}.pcv2").read_bytes()
+        assert data == reference.compress(image, "a ramp")
+        args = ["decompress", str(tmp_path / f"{name}.pcv2"), "-o", str(tmp_path / f"{name}.png"), "--checkpoint"]
+        assert cli.main([*args, bucket, "--steps", "2"]) == 0
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"{name}.png")), reference.decompress(data))

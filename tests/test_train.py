@@ -14,6 +14,7 @@ Resume is checked bit for bit in float32.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -121,20 +122,27 @@ def test_two_processes_equal_one(reference64, tmp_path):
     assert_close(train_setup.load_result(str(tmp_path / "result_0.npz")), reference64, "2 processes")
 
 
-def test_resume_equals_uninterrupted(reference, tmp_path):
+def _workdir(where: str, request, tmp_path) -> str:
+    """A fresh run folder: local, or in a new bucket of the Cloud Storage emulator."""
+    return str(tmp_path) if where == "local" else request.getfixturevalue("gcs").create_bucket() + "/run"
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_resume_equals_uninterrupted(reference, tmp_path, request, where):
     """Train 1 step, checkpoint, stop; a new run in the same workdir restores params, optimizer,
     VQ statistics and the data-iterator position, and its next steps equal the uninterrupted run
-    bit for bit (same device, same compiled step)."""
+    bit for bit (same device, same compiled step). The workdir is local or on ``gs://``."""
     from percov2_jax.train.loop import Trainer
 
     config = train_setup.test_config()
-    first = Trainer(config, str(tmp_path))
+    workdir = _workdir(where, request, tmp_path)
+    first = Trainer(config, workdir)
     try:
         losses = [h["loss"] for h in first.train_steps(1)]
         first.save()
     finally:
         first.close()
-    second = Trainer(config, str(tmp_path))
+    second = Trainer(config, workdir)
     try:
         assert second.start_step == 1
         losses += [h["loss"] for h in second.train_steps(STEPS - 1)]
@@ -147,32 +155,35 @@ def test_resume_equals_uninterrupted(reference, tmp_path):
         np.testing.assert_array_equal(params[k], ref_params[k], err_msg=k)
 
 
-def test_interrupted_save_is_ignored(tmp_path):
-    """A save killed half-way leaves orbax's temporary directory; the restart ignores it and
-    resumes from the last complete step."""
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_interrupted_save_is_ignored(tmp_path, request, where):
+    """A save killed half-way leaves an uncommitted step (locally orbax's temporary folder, on
+    Cloud Storage a step folder without its commit marker); the restart ignores it and resumes
+    from the last complete step."""
+    from percov2_jax import storage
     from percov2_jax.runs import checkpointing
     from percov2_jax.runs.layout import RunDir
     from percov2_jax.train.loop import Trainer
 
     config = train_setup.test_config()
-    trainer = Trainer(config, str(tmp_path))
+    workdir = _workdir(where, request, tmp_path)
+    trainer = Trainer(config, workdir)
     try:
         trainer.train_steps(1)
         trainer.save()
     finally:
         trainer.close()
-    ckpt = tmp_path / "checkpoints"
-    # What a process killed during the save of step 7 leaves behind: a temporary step directory
-    # with some items written and no commit marker.
-    partial = ckpt / "7.orbax-checkpoint-tmp-1234567890"
-    (partial / "state").mkdir(parents=True)
-    (partial / "state" / "_METADATA").write_text("{")
-    manager = checkpointing.make_manager(RunDir(tmp_path))
+    run = RunDir(workdir)
+    # What a process killed during the save of step 7 leaves behind: some items written and no
+    # commit (locally: no rename of the temporary folder; on gs://: no commit_success.txt).
+    partial = run.checkpoints / ("7.orbax-checkpoint-tmp-1234567890" if where == "local" else "7")
+    storage.write_text(partial / "state" / "_METADATA", "{")
+    manager = checkpointing.make_manager(run)
     try:
         assert manager.latest_step() == 1 and manager.all_steps() == [1]
     finally:
         manager.close()
-    resumed = Trainer(config, str(tmp_path))
+    resumed = Trainer(config, workdir)
     try:
         assert resumed.start_step == 1 and int(resumed.state.step) == 1
     finally:
@@ -229,3 +240,32 @@ def test_subset_ema_and_learned_null_text(tmp_path):
         np.testing.assert_allclose(
             ema_after[k], 0.75 * ema_before[k] + 0.25 * after2[k], rtol=1e-6, atol=1e-7, err_msg=k
         )
+
+
+def test_training_job_on_cloud_storage(gcs):
+    """The whole stage-1 job with its workdir in a bucket: checkpoints, metrics.jsonl, TensorBoard
+    events, reconstruction grids and the fitted stand-in codec are written there, and a second
+    call with more steps resumes from the bucket's checkpoint and appends to its logs."""
+    from PIL import Image
+
+    from percov2_jax import storage
+    from percov2_jax.runs.layout import RunDir
+    from percov2_jax.train.loop import train_and_evaluate
+    from percov2_jax.train.monitoring import read_metrics
+
+    config = train_setup.test_config()
+    config.train.num_steps, config.train.log_every, config.train.checkpoint_every = 2, 1, 2
+    config.train.image_every, config.sample.num_steps, config.sample.num_images = 2, 2, 2
+    run = RunDir(gcs.create_bucket() + "/run")
+    train_and_evaluate(config, run)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert [p.name for p in run.checkpoints.iterdir() if p.name.isdigit()] == ["2"]
+    assert run.patch_autoencoder.exists() and list(run.tensorboard.iterdir())
+    grid = Image.open(io.BytesIO(storage.read_bytes(run.grid(2))))
+    assert grid.size == Image.open(io.BytesIO(storage.read_bytes(run.latest_grid))).size
+
+    config.train.num_steps = 3
+    last = train_and_evaluate(config, run)
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] == last["loss"]
+    assert len(list(run.tensorboard.iterdir())) == 2  # one events file per start

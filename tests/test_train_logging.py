@@ -88,6 +88,36 @@ def test_jsonl_and_tensorboard_survive_a_restart_that_repeats_steps(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("eval/psnr")] == [(4, 24.0)]
 
 
+def test_logs_on_cloud_storage_survive_a_restart(gcs, tmp_path):
+    """On ``gs://`` (no append on object storage) metrics.jsonl is rewritten whole per line: a
+    restart keeps the earlier lines, mends a torn last line, and the events and PNGs land in the
+    bucket too."""
+    from percov2_jax import storage
+    from percov2_jax.runs.layout import RunDir
+
+    run = RunDir(gcs.create_bucket() + "/run")
+    with MetricWriter(run) as writer:
+        for step in (1, 2, 3):
+            writer.write_scalars(step, {"loss": float(step)})
+        writer.write_images(2, {"grid": np.zeros((4, 4, 3), np.uint8)})
+    storage.write_text(run.metrics_file, storage.read_text(run.metrics_file) + '{"step": 4, "lo')  # killed mid-write
+    with MetricWriter(run, purge_step=3) as writer:
+        writer.write_scalars(3, {"loss": 30.0})
+    assert read_metrics(run) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
+    assert storage.read_text(run.metrics_file).splitlines()[-1] == '{"step": 3, "loss": 30.0}'
+    events = sorted(p.name for p in run.tensorboard.iterdir())
+    assert len(events) == 2 and all(name.startswith("events.out.tfevents.") for name in events)
+    for name in events:  # TensorBoard reads them (copied here: its reader needs TensorFlow for gs://)
+        (tmp_path / "tensorboard").mkdir(exist_ok=True)
+        (tmp_path / "tensorboard" / name).write_bytes(storage.read_bytes(run.tensorboard / name))
+    acc = _tensorboard(tmp_path)
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert [e.step for e in acc.Images("grid")] == [2]
+    image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    save_png(run.grid(3), image)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(storage.read_bytes(run.grid(3))))), image)
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
     workdir = tmp_path / "run"
     writer = MetricWriter(workdir, enabled=False)

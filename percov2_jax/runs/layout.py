@@ -12,7 +12,8 @@ A stage-1 run (``python -m percov2_jax.train``)::
       prior/                          the default place of the stage-2 run, itself a RunDir
 
 A stage-2 run (``python -m percov2_jax.train_prior``) has the same layout without the images and
-the stand-in codec. Paths are ``etils.epath.Path`` objects, which is what orbax takes.
+the stand-in codec. Paths are ``etils.epath.Path`` objects, which is what orbax takes, and the
+root may be a local folder or a Cloud Storage URL (``gs://bucket/run``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import os
 
 from etils import epath
+
+from percov2_jax import storage
 
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -37,9 +40,8 @@ class RunDir:
         if isinstance(root, RunDir):
             self.root = root.root
             return
-        text = os.fspath(root)
         # orbax reads and writes absolute paths only; a URL (gs://...) already is one.
-        self.root = epath.Path(text if "://" in text else os.path.abspath(text))
+        self.root = storage.path(root)
 
     def __repr__(self) -> str:
         return f"RunDir({os.fspath(self.root)!r})"

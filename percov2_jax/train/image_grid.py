@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
-import pathlib
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from percov2_jax import storage
 
 PAD_VALUE = 255  # white gutters between and around the tiles
 
@@ -52,22 +53,12 @@ def reconstruction_grid(originals, reconstructions, *, max_images: int = 8, pad:
 
 
 def save_png(path: str | os.PathLike, image) -> None:
-    """Write uint8 ``[H, W, 3]`` (or ``[H, W]``) to ``path`` as PNG, atomically.
-
-    The file is written next to ``path`` under a temporary name and renamed over it, so a
-    reader never sees a partial file. Parent directories are created.
-    """
+    """Write uint8 ``[H, W, 3]`` (or ``[H, W]``) to ``path`` (local or ``gs://``) as PNG, atomically
+    (`percov2_jax.storage.write_bytes`): a reader never sees a partial file. Parent folders are
+    created."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ValueError(f"expected a uint8 [H, W(, C)] image, got {image.dtype} {image.shape}")
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    storage.write_bytes(path, buffer.getvalue())

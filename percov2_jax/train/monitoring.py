@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from percov2_jax import storage
 from percov2_jax.runs.layout import RunDir
 
 
@@ -56,22 +56,15 @@ class MetricWriter:
             return
         from tensorboardX import SummaryWriter
 
+        if storage.is_url(self.run.tensorboard):
+            _route_tensorboard_urls(os.fspath(self.run.tensorboard).split("://")[0])
         self.run.root.mkdir(parents=True, exist_ok=True)
         # tensorboardX names files by the second and opens them with "wb": a nanosecond suffix
         # keeps a quick restart from overwriting the previous file and keeps files in time order.
         self._tb = SummaryWriter(
             os.fspath(self.run.tensorboard), purge_step=purge_step, filename_suffix=f".{time.time_ns()}"
         )
-        path = pathlib.Path(self.run.metrics_file)
-        # A run killed mid-write can leave a line without its newline; start on a fresh line.
-        torn = False
-        if path.exists() and path.stat().st_size:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
-        self._jsonl = open(path, "a", encoding="utf-8")
-        if torn:
-            self._jsonl.write("\n")
+        self._jsonl = _JsonLines(self.run.metrics_file)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Log ``{name: number}`` (Python, numpy or jax scalars) at ``step``; one JSON line per call."""
@@ -84,8 +77,7 @@ class MetricWriter:
         for name, value in values.items():
             self._tb.add_scalar(name, float(value), step)
         # NaN and inf are written as JSON's NaN/Infinity extensions, which json.loads reads back.
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self._jsonl.flush()
+        self._jsonl.append(json.dumps({"step": step, **values}))
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         """Log ``{name: uint8 [H, W, 3]}`` images at ``step`` (TensorBoard only)."""
@@ -100,7 +92,6 @@ class MetricWriter:
     def flush(self) -> None:
         if self.enabled:
             self._tb.flush()
-            self._jsonl.flush()
 
     def close(self) -> None:
         if self.enabled and self._tb is not None:
@@ -116,6 +107,82 @@ class MetricWriter:
         self.close()
 
 
+class _ObjectRecordFile:
+    """A TensorBoard events file on object storage, written through `percov2_jax.storage`.
+
+    Object stores have no append, so each flush uploads the whole file (a reader sees the
+    previous or the new object); a flush with nothing new uploads nothing, and closing is final.
+    (tensorboardX's own gs:// writer re-uploads on every flush and again when garbage-collected.)
+    """
+
+    def __init__(self, path: str):
+        self.path, self._data, self._uploaded = path, bytearray(), -1
+
+    def write(self, data: bytes) -> None:
+        self._data += data
+
+    def flush(self) -> None:
+        if self._uploaded != len(self._data):
+            storage.write_bytes(self.path, bytes(self._data))
+            self._uploaded = len(self._data)
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectRecordFiles:
+    """The tensorboardX writer factory for one URL scheme."""
+
+    def open(self, path: str) -> _ObjectRecordFile:
+        return _ObjectRecordFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # object stores have no folders to create
+
+
+def _route_tensorboard_urls(scheme: str) -> None:
+    """Make tensorboardX write ``scheme://`` events files through `_ObjectRecordFile`."""
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory(scheme, _ObjectRecordFiles())
+
+
+class _JsonLines:
+    """An append-only text file of one JSON object per line, local or on object storage.
+
+    Locally lines are appended and flushed one by one. An object store has no append, so there
+    the whole object is rewritten after each line (one small upload per log write; a reader sees
+    the previous or the new object, never a part). A line cut off by a crash gets its newline
+    before the next one is written.
+    """
+
+    def __init__(self, path):
+        self.path = storage.path(path)
+        self._remote = storage.is_url(self.path)
+        existing = self.path.read_bytes() if self.path.exists() else b""
+        torn = bool(existing) and not existing.endswith(b"\n")
+        if self._remote:
+            self._text = existing.decode("utf-8", errors="replace") + ("\n" if torn else "")
+            self._file = None
+        else:
+            self._file = open(self.path, "a", encoding="utf-8")
+            if torn:
+                self._file.write("\n")
+
+    def append(self, line: str) -> None:
+        if self._remote:
+            self._text += line + "\n"
+            storage.write_text(self.path, self._text)
+        else:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def read_metrics(run: str | os.PathLike | RunDir) -> list[dict[str, Any]]:
     """The records of a run's ``metrics.jsonl``, one dict per step in step order.
 
@@ -125,22 +192,21 @@ def read_metrics(run: str | os.PathLike | RunDir) -> list[dict[str, Any]]:
     record. Lines that do not parse (a write cut off by a crash) are skipped. An absent file
     gives ``[]``.
     """
-    path = pathlib.Path(RunDir(run).metrics_file)
+    path = RunDir(run).metrics_file
     if not path.exists():
         return []
     by_step: dict[int, dict[str, Any]] = {}
     last_step = None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                step = int(record["step"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            if last_step is not None and step < last_step:
-                by_step = {s: r for s, r in by_step.items() if s < step}
-            by_step.setdefault(step, {}).update(record)
-            last_step = step
+    for line in storage.read_text(path).splitlines():
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if last_step is not None and step < last_step:
+            by_step = {s: r for s, r in by_step.items() if s < step}
+        by_step.setdefault(step, {}).update(record)
+        last_step = step
     return [by_step[s] for s in sorted(by_step)]
 
 
