@@ -37,7 +37,7 @@ test: $(STAMP) $(LIBTPU)/.installed
 # The unit tier: no subprocesses, no multi-device or multi-process runs, no model training, no
 # PyTorch reference models (markers in pyproject.toml); `make test` runs everything.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not integration and not parity" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 -m "not slow and not integration and not parity" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -88,6 +88,7 @@ def test_jsonl_and_tensorboard_survive_a_restart_that_repeats_steps(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("eval/psnr")] == [(4, 24.0)]
 
 
+@pytest.mark.integration  # talks to the Cloud Storage emulator, a server process
 def test_logs_on_cloud_storage_survive_a_restart(gcs, tmp_path):
     """On ``gs://`` (no append on object storage) metrics.jsonl is rewritten whole per line: a
     restart keeps the earlier lines, mends a torn last line, and the events and PNGs land in the
