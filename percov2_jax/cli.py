@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
@@ -32,7 +31,9 @@ def _convert(args) -> int:
         overrides = pretrained.parse_overrides(args.override)
     except ValueError as e:
         raise SystemExit(f"percov2 convert: {e}") from None
-    if os.path.exists(args.output) and not args.overwrite:
+    from percov2_jax import storage
+
+    if storage.path(args.output).exists() and not args.overwrite:
         raise SystemExit(f"percov2 convert: {args.output} exists; pass --overwrite to replace it")
     try:
         summary = pretrained.convert(
@@ -203,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="convert an SD3 PyTorch checkpoint to a percov2-jax orbax checkpoint")
     conv.add_argument("--input", required=True, help="diffusers pipeline/component folder or single .safetensors file")
-    conv.add_argument("--output", required=True, help="orbax checkpoint directory to write")
+    conv.add_argument(
+        "--output", required=True, help="the checkpoint directory to write (a local path or gs://bucket/...)"
+    )
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     conv.add_argument("--scan-layers", action="store_true", help="store MM-DiT blocks stacked for scan_layers=True")
     conv.add_argument("--components", default=None, help="comma-separated components (default: all in the input)")

@@ -4,14 +4,14 @@ checkpoint format: `convert` writes one from an SD3 release, `load` reads it ont
 Layout: an orbax Composite directory with ``manifest`` (JSON: format, version, component
 names), ``{name}`` (params, orbax StandardSave) and ``{name}_config`` (JSON: the diffusers-style
 config plus the module options the params depend on: ``param_dtype`` and ``scan_layers``), and
-``tokenizers/{clip_l,clip_g,t5}`` copied from a diffusers pipeline folder.
+``tokenizers/{clip_l,clip_g,t5}`` copied from a diffusers pipeline folder. The directory may be
+local or a Cloud Storage URL (``gs://bucket/sd3_medium``); the release converted from is local.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from percov2_jax import sharding as sharding_lib
+from percov2_jax import storage
 from percov2_jax.convert import registry as component_kinds
 from percov2_jax.convert.core import ConversionError, flatten_shapes
 from percov2_jax.convert.diffusers_folder import load_diffusers_component
@@ -56,8 +57,8 @@ def _options_of(module: nn.Module) -> dict[str, Any]:
 
 def save(path: str | os.PathLike, components: Mapping[str, tuple[nn.Module, Any]], overwrite: bool = False) -> None:
     """Write ``{name: (module, params)}`` to the orbax directory ``path``."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
+    path = storage.path(path)
+    if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     items: dict[str, Any] = {
         "manifest": ocp.args.JsonSave({"format": FORMAT, "version": VERSION, "components": sorted(components)})
@@ -84,8 +85,8 @@ def load(
     asking for another ``scan_layers`` than was stored converts the layout. With ``mesh`` the
     params are restored straight onto their logical-axis shardings.
     """
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
+    path = storage.path(path)
+    if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     options = options or {}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -166,7 +167,7 @@ def _copy_tokenizers(src: str, dst: str) -> None:
     ``text.prompt_encoder.load_tokenizers``), so the checkpoint encodes captions on its own."""
     for sub, name in TOKENIZER_FOLDERS.items():
         if os.path.isdir(os.path.join(src, sub)):
-            shutil.copytree(os.path.join(src, sub), os.path.join(dst, "tokenizers", name), dirs_exist_ok=True)
+            storage.copy_tree(os.path.join(src, sub), storage.path(dst) / "tokenizers" / name)
 
 
 def _pipeline_components(folder: str) -> dict[str, str]:

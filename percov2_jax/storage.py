@@ -9,9 +9,10 @@ have no append: `append_text` rewrites the object, fine for the small logs it is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-import uuid
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -68,7 +69,30 @@ def read_text(source: PathLike) -> str:
     return read_bytes(source).decode("utf-8")
 
 
-def temporary_sibling(target: PathLike) -> epath.Path:
-    """A unique name next to ``target`` for a write that is renamed over it afterwards."""
-    target = path(target)
-    return target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
+def files_under(folder: PathLike) -> list[epath.Path]:
+    """Every file below ``folder``, sorted (object stores refuse ``rglob``: walked folder by folder)."""
+    out, pending = [], [path(folder)]
+    while pending:
+        for item in pending.pop().iterdir():
+            (pending if item.is_dir() else out).append(item)
+    return sorted(out, key=os.fspath)
+
+
+def copy_tree(source: PathLike, target: PathLike) -> None:
+    """Copy every file below ``source`` to the same relative place below ``target`` (either may be
+    a URL); existing files are replaced."""
+    source, target = path(source), path(target)
+    for item in files_under(source):
+        write_bytes(target / os.fspath(item.relative_to(source)), item.read_bytes())
+
+
+@contextlib.contextmanager
+def local_folder(folder: PathLike) -> Iterator[str]:
+    """``folder`` as a local path: itself when local, else a temporary copy removed on exit (for
+    readers that take only local paths, e.g. transformers' ``from_pretrained``)."""
+    if not is_url(folder):
+        yield os.fspath(path(folder))
+        return
+    with tempfile.TemporaryDirectory(prefix="percov2-") as tmp:
+        copy_tree(folder, tmp)
+        yield tmp

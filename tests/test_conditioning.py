@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -261,3 +262,28 @@ def test_precomputed_text_store(sd3_text, tmp_path):
     record = TextEmbeddingStore(str(tmp_path / "tool_store"))["img001.jpg"]
     assert record["prompt_embeds"].dtype == ml_dtypes.bfloat16
     np.testing.assert_allclose(record["prompt_embeds"].astype(np.float32), np.asarray(embeds[1]), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.integration  # talks to the Cloud Storage emulator, a server process
+def test_checkpoint_on_cloud_storage(sd3_text, gcs):
+    """``percov2 convert --output gs://...`` writes the checkpoint and its tokenizers to a bucket;
+    loading it from there gives the local conversion's params, and a prompt encoder built from
+    the URL encodes captions as one built from the local copy."""
+    from percov2_jax import cli
+
+    url = gcs.create_bucket() + "/sd3"
+    assert cli.main(["convert", "--input", str(sd3_text["root"] / "pipeline"), "--output", url]) == 0
+    with pytest.raises(SystemExit, match="exists"):
+        cli.main(["convert", "--input", str(sd3_text["root"] / "pipeline"), "--output", url])
+    local, remote = pretrained.load(sd3_text["root"] / "ckpt"), pretrained.load(url)
+    assert sorted(remote) == sorted(local) == ["clip_g", "clip_l", "t5", "transformer", "vae"]
+    for name in local:
+        jax.tree.map(np.testing.assert_array_equal, remote[name][1], local[name][1])
+    assert sorted(load_tokenizers(url)) == ["clip_g", "clip_l", "t5"]
+    captions = ["a red fox", "two boats on a lake"]
+    want = PromptEncoder.from_checkpoint(sd3_text["root"] / "ckpt", max_sequence_length=T5_LENGTH)(captions)
+    got = PromptEncoder.from_checkpoint(url, max_sequence_length=T5_LENGTH)(captions)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(pretrained.CheckpointError, match="no such checkpoint"):
+        pretrained.load(url + "-absent")

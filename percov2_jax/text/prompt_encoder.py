@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from percov2_jax import pretrained
+from percov2_jax import pretrained, storage
 
 CLIP_MAX_LENGTH = 77  # SD3's CLIP tokenizers' model_max_length
 
@@ -36,21 +36,22 @@ def load_tokenizers(folder: str | os.PathLike) -> dict[str, Any]:
     """
     from transformers import AutoTokenizer
 
-    folder = os.fspath(folder)
-    candidates = {name: os.path.join(folder, sub) for sub, name in pretrained.TOKENIZER_FOLDERS.items()}
-    if not os.path.isdir(candidates["clip_l"]):
-        candidates = {name: os.path.join(folder, "tokenizers", name) for name in pretrained.TOKENIZER_FOLDERS.values()}
-    missing = [p for name, p in candidates.items() if name != "t5" and not os.path.isdir(p)]
+    root = storage.path(folder)
+    base = root if (root / "tokenizer").is_dir() else root / "tokenizers"
+    subfolders = {name: sub if base == root else name for sub, name in pretrained.TOKENIZER_FOLDERS.items()}
+    missing = [os.fspath(base / subfolders[n]) for n in ("clip_l", "clip_g") if not (base / subfolders[n]).is_dir()]
     if missing:
         raise FileNotFoundError(
             f"{folder}: no CLIP tokenizer folders {missing} (expected a diffusers SD3 pipeline "
             "folder or a percov2-jax checkpoint converted from one)"
         )
-    return {
-        name: AutoTokenizer.from_pretrained(path, local_files_only=True)
-        for name, path in candidates.items()
-        if os.path.isdir(path)
-    }
+    out = {}
+    for name, sub in subfolders.items():
+        if (base / sub).is_dir():
+            # transformers reads local folders only: a gs:// checkpoint's tokenizers are copied first.
+            with storage.local_folder(base / sub) as local:
+                out[name] = AutoTokenizer.from_pretrained(local, local_files_only=True)
+    return out
 
 
 def sd3_prompt_embeddings(
