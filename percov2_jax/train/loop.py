@@ -214,6 +214,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike | RunDir) -> dict[str,
             writer.write_images(step, {"reconstructions": grid})
         timer.restart_window()
 
+    watch = multihost.PreemptionWatch()
     try:
         step = start
         while step < num_steps:
@@ -238,15 +239,21 @@ def train_and_evaluate(config, workdir: str | os.PathLike | RunDir) -> dict[str,
             else:
                 bar.update(step)
             out_of_time = deadline is not None and multihost.process0_decides(time.time() > deadline)
-            if step % int(t.checkpoint_every) == 0 or step == num_steps or out_of_time:
+            preempted = watch.reached(step)
+            if step % int(t.checkpoint_every) == 0 or step == num_steps or out_of_time or preempted:
                 trainer.save()
                 timer.restart_window()
+            if preempted:
+                trainer.manager.wait_until_finished()
+                bar.write(f"preempted: saved step {step} in {run.checkpoints}; run the same command to resume")
+                break
             if int(t.image_every) > 0 and (step % int(t.image_every) == 0 or step == num_steps or out_of_time):
                 write_grid(step)
             if out_of_time:
                 bar.write(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached")
                 break
     finally:
+        watch.close()
         bar.close()
         writer.close()
         trainer.close()

@@ -232,6 +232,7 @@ def train_prior(config, workdir: str | os.PathLike | RunDir) -> list[dict[str, f
     history: list[dict[str, float]] = []
     minutes = float(t.max_minutes)
     deadline = time.time() + 60.0 * minutes if minutes > 0 else None
+    watch = multihost.PreemptionWatch()
     try:
         while trainer.step < num_steps:
             if deadline is not None and multihost.process0_decides(time.time() > deadline):
@@ -245,9 +246,17 @@ def train_prior(config, workdir: str | os.PathLike | RunDir) -> list[dict[str, f
                 bar.update(trainer.step, loss=record["bits_per_token"], lr=record["learning_rate"])
             else:
                 bar.update(trainer.step)
-            if trainer.step % int(t.checkpoint_every) == 0 or trainer.step == num_steps:
+            preempted = watch.reached(trainer.step)
+            if trainer.step % int(t.checkpoint_every) == 0 or trainer.step == num_steps or preempted:
                 trainer.save()
+            if preempted:
+                trainer.manager.wait_until_finished()
+                bar.write(
+                    f"preempted: saved step {trainer.step} in {trainer.run.checkpoints}; run the same command to resume"
+                )
+                break
     finally:
+        watch.close()
         bar.close()
         writer.close()
         trainer.close()
