@@ -59,6 +59,27 @@ def test_prior_learns_resumes_and_codes(stage1, tmp_path):
     assert len(payload) * 8 <= sum(bits) + 16
 
 
+def test_preemption_saves_the_agreed_step_and_stops(stage1, tmp_path, monkeypatch, capsys):
+    """The stage-2 loop on a preemption notice (what `multihost.PreemptionWatch` reports after a
+    SIGTERM; the signal path itself is tested with the stage-1 job in test_preemption.py): it
+    saves that step, says so and returns; the same call resumes from it."""
+    from percov2_jax import multihost
+    from percov2_jax.runs import checkpointing
+    from percov2_jax.runs.layout import RunDir
+    from percov2_jax.train.prior import train_prior
+
+    config = prior_config(stage1)
+    config.train.num_steps, config.train.checkpoint_every = 6, 100
+    monkeypatch.setattr(multihost.PreemptionWatch, "reached", lambda self, step: step == 2)
+    assert len(train_prior(config, str(tmp_path))) == 2
+    assert "preempted: saved step 2 " in capsys.readouterr().out
+    manager = checkpointing.make_manager(RunDir(tmp_path))
+    assert manager.all_steps() == [2]
+    manager.close()
+    monkeypatch.setattr(multihost.PreemptionWatch, "reached", lambda self, step: False)
+    assert len(train_prior(config, str(tmp_path))) == 4  # steps 3 to 6
+
+
 def test_stage1_workdir_is_required(tmp_path):
     from percov2_jax.train.prior import PriorTrainer
 
