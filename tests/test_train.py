@@ -243,9 +243,10 @@ def test_subset_ema_and_learned_null_text(tmp_path):
 
 
 def test_training_job_on_cloud_storage(gcs):
-    """The whole stage-1 job with its workdir in a bucket: checkpoints, metrics.jsonl, TensorBoard
-    events, reconstruction grids and the fitted stand-in codec are written there, and a second
-    call with more steps resumes from the bucket's checkpoint and appends to its logs."""
+    """The whole stage-1 job with its workdir in a bucket: checkpoints, metrics.jsonl (with the
+    input-wait share and per-chip throughput), TensorBoard events, reconstruction grids, a
+    profiler trace of step 2 and the fitted stand-in codec are written there, and a second call
+    with more steps resumes from the bucket's checkpoint and appends to its logs."""
     from PIL import Image
 
     from percov2_jax import storage
@@ -256,9 +257,14 @@ def test_training_job_on_cloud_storage(gcs):
     config = train_setup.test_config()
     config.train.num_steps, config.train.log_every, config.train.checkpoint_every = 2, 1, 2
     config.train.image_every, config.sample.num_steps, config.sample.num_images = 2, 2, 2
+    config.profile.start_step, config.profile.num_steps = 2, 1
     run = RunDir(gcs.create_bucket() + "/run")
     train_and_evaluate(config, run)
-    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2]
+    assert 0 <= records[1]["input_wait_fraction"] <= 1 and records[1]["images_per_second_per_chip"] > 0
+    traces = [p for p in storage.files_under(run.profile) if p.name.endswith(".xplane.pb")]
+    assert len(traces) == 1 and "plugins/profile/" in str(traces[0])
     assert [p.name for p in run.checkpoints.iterdir() if p.name.isdigit()] == ["2"]
     assert run.patch_autoencoder.exists() and list(run.tensorboard.iterdir())
     grid = Image.open(io.BytesIO(storage.read_bytes(run.grid(2))))

@@ -159,6 +159,24 @@ def test_progress_bar_shows_loss_lr_and_throughput(capsys):
     assert capsys.readouterr() == ("", "")
 
 
+def test_step_timer_counts_input_waits_in_its_window():
+    now = [0.0]
+    timer = StepTimer(images_per_step=4, warmup_steps=1, clock=lambda: now[0])
+    timer.add_input_time(5.0)  # during warm-up: not counted
+    timer.tick()
+    for _ in range(2):
+        timer.add_input_time(0.25)
+        now[0] += 1.0
+        timer.tick()
+    w = timer.window()
+    assert (w.steps, w.seconds, w.input_seconds, w.input_fraction) == (2, 2.0, 0.5, 0.25)
+    timer.add_input_time(1.0)
+    timer.restart_window()
+    now[0] += 1.0
+    timer.tick()
+    assert timer.window().input_seconds == 0.0
+
+
 def test_step_timer_excludes_warmup_and_measures_windows():
     now = [0.0]
     timer = StepTimer(images_per_step=8, warmup_steps=1, clock=lambda: now[0])

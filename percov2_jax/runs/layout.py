@@ -9,6 +9,7 @@ A stage-1 run (``python -m percov2_jax.train``)::
       reconstructions.png             the newest grid of originals and reconstructions
       images/reconstructions_<step>.png   every grid
       patch_autoencoder.npz           the fitted PCA stand-in for the VAE (tiny configs only)
+      profile/plugins/profile/...     jax.profiler traces of config.profile's steps
       prior/                          the default place of the stage-2 run, itself a RunDir
 
 A stage-2 run (``python -m percov2_jax.train_prior``) has the same layout without the images and
@@ -31,6 +32,7 @@ IMAGES = "images"
 LATEST_GRID = "reconstructions.png"
 PATCH_AUTOENCODER = "patch_autoencoder.npz"
 PRIOR = "prior"
+PROFILE = "profile"
 
 
 class RunDir:
@@ -75,6 +77,11 @@ class RunDir:
     def grid(self, step: int) -> epath.Path:
         """The reconstruction grid written at ``step``."""
         return self.root / IMAGES / f"reconstructions_{step:07d}.png"
+
+    @property
+    def profile(self) -> epath.Path:
+        """``jax.profiler`` traces (train/profiling.py), as TensorBoard's profile plugin lays them out."""
+        return self.root / PROFILE
 
     @property
     def patch_autoencoder(self) -> epath.Path:

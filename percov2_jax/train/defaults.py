@@ -116,6 +116,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.image_every = 1000  # PNG grid of originals and reconstructions; 0 = never
     c.train.max_minutes = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
 
+    # A jax.profiler trace of steps [start_step, start_step + num_steps) in WORKDIR/profile
+    # (train/profiling.py); start_step 0 = no trace. [ours]
+    c.profile = ml_collections.ConfigDict()
+    c.profile.start_step = 0
+    c.profile.num_steps = 5
+    c.profile.all_processes = False  # trace every process, not only process 0
+
     c.sample = ml_collections.ConfigDict()
     c.sample.num_steps = 20  # [PerCo] 20 steps at the lowest rates; PerCoV2 [unknown]
     c.sample.guidance_scale = 3.0  # [PerCo] text-only CFG 3; PerCoV2 [unknown]

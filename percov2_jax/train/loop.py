@@ -161,6 +161,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike | RunDir) -> dict[str,
     from percov2_jax.flops import mmdit_forward_flops, model_flops_utilization, peak_flops_per_device
     from percov2_jax.train.image_grid import reconstruction_grid, save_png
     from percov2_jax.train.monitoring import MetricWriter, ProgressBar, StepTimer
+    from percov2_jax.train.profiling import StepProfiler
 
     trainer = Trainer(config, workdir)
     run = trainer.run
@@ -215,11 +216,15 @@ def train_and_evaluate(config, workdir: str | os.PathLike | RunDir) -> dict[str,
         timer.restart_window()
 
     watch = multihost.PreemptionWatch()
+    profiler = StepProfiler(config.get("profile", {}), run.profile)
     try:
         step = start
         while step < num_steps:
-            batch, _ = trainer.next_batch()
-            trainer.state, metrics = trainer.step_fn(trainer.state, batch, trainer.frozen(), trainer.base_key)
+            with profiler.step(step + 1, ready=lambda: trainer.state):
+                waited = time.perf_counter()
+                batch, _ = trainer.next_batch()
+                timer.add_input_time(time.perf_counter() - waited)
+                trainer.state, metrics = trainer.step_fn(trainer.state, batch, trainer.frozen(), trainer.base_key)
             step += 1
             log_now = step % int(t.log_every) == 0 or step == num_steps
             timer.tick(metrics if (log_now or step == start + 1) else None)
@@ -228,6 +233,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike | RunDir) -> dict[str,
                 window = timer.window()
                 if window is not None:
                     last["images_per_second"] = window.images_per_second
+                    last["images_per_second_per_chip"] = window.images_per_second / jax.device_count()
+                    last["input_wait_fraction"] = window.input_fraction
                     if known_peak:
                         last["mfu"] = model_flops_utilization(train_flops, window.seconds_per_step, jax.devices())
                 writer.write_scalars(step, last)
@@ -253,6 +260,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike | RunDir) -> dict[str,
                 bar.write(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached")
                 break
     finally:
+        profiler.close()
         watch.close()
         bar.close()
         writer.close()

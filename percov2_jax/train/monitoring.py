@@ -262,11 +262,18 @@ class ProgressBar:
 
 @dataclasses.dataclass(frozen=True)
 class Throughput:
-    """One timing window: ``steps`` steps in ``seconds``."""
+    """One timing window: ``steps`` steps in ``seconds``, ``input_seconds`` of them spent waiting
+    for input batches on the host."""
 
     steps: int
     seconds: float
     images_per_second: float
+    input_seconds: float = 0.0
+
+    @property
+    def input_fraction(self) -> float:
+        """The share of the window the host spent waiting for input (near 1: input-bound)."""
+        return self.input_seconds / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def seconds_per_step(self) -> float:
@@ -300,6 +307,12 @@ class StepTimer:
         self._ticks = 0
         self._window_start = clock() if warmup_steps == 0 else None
         self._window_steps = 0
+        self._input_seconds = 0.0
+
+    def add_input_time(self, seconds: float) -> None:
+        """Count ``seconds`` the host waited for the next batch (outside warm-up) in the window."""
+        if self._window_start is not None:
+            self._input_seconds += float(seconds)
 
     def tick(self, ready: Any = None) -> None:
         """Mark the end of one step; block on ``ready`` first if given."""
@@ -324,11 +337,12 @@ class StepTimer:
             self._window_steps,
             seconds,
             self._window_steps * self.images_per_step / seconds if seconds > 0 else math.inf,
+            self._input_seconds,
         )
-        self._window_start, self._window_steps = now, 0
+        self._window_start, self._window_steps, self._input_seconds = now, 0, 0.0
         return result
 
     def restart_window(self) -> None:
         """Drop the current window's steps and restart its clock (after time that is not training)."""
         if self._window_start is not None:
-            self._window_start, self._window_steps = self._clock(), 0
+            self._window_start, self._window_steps, self._input_seconds = self._clock(), 0, 0.0
