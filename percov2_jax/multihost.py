@@ -62,6 +62,11 @@ class PreemptionWatch:
             return bool(multihost_utils.reached_preemption_sync_point(int(step)))
         return self._flag
 
+    @staticmethod
+    def saved_line(step: int, checkpoints) -> str:
+        """What a job prints when it stops for a preemption after saving ``step``."""
+        return f"preempted: saved step {step} in {checkpoints}; run the same command to resume"
+
     def close(self) -> None:
         import signal
 

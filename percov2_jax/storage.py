@@ -4,7 +4,7 @@ Every path a user gives goes through `path`: a local path becomes absolute (orba
 paths only), a URL stays as it is. The write helpers are atomic on both kinds of store: locally a
 temporary file is renamed over the target; on Cloud Storage one object is written whole (an
 upload is visible only once complete), so a reader never sees part of a file. Object stores
-have no append: `append_text` rewrites the object, fine for the small logs it is used for.
+have no append: a growing file is rewritten whole (the training logs do that).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ def is_url(value: PathLike) -> bool:
 
 def path(value: PathLike) -> epath.Path:
     """``value`` as an ``epath.Path``: URLs as given, local paths made absolute."""
-    if isinstance(value, epath.Path) and is_url(value):
-        return value
     text = os.fspath(value)
     return epath.Path(text if is_url(text) else os.path.abspath(os.path.expanduser(text)))
 

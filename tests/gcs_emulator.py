@@ -106,19 +106,6 @@ class Emulator:
             pass
         return f"gs://{name}"
 
-    @staticmethod
-    def upload(local: str | os.PathLike, url: str) -> str:
-        """Copy the folder ``local`` (every file under it) to ``url``; returns ``url``."""
-        import pathlib
-
-        from etils import epath
-
-        root = pathlib.Path(local)
-        for item in root.rglob("*"):
-            if item.is_file():
-                (epath.Path(url) / item.relative_to(root).as_posix()).write_bytes(item.read_bytes())
-        return url
-
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()

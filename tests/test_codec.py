@@ -398,12 +398,13 @@ def test_runs_on_cloud_storage(gcs, workdir, prior_workdir, codec, tmp_path):
 
     import train_setup
 
-    from percov2_jax import cli
+    from percov2_jax import cli, storage
     from percov2_jax.codec.api import Codec
 
     local_stage1 = tmp_path / "stage1"
     shutil.copytree(workdir, local_stage1, ignore=shutil.ignore_patterns("prior"))
-    bucket = gcs.upload(local_stage1, gcs.create_bucket() + "/run")
+    bucket = gcs.create_bucket() + "/run"
+    storage.copy_tree(local_stage1, bucket)
     train_setup.trained_prior(bucket, bucket + "/prior")
 
     image = np.tile(np.arange(128, dtype=np.uint8)[:, None, None], (1, 128, 3))

@@ -252,7 +252,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike | RunDir) -> dict[str,
                 timer.restart_window()
             if preempted:
                 trainer.manager.wait_until_finished()
-                bar.write(f"preempted: saved step {step} in {run.checkpoints}; run the same command to resume")
+                bar.write(watch.saved_line(step, run.checkpoints))
                 break
             if int(t.image_every) > 0 and (step % int(t.image_every) == 0 or step == num_steps or out_of_time):
                 write_grid(step)

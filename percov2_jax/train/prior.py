@@ -251,9 +251,7 @@ def train_prior(config, workdir: str | os.PathLike | RunDir) -> list[dict[str, f
                 trainer.save()
             if preempted:
                 trainer.manager.wait_until_finished()
-                bar.write(
-                    f"preempted: saved step {trainer.step} in {trainer.run.checkpoints}; run the same command to resume"
-                )
+                bar.write(watch.saved_line(trainer.step, trainer.run.checkpoints))
                 break
     finally:
         watch.close()

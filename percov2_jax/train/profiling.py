@@ -11,7 +11,6 @@ trace viewer groups device work by step.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 
 import jax
@@ -61,10 +60,3 @@ class StepProfiler:
         finally:
             self._local.cleanup()
             self._local = None
-
-    def files(self) -> list[str]:
-        """The trace files in the run directory, relative to it."""
-        root = storage.path(self.directory)
-        if not root.exists():
-            return []
-        return [os.fspath(p.relative_to(root)) for p in storage.files_under(root)]
