@@ -32,7 +32,7 @@ demo: $(STAMP)
 	    --workdir $${WORKDIR:-/tmp/percov2_demo}
 
 test: $(STAMP) $(LIBTPU)/.installed
-	PERCOV2_LIBTPU_PATH=$(abspath $(LIBTPU)) $(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	PERCOV2_LIBTPU_PATH=$(abspath $(LIBTPU)) $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 # The unit tier: no subprocesses, no multi-device or multi-process runs, no model training, no
 # PyTorch reference models (markers in pyproject.toml); `make test` runs everything.

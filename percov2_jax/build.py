@@ -103,9 +103,16 @@ def init_inputs(model: PerCoV2, rate: rates.BitRate):
 
 def build_train_iterator(source, data, global_batch_size: int, image_size: int, seed: int):
     """This process's grain iterator over ``source`` as a run's ``config.data`` asks (crops, flips,
-    workers): its rows of every global batch (`percov2_jax.data.pipeline.make_train_iterator`)."""
+    workers, prefetching): its rows of every global batch
+    (`percov2_jax.data.pipeline.make_train_iterator`)."""
+    import grain
+
     from percov2_jax.data.pipeline import make_train_iterator
 
+    # Runs saved before these options existed read with the pipeline's defaults.
+    read_options = grain.ReadOptions(
+        num_threads=int(data.get("read_threads", 8)), prefetch_buffer_size=int(data.get("prefetch_batches", 8))
+    )
     return make_train_iterator(
         source,
         global_batch_size=global_batch_size,
@@ -116,6 +123,7 @@ def build_train_iterator(source, data, global_batch_size: int, image_size: int, 
         random_crop=bool(data.random_crop),
         random_flip=bool(data.random_flip),
         worker_count=int(data.worker_count),
+        read_options=read_options,
     )
 
 

@@ -1,7 +1,8 @@
 """Test-session setup: a persistent XLA compilation cache shared by the test process and its
 subprocesses (compiles dominate test time on 2 CPU cores), quiet torch threading, and every
 Cloud Storage client pointed at a local emulator (tests/gcs_emulator.py) before any Google
-library is imported, so that no test reaches an address outside 127.0.0.1."""
+library is imported, and a guard that fails any Python connection or name lookup outside
+127.0.0.1 (tests/network_guard.py; tests/sitecustomize.py installs it in test subprocesses)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(ROOT / "tests"))
+
+import network_guard  # noqa: E402
+
+network_guard.install()  # any connection or lookup outside 127.0.0.1 fails, naming the address
 
 import gcs_emulator  # noqa: E402
 

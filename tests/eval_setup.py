@@ -4,7 +4,6 @@ the built-in photographs (each with a missing and/or a corrupt image), and their
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import numpy as np
@@ -89,11 +88,13 @@ def eval_config(stage1: str, dataset: str, paths: dict, clip: dict | None = None
 def comparable(summary: dict) -> dict:
     """A summary without what legitimately differs between runs (time, machine, process count)."""
     out = json.loads(json.dumps(summary))
-    for key in ("created", "machine", "process_count"):
+    for key in ("created", "machine", "process_count", "checkpoint"):
         out["run"].pop(key, None)
     return out
 
 
 def read_records(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "records.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    """``WORKDIR/records.jsonl`` (local or gs://) as dicts."""
+    from percov2_jax import storage
+
+    return [json.loads(line) for line in storage.read_text(storage.path(workdir) / "records.jsonl").splitlines()]

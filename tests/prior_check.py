@@ -4,11 +4,12 @@
       --runs '[[[[1,1,1],3]], [[[4,2,1],2], [[1,2,4],1]]]'
 
 Each run is a list of segments ``[[data, fsdp, tensor], steps]``, trained one after the other
-in the run's own workdir, in float64, with a checkpoint between segments. A segment on another
+in the run's own workdir (from the checkpoint there, if any, whatever mesh and process count
+wrote it), in float64, with a checkpoint between segments and at the end. A segment on another
 mesh than the previous one starts a new `PriorTrainer`, which restores that checkpoint onto its
 mesh. A segment on the same mesh keeps the trainer and rewinds: it trains its steps once (thrown
 away), `restore()`s the checkpoint (state and data position) and trains them again; so restoring
-is checked without compiling anything twice. A ``[1, 1, 1]`` mesh uses the first device only.
+is checked without compiling anything twice. A mesh of n devices uses the first n devices.
 Process 0 writes ``OUT_{i}.npz`` (per-step losses, final parameters) for run ``i``.
 Multi-process: ``--num-processes N --process-id I --port P`` joins ``jax.distributed`` on
 127.0.0.1 first.
@@ -30,7 +31,7 @@ def run(stage1_model, stage1: str, workdir: str, segments: list):
 
     from percov2_jax.train.prior import PriorTrainer
 
-    losses, trainer, mesh_of_trainer = [], None, None
+    losses, trainer, mesh_of_trainer, start = [], None, None, None
     try:
         for mesh, steps in segments:
             if trainer is not None:
@@ -42,13 +43,15 @@ def run(stage1_model, stage1: str, workdir: str, segments: list):
                 config = train_setup.prior_test_config(stage1)
                 config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
                 config.prior.dtype = config.prior.param_dtype = "float64"
-                devices = jax.devices()[:1] if mesh == [1, 1, 1] else None
+                devices = jax.devices()[: int(np.prod(mesh))]
                 trainer, mesh_of_trainer = PriorTrainer(config, workdir, devices, stage1_model), mesh
+                start = trainer.step if start is None else start
             else:
                 trainer.train_steps(steps)  # moves the state and the data on; restore() must undo both
                 trainer.restore()
-            assert trainer.step == len(losses), (trainer.step, len(losses))
+            assert trainer.step == start + len(losses), (trainer.step, start, len(losses))
             losses += [h["bits_per_token"] for h in trainer.train_steps(steps)]
+        trainer.save()
         params = multihost_utils.process_allgather(trainer.params, tiled=True)
     finally:
         if trainer is not None:

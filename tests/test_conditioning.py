@@ -264,6 +264,38 @@ def test_precomputed_text_store(sd3_text, tmp_path):
     np.testing.assert_allclose(record["prompt_embeds"].astype(np.float32), np.asarray(embeds[1]), rtol=1e-2, atol=1e-2)
 
 
+class _CodeEncoder:
+    """A stand-in `PromptEncoder` for the store's plumbing: each caption -> a few numbers of it."""
+
+    max_sequence_length, use_t5 = 8, False
+
+    def __call__(self, texts):
+        codes = np.array([[len(t), sum(map(ord, t)) % 997] for t in texts], np.float32)
+        return np.repeat(codes[:, None, :], 3, axis=1), codes  # prompt_embeds [B, 3, 2], pooled [B, 2]
+
+
+def test_text_store_on_cloud_storage(gcs, tmp_path):
+    """A store written into a bucket (each shard written locally, then uploaded) reads back as
+    the same store written locally; a missing store names its URL."""
+    from percov2_jax.text.store import EMPTY_PROMPT_ID, TextEmbeddingStore, precompute_text_embeddings
+
+    captions = {f"img{i:03d}.jpg": c for i, c in enumerate(CAPTIONS)}
+    url = gcs.create_bucket() + "/text"
+    for where in (url, str(tmp_path)):
+        for shard in range(2):
+            path = precompute_text_embeddings(
+                _CodeEncoder(), captions, where, batch_size=2, shard_index=shard, shard_count=2, progress=False
+            )
+            assert path == f"{where}/text_embeddings-0000{shard}-of-00002.array_record"
+    remote, local = TextEmbeddingStore(url), TextEmbeddingStore(str(tmp_path))
+    assert remote.ids() == local.ids() and remote.settings == local.settings and EMPTY_PROMPT_ID in remote
+    for a, b in zip(remote.records(), local.records()):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert remote["img002.jpg"]["pooled"][0] == len(CAPTIONS[2])
+    with pytest.raises(FileNotFoundError, match=f"{url}-absent: no text_embeddings"):
+        TextEmbeddingStore(url + "-absent")
+
+
 @pytest.mark.integration  # talks to the Cloud Storage emulator, a server process
 def test_checkpoint_on_cloud_storage(sd3_text, gcs):
     """``percov2 convert --output gs://...`` writes the checkpoint and its tokenizers to a bucket;

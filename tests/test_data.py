@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from percov2_jax import storage
 from percov2_jax.data import builtin
 from percov2_jax.data.builtin import BuiltinPhotos
 from percov2_jax.data.pipeline import (
-    checkpoint_restore_args,
-    checkpoint_save_args,
     make_eval_iterator,
     make_train_iterator,
     resize_and_crop,
@@ -308,6 +307,88 @@ def test_prepare_dataset_command_line(folder, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Cloud Storage (the emulator on 127.0.0.1)
+
+
+def assert_records_equal(a, b) -> None:
+    """Two sources give the same records, in the same order."""
+    assert len(a) == len(b)
+    assert_batches_equal([a[i] for i in range(len(a))], [b[i] for i in range(len(b))])
+
+
+def test_image_folder_on_cloud_storage(gcs, folder, source):
+    bucket = gcs.create_bucket()
+    storage.copy_tree(folder, f"{bucket}/images")
+    storage.write_bytes(f"{bucket}/images/.cache/hidden.png", (folder / "img01.jpg").read_bytes())
+    storage.write_bytes(f"{bucket}/images/.hidden.png", (folder / "img01.jpg").read_bytes())
+    storage.write_bytes(f"{bucket}/captions.json", (folder.parent / f"{folder.name}_captions.json").read_bytes())
+    remote = ImageFolderSource(f"{bucket}/images", f"{bucket}/captions.json", require_captions=True)
+    assert remote.ids == source.ids and remote.captions == source.captions
+    assert_records_equal(remote, source)
+    assert remote.paths[0] == f"{bucket}/images/img01.jpg" and remote.verify() == len(source)
+    # Caption files keyed by file name (load_captions formats) too; their errors name the URL.
+    storage.write_text(f"{bucket}/c.tsv", "img03.png\ta grey cat\n")
+    tsv = ImageFolderSource(f"{bucket}/images", f"{bucket}/c.tsv")
+    assert tsv.captions == ImageFolderSource(folder, {"sub/img03.png": "a grey cat"}).captions
+    storage.write_text(f"{bucket}/bad.tsv", "img03.png without a tab\n")
+    with pytest.raises(ValueError, match=f"{bucket}/bad.tsv: line 1"):
+        ImageFolderSource(f"{bucket}/images", f"{bucket}/bad.tsv")
+
+
+def test_missing_cloud_storage_paths_are_named(gcs, folder):
+    bucket = gcs.create_bucket()
+    storage.copy_tree(folder / "sub", f"{bucket}/images")
+    with pytest.raises(FileNotFoundError, match=f"image folder {bucket}/absent does not exist"):
+        ImageFolderSource(f"{bucket}/absent")
+    with pytest.raises(FileNotFoundError, match=f"{bucket}/absent.tsv does not exist"):
+        ImageFolderSource(f"{bucket}/images", f"{bucket}/absent.tsv")
+    with pytest.raises(FileNotFoundError, match=f"{bucket}/images/absent.png does not exist"):
+        read_image(f"{bucket}/images/absent.png")
+    with pytest.raises(FileNotFoundError, match=f"TFDS dataset directory {bucket}/tfds does not exist"):
+        TfdsSource(f"{bucket}/tfds", "train")
+
+
+def test_tfds_source_on_cloud_storage(gcs, tfds_dir):
+    bucket = gcs.create_bucket()
+    storage.copy_tree(tfds_dir.parent.parent, f"{bucket}/tfds")
+    local = TfdsSource(tfds_dir.parent, "train")
+    assert_records_equal(TfdsSource(f"{bucket}/tfds/tiny_folder", "train"), local)
+    assert_records_equal(TfdsSource(f"{bucket}/tfds/tiny_folder/1.0.0", "train[:3]"), TfdsSource(tfds_dir, "train[:3]"))
+    by_name = TfdsSource("tiny_folder", "validation", data_dir=f"{bucket}/tfds")
+    assert_records_equal(by_name, TfdsSource(tfds_dir, "validation"))
+    assert_records_equal(TfdsSource(f"{bucket}/tfds", "validation"), by_name)  # a data_dir holding one dataset
+
+
+@pytest.mark.slow
+def test_prepare_dataset_command_line_to_cloud_storage(gcs, folder):
+    """The tool reads the images and captions from a bucket, prepares locally, uploads."""
+    bucket = gcs.create_bucket()
+    storage.copy_tree(folder / "sub", f"{bucket}/images")
+    storage.write_text(f"{bucket}/captions.tsv", "".join(f"img{i:02d}.png\tcaption {i}\n" for i in (0, 3, 6)))
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "prepare_dataset.py"),
+            f"--image_dir={bucket}/images",
+            f"--captions={bucket}/captions.tsv",
+            f"--output_dir={bucket}/tfds",
+            "--name=cloud_folder",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"uploading {bucket}/tfds/cloud_folder/1.0.0/dataset_info.json" in result.stdout
+    remote = TfdsSource(f"{bucket}/tfds/cloud_folder", "train")
+    assert_records_equal(
+        remote, ImageFolderSource(folder / "sub", {f"img{i:02d}.png": f"caption {i}" for i in (0, 3, 6)})
+    )
+    with pytest.raises(FileExistsError, match=f"{bucket}/tfds/cloud_folder/1.0.0 already holds"):
+        _load_tool().prepare({"train": ImageFolderSource(folder / "sub")}, f"{bucket}/tfds", name="cloud_folder")
+
+
+# ----------------------------------------------------------------------------------------------
 # Pipeline
 
 
@@ -378,24 +459,26 @@ def test_checkpoint_state_restores_the_stream(source):
         make_train_iterator(source, **{**kwargs, "global_batch_size": 8}).set_state(state)
 
 
-def test_checkpoint_with_orbax_manager(source, tmp_path):
-    import orbax.checkpoint as ocp
-
-    kwargs = dict(global_batch_size=2, image_size=SIZE, seed=5, process_index=0, process_count=1)
-    it = make_train_iterator(source, **kwargs)
-    take(it, 3)
-    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        manager.save(3, args=ocp.args.Composite(step=ocp.args.JsonSave({"step": 3}), data=checkpoint_save_args(it)))
-        manager.wait_until_finished()
-    expected = take(it, 2)
-    fresh = make_train_iterator(source, **kwargs)
-    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        restored = manager.restore(
-            3, args=ocp.args.Composite(step=ocp.args.JsonRestore(), data=checkpoint_restore_args(fresh))
-        )
-    assert restored.data is fresh and restored.step == {"step": 3}
-    assert_batches_equal(take(fresh, 2), expected)
-    assert (tmp_path / "ckpt" / "3" / "data" / "process_0-of-1.json").exists()
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(2, 1), (1, 4), (4, 2)])
+def test_state_resumes_on_another_process_count(source, saved_on, resumed_on):
+    """The state is global: saved by any process of a P-process job, it continues the same
+    global batches on P' processes (each process still gets its rows)."""
+    kwargs = dict(global_batch_size=8, image_size=SIZE, seed=7)
+    single = take(make_train_iterator(source, process_index=0, process_count=1, **kwargs), 5)
+    saving = [make_train_iterator(source, process_index=p, process_count=saved_on, **kwargs) for p in range(saved_on)]
+    for it in saving:
+        take(it, 3)
+    states = [json.loads(json.dumps(it.get_state())) for it in saving]
+    assert all(state == states[0] for state in states)
+    resumed = []
+    for p in range(resumed_on):
+        it = make_train_iterator(source, process_index=p, process_count=resumed_on, **kwargs)
+        it.set_state(states[-1])
+        resumed.append(take(it, 2))
+        it.close()
+    for k in range(2):
+        joined = {key: np.concatenate([part[k][key] for part in resumed]) for key in single[3 + k]}
+        assert_batches_equal([joined], [single[3 + k]])
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
@@ -454,9 +537,13 @@ def test_invalid_arguments(source):
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches(source):
     kwargs = dict(global_batch_size=4, image_size=SIZE, seed=2, process_index=0, process_count=1)
-    in_process = take(make_train_iterator(source, **kwargs), 3)
+    in_process = make_train_iterator(source, **kwargs)
+    expected = take(in_process, 3)
     it = make_train_iterator(source, worker_count=2, **kwargs)
     try:
-        assert_batches_equal(take(it, 3), in_process)
+        assert_batches_equal(take(it, 3), expected)
+        # A position saved without workers continues with them.
+        it.set_state(in_process.get_state())
+        assert_batches_equal(take(it, 2), take(in_process, 2))
     finally:
         it.close()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from percov2_jax import storage
 from percov2_jax.data.sources import ImageDecodeError
 from percov2_jax.evaluation import datasets
 from percov2_jax.evaluation.datasets import (
@@ -378,6 +379,93 @@ def test_describe_is_json_and_its_digest_follows_the_ids(tmp_path):
 def test_eval_dataset_rejects_repeated_ids():
     with pytest.raises(ValueError, match="repeated: a"):
         EvalDataset("x", ["a", "b", "a"], lambda i: (np.zeros((1, 1, 3), np.uint8), []), preprocess=Preprocess())
+
+
+# ----------------------------------------------------------------------------------------------
+# Cloud Storage (the emulator on 127.0.0.1)
+
+
+def assert_same_items(remote: EvalDataset, local: EvalDataset) -> None:
+    """The same ids, images, captions and description (but for where they are) in the same order."""
+    assert remote.ids == local.ids and remote.missing_ids() == local.missing_ids()
+    for index in range(len(local)):
+        try:
+            expected = local.load(index)
+        except MissingImageError:
+            with pytest.raises(MissingImageError, match=local.ids[index]):
+                remote.load(index)
+            continue
+        got = remote.load(index)
+        np.testing.assert_array_equal(got.pop("image"), expected.pop("image"))
+        assert got == expected
+    where = ("root", "image_list", "captions", "conditioning_captions")
+    assert {k: v for k, v in remote.describe().items() if k not in where} == {
+        k: v for k, v in local.describe().items() if k not in where
+    }
+
+
+def test_kodak_folder_on_cloud_storage(gcs, tmp_path):
+    for i, name in enumerate(("kodim01.png", "kodim07.png", "kodim24.png", "extra/kodim30.png")):
+        _save(tmp_path / "kodak" / name, 32, 48, i)
+    (tmp_path / "list.txt").write_text("kodim24.png\nkodim02.png\nkodim01.png\nextra/kodim30.png\n")
+    (tmp_path / "caps.tsv").write_text("kodim01.png\ta red door\nkodim24.png\ta mural\n")
+    (tmp_path / "blip.tsv").write_text("".join(f"kodim{i:02d}.png\tcaption {i}\n" for i in (1, 7, 24, 30)))
+    bucket = gcs.create_bucket()
+    storage.copy_tree(tmp_path, f"{bucket}/data")
+    made = {}
+    for where in (str(tmp_path), f"{bucket}/data"):
+        made[where] = [
+            kodak_dataset(
+                f"{where}/kodak",
+                image_list=f"{where}/list.txt",
+                captions=f"{where}/caps.tsv",
+                preprocess=Preprocess("resize", 16),
+            ),
+            kodak_dataset(f"{where}/kodak"),
+            folder_dataset(
+                f"{where}/kodak",
+                captions=f"{where}/caps.tsv",
+                conditioning="file",
+                conditioning_captions=f"{where}/blip.tsv",
+            ),
+        ]
+    local, remote = made.values()
+    assert remote[0].describe()["root"] == f"{bucket}/data/kodak" and local[0].missing_ids() == ["kodim02.png"]
+    assert remote[2].ids == ["extra/kodim30.png", "kodim01.png", "kodim07.png", "kodim24.png"]
+    for r, l in zip(remote, local):
+        assert_same_items(r, l)
+    with pytest.raises(FileNotFoundError, match=f"Kodak folder {bucket}/absent does not exist"):
+        kodak_dataset(f"{bucket}/absent")
+    with pytest.raises(FileNotFoundError, match=f"{bucket}/data/absent.txt does not exist"):
+        folder_dataset(f"{bucket}/data/kodak", image_list=f"{bucket}/data/absent.txt")
+
+
+def test_coco_on_cloud_storage(gcs, coco):
+    bucket = gcs.create_bucket()
+    storage.copy_tree(coco, f"{bucket}/coco")
+    annotations = "annotations/captions_train2017.json"
+    kwargs = dict(preprocess=Preprocess("resize", 8), strict=False)
+    remote = coco30k_dataset(
+        f"{bucket}/coco/train2017",
+        annotations=f"{bucket}/coco/{annotations}",
+        image_list=f"{bucket}/coco/list.txt",
+        **kwargs,
+    )
+    local = coco30k_dataset(coco / "train2017", annotations=coco / annotations, image_list=coco / "list.txt", **kwargs)
+    assert remote.load(1)["captions"] == COCO_CAPTIONS
+    assert_same_items(remote, local)
+    # COCO annotations as the captions of a folder dataset.
+    assert_same_items(
+        folder_dataset(f"{bucket}/coco/train2017", captions=f"{bucket}/coco/{annotations}"),
+        folder_dataset(coco / "train2017", captions=coco / annotations),
+    )
+    with pytest.raises(FileNotFoundError, match=f"{bucket}/coco/absent.json does not exist"):
+        coco30k_dataset(
+            f"{bucket}/coco/train2017",
+            annotations=f"{bucket}/coco/absent.json",
+            image_list=["000000000009.jpg"],
+            **kwargs,
+        )
 
 
 # ----------------------------------------------------------------------------------------------

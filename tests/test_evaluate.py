@@ -133,9 +133,26 @@ def test_record_equals_a_user_round_trip(one_process, prior_workdir, stage1_work
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(one_process, stage1_workdir, inputs, tmp_path):
-    """Two processes (one CPU device each) split the shards, the Kodak run stopped after one shard
-    each and resumed; the summaries and the per-image records equal the one-process run's exactly."""
+def test_two_processes_on_cloud_storage_equal_one(one_process, stage1_workdir, inputs, gcs, tmp_path):
+    """Two processes (one CPU device each) with the checkpoint, the images, image lists, caption
+    files and the workdir in a Cloud Storage bucket (the emulator), sharing no local folder but
+    the tiny CLIP's weights, split the shards; the Kodak run stopped after one shard each and
+    resumed. The summaries and the per-image records equal the one-process run's (from local
+    files) exactly."""
+    from percov2_jax import storage
+
+    bucket = gcs.create_bucket()
+    storage.copy_tree(stage1_workdir, f"{bucket}/stage1")
+    local_inputs = os.path.dirname(inputs["file"])
+    for name in ("kodak", "coco"):
+        storage.copy_tree(os.path.join(local_inputs, name), f"{bucket}/inputs/{name}")
+    in_bucket = {
+        dataset: {k: v.replace(local_inputs, f"{bucket}/inputs") for k, v in inputs[dataset].items()}
+        for dataset in ("kodak", "coco30k")
+    }
+    assert all(v.startswith("gs://") for paths in in_bucket.values() for v in paths.values())
+    (tmp_path / "inputs.json").write_text(json.dumps({**in_bucket, "clip": inputs["clip"]}))
+    out = f"{bucket}/eval"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -143,39 +160,53 @@ def test_two_processes_equal_one(one_process, stage1_workdir, inputs, tmp_path):
         sys.executable,
         os.path.join(HERE, "eval_check.py"),
         "--stage1",
-        stage1_workdir,
+        f"{bucket}/stage1",
         "--inputs",
-        inputs["file"],
+        str(tmp_path / "inputs.json"),
         "--out",
-        str(tmp_path),
+        out,
         "--num-processes",
         "2",
         "--port",
         str(port),
     ]
+    homes = [tmp_path / f"process_{i}" for i in range(2)]  # each its own working folder
+    for home in homes:
+        home.mkdir()
     procs = [
         subprocess.Popen(
-            cmd + ["--process-id", str(i)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cmd + ["--process-id", str(i)],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=home,
         )
-        for i in range(2)
+        for i, home in enumerate(homes)
     ]
     outs = [p.communicate(timeout=1500) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, out + err[-4000:]
+    for p, (stdout, err) in zip(procs, outs):
+        assert p.returncode == 0, stdout + err[-4000:]
+    assert not any(any(home.iterdir()) for home in homes)  # every output went to the bucket
     for dataset, reference in one_process["summaries"].items():
-        with open(tmp_path / dataset / "summary.json", encoding="utf-8") as f:
-            summary = json.load(f)
+        text = storage.read_text(f"{out}/{dataset}/summary.json")
+        assert f"{bucket}/inputs/" in text  # the dataset's description names where it was read
+        summary = json.loads(text.replace(f"{bucket}/inputs", local_inputs))
         assert summary["run"]["process_count"] == 2
+        assert summary["run"]["checkpoint"] == f"{bucket}/stage1"
         assert eval_setup.comparable(summary) == eval_setup.comparable(reference)
-        assert eval_setup.read_records(str(tmp_path / dataset)) == eval_setup.read_records(
-            os.path.join(one_process["out"], dataset)
+        records = json.loads(
+            json.dumps(eval_setup.read_records(f"{out}/{dataset}")).replace(f"{bucket}/inputs", local_inputs)
         )
+        assert records == eval_setup.read_records(os.path.join(one_process["out"], dataset))
         shards = {
-            json.load(open(tmp_path / dataset / "shards" / f))["shard"]
-            for f in os.listdir(tmp_path / dataset / "shards")
-            if f.endswith(".json")
+            json.loads(storage.read_text(f))["shard"]
+            for f in storage.files_under(f"{out}/{dataset}/shards")
+            if f.name.endswith(".json")
         }
         assert shards == set(range((summary["images"]["total"] + 1) // 2))
+        names = {f.name for f in storage.files_under(f"{out}/{dataset}")}
+        assert {"run.json", "summary.json", "summary.md", "records.jsonl", "records.md"} <= names
 
 
 @pytest.mark.slow

@@ -142,3 +142,31 @@ def test_two_processes_stop_together_when_one_is_signalled(tmp_path):
     assert steps == list(range(1, len(steps) + 1)) and steps[-1] > stopped
     losses, _ = train_setup.run_steps(train_setup.test_config(), str(tmp_path / "reference"), len(steps))
     np.testing.assert_allclose([r["loss"] for r in records], losses, rtol=1e-5)
+
+
+def test_a_second_sigterm_ends_the_process_at_once(tmp_path):
+    """The first SIGTERM only raises the flag (the job goes on to save); a second one, while the
+    job is still saving or stuck, ends it at once with the default action. What it leaves is a
+    step without orbax's commit marker, which a restart ignores (test_train.py:
+    test_interrupted_save_is_ignored, locally and in a bucket)."""
+    script = textwrap.dedent(
+        """
+        import os, signal, time
+        from percov2_jax.multihost import PreemptionWatch
+
+        watch = PreemptionWatch()
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not watch.reached(0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("first signal seen:", watch.reached(0), flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        print("still running after the second signal", flush=True)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.splitlines() == ["first signal seen: True"], result.stdout + result.stderr[-2000:]
+    assert result.returncode == -signal.SIGTERM

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -62,17 +63,22 @@ def test_prior_learns_resumes_and_codes(stage1, tmp_path):
 def test_preemption_saves_the_agreed_step_and_stops(stage1, tmp_path, monkeypatch, capsys):
     """The stage-2 loop on a preemption notice (what `multihost.PreemptionWatch` reports after a
     SIGTERM; the signal path itself is tested with the stage-1 job in test_preemption.py): it
-    saves that step, says so and returns; the same call resumes from it."""
-    from percov2_jax import multihost
+    saves that step, says so and returns; the same call resumes from it. The first run also
+    writes a profiler trace of step 1 into the run."""
+    from percov2_jax import multihost, storage
     from percov2_jax.runs import checkpointing
     from percov2_jax.runs.layout import RunDir
     from percov2_jax.train.prior import train_prior
 
     config = prior_config(stage1)
     config.train.num_steps, config.train.checkpoint_every = 6, 100
+    config.profile.start_step, config.profile.num_steps = 1, 1
     monkeypatch.setattr(multihost.PreemptionWatch, "reached", lambda self, step: step == 2)
     assert len(train_prior(config, str(tmp_path))) == 2
     assert "preempted: saved step 2 " in capsys.readouterr().out
+    traces = [p for p in storage.files_under(RunDir(tmp_path).profile) if p.name.endswith(".xplane.pb")]
+    assert len(traces) == 1
+    config.profile.start_step = 0
     manager = checkpointing.make_manager(RunDir(tmp_path))
     assert manager.all_steps() == [2]
     manager.close()
@@ -126,6 +132,7 @@ EIGHT_DEVICE_RUNS = [
     [[[1, 1, 1], STEPS]],  # the reference
     [[[4, 2, 1], STEPS]],
     [[[1, 2, 4], STEPS - 1], [[4, 2, 1], 1]],  # checkpoint on one mesh, resume on another
+    [[[4, 1, 1], 1]],  # step 1 on a 1-process x 4-device slice, for test_resume_on_another_slice
 ]
 
 
@@ -166,38 +173,42 @@ def assert_close(result, reference, where):
 
 @pytest.fixture(scope="module")
 def eight_device_runs(stage1, tmp_path_factory):
-    """All of EIGHT_DEVICE_RUNS in one process with 8 virtual CPU devices."""
+    """All of EIGHT_DEVICE_RUNS in one process with 8 virtual CPU devices: ``results`` (one
+    (losses, params) per run) and ``work`` (run i's workdir is ``work / str(i)``)."""
     tmp = tmp_path_factory.mktemp("prior8")
     result = subprocess.run(
         _cmd(stage1, tmp, EIGHT_DEVICE_RUNS), env=_env(8), capture_output=True, text=True, timeout=1200
     )
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    return [train_setup.load_result(str(tmp / f"result_{i}.npz")) for i in range(len(EIGHT_DEVICE_RUNS))]
+    results = [train_setup.load_result(str(tmp / f"result_{i}.npz")) for i in range(len(EIGHT_DEVICE_RUNS))]
+    return {"results": results, "work": tmp / "work"}
 
 
 @pytest.mark.slow
 def test_eight_devices_equal_one(eight_device_runs):
     """data x fsdp = 4 x 2 and fsdp x tensor = 2 x 4 meshes, and a checkpoint written on
     1 x 2 x 4 restored onto 4 x 2 x 1 (sharded state and data position), equal one device."""
-    reference = eight_device_runs[0]
-    for runs, result in zip(EIGHT_DEVICE_RUNS[1:], eight_device_runs[1:]):
+    reference, *results = eight_device_runs["results"]
+    for runs, result in zip(EIGHT_DEVICE_RUNS[1:-1], results):
         assert_close(result, reference, " -> ".join(f"mesh {mesh} for {steps}" for mesh, steps in runs))
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(stage1, eight_device_runs, tmp_path):
-    """Two processes joined by jax.distributed on 127.0.0.1, one CPU device each: each encodes
-    its half of the batch with its own stage-1 model; the prior's parameters are split over both
-    (fsdp = 2). Two steps, a checkpoint (sharded state, a data position per process), a step that
-    `restore()` undoes, the step again.
+def test_resume_on_another_slice(stage1, eight_device_runs, tmp_path):
+    """Step 1 on one process with 4 devices (data = 4); step 2 resumed from that checkpoint on two
+    processes joined by jax.distributed on 127.0.0.1, one CPU device each: each encodes its half of
+    the batch with its own stage-1 model, the prior's parameters split over both (fsdp = 2); step 3
+    resumed from theirs on one process with 4 devices (data x fsdp = 2 x 2). Equal to the
+    uninterrupted one-device run: the data position is global.
 
     (One device per process and no second trainer: process 1 cannot use the persistent
     compilation cache, which jax writes from process 0 only and keys per process on CPU, so
     each compile there is paid in full.)"""
+    shutil.copytree(eight_device_runs["work"] / str(len(EIGHT_DEVICE_RUNS) - 1), tmp_path / "work" / "0")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    runs = [[[[1, 2, 1], STEPS - 1], [[1, 2, 1], 1]]]
+    runs = [[[[1, 2, 1], 1]]]
     procs = [
         subprocess.Popen(
             _cmd(stage1, tmp_path, runs, "--num-processes", "2", "--process-id", str(i), "--port", str(port)),
@@ -211,12 +222,19 @@ def test_two_processes_equal_one(stage1, eight_device_runs, tmp_path):
     outs = [p.communicate(timeout=1200) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out + err[-4000:]
-    assert os.path.isfile(tmp_path / "work" / "0" / "checkpoints" / str(STEPS - 1) / "data" / "process_1-of-2.json")
-    result = train_setup.load_result(str(tmp_path / "result_0.npz"))
-    assert_close(result, eight_device_runs[0], "2 processes")
+    second, _ = train_setup.load_result(str(tmp_path / "result_0.npz"))
 
     # The checkpoint the two processes wrote loads in this one process, for the token coder.
     from percov2_jax.runs.prior import load_prior
 
     _, params = load_prior(str(tmp_path / "work" / "0"))
-    assert {k: v.shape for k, v in train_setup.flat(params).items()} == {k: v.shape for k, v in result[1].items()}
+    reference = eight_device_runs["results"][0]
+    assert {k: v.shape for k, v in train_setup.flat(params).items()} == {k: v.shape for k, v in reference[1].items()}
+
+    result = subprocess.run(
+        _cmd(stage1, tmp_path, [[[[2, 2, 1], 1]]]), env=_env(4), capture_output=True, text=True, timeout=1200
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    third, params = train_setup.load_result(str(tmp_path / "result_0.npz"))
+    losses = np.concatenate([eight_device_runs["results"][-1][0], second, third])
+    assert_close((losses, params), reference, "1x4 -> 2x1 -> 1x4")

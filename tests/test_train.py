@@ -42,11 +42,19 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference64(tmp_path_factory):
-    """float64, one device, in a subprocess (x64 must not leak into this process)."""
+    """float64 in a subprocess (x64 must not leak into this process) with 4 devices: the
+    uninterrupted run on one device, and the first step on a 1-process x 4-device slice,
+    checkpointed (``slice_run``), from which `test_resume_on_another_slice` goes on."""
     tmp = tmp_path_factory.mktemp("single64")
-    result = subprocess.run(_cmd(tmp, [[1, 1, 1]], "--x64"), env=_env(1), capture_output=True, text=True, timeout=1200)
+    runs = [[[1, 1, 1], STEPS], [[4, 1, 1], 1]]
+    result = subprocess.run(_cmd(tmp, runs, "--x64"), env=_env(4), capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    return train_setup.load_result(str(tmp / "result_0.npz"))
+    first = train_setup.load_result(str(tmp / "result_1.npz"))
+    return {
+        "result": train_setup.load_result(str(tmp / "result_0.npz")),
+        "slice_run": tmp / "work" / "1",
+        "first": first,
+    }
 
 
 def assert_close(result, reference, where):
@@ -68,16 +76,16 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _cmd(tmp_path, meshes, *extra):
+def _cmd(tmp_path, runs, *extra, workdir=None):
+    """train_check.py training ``runs`` (``[[data, fsdp, tensor], steps]`` each) in ``WORKDIR/i``
+    (default ``tmp_path/work/i``), results in ``tmp_path/result_i.npz``."""
     return [
         sys.executable,
         os.path.join(HERE, "train_check.py"),
         "--workdir",
-        str(tmp_path / "work"),
-        "--meshes",
-        json.dumps(meshes),
-        "--steps",
-        str(STEPS),
+        str(workdir or tmp_path / "work"),
+        "--runs",
+        json.dumps(runs),
         "--output",
         str(tmp_path / "result"),
         *extra,
@@ -92,23 +100,33 @@ def test_eight_devices_equal_one(reference64, tmp_path):
     non-trivial mesh axes computes a wrong attention output; experiments/mesh_self_check.py
     reproduces it and checks any mesh on the user's own devices.)"""
     meshes = [[4, 2, 1], [1, 2, 4]]
-    result = subprocess.run(_cmd(tmp_path, meshes, "--x64"), env=_env(8), capture_output=True, text=True, timeout=1200)
+    runs = [[mesh, STEPS] for mesh in meshes]
+    result = subprocess.run(_cmd(tmp_path, runs, "--x64"), env=_env(8), capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     for i, mesh in enumerate(meshes):
         losses, params = train_setup.load_result(str(tmp_path / f"result_{i}.npz"))
-        assert_close((losses, params), reference64, f"mesh {mesh}")
+        assert_close((losses, params), reference64["result"], f"mesh {mesh}")
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(reference64, tmp_path):
-    """Two processes joined by jax.distributed on 127.0.0.1, one CPU device each, each feeding
-    its half of the same global batch."""
+def test_resume_on_another_slice(reference64, gcs, tmp_path):
+    """A run in a Cloud Storage bucket (the emulator): step 1 on one process with 4 devices
+    (data = 4); step 2 resumed from that checkpoint on two processes joined by jax.distributed on
+    127.0.0.1 with one CPU device each, each feeding its half of the global batch; step 3 resumed
+    from theirs on one process with 4 devices again (data x fsdp = 2 x 2). The losses and final
+    parameters equal the uninterrupted one-device run: the data position is global, so each slice
+    reads the same global batches."""
+    from percov2_jax import storage
+
+    work = gcs.create_bucket() + "/work"
+    storage.copy_tree(reference64["slice_run"], f"{work}/0")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    flags = ["--x64", "--num-processes", "2", "--port", str(port)]
     procs = [
         subprocess.Popen(
-            _cmd(tmp_path, [[2, 1, 1]], "--x64", "--num-processes", "2", "--process-id", str(i), "--port", str(port)),
+            _cmd(tmp_path, [[[2, 1, 1], 1]], *flags, "--process-id", str(i), workdir=work),
             env=_env(1),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -119,7 +137,19 @@ def test_two_processes_equal_one(reference64, tmp_path):
     outs = [p.communicate(timeout=1200) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out + err[-4000:]
-    assert_close(train_setup.load_result(str(tmp_path / "result_0.npz")), reference64, "2 processes")
+    second, _ = train_setup.load_result(str(tmp_path / "result_0.npz"))
+    result = subprocess.run(
+        _cmd(tmp_path, [[[2, 2, 1], 1]], "--x64", workdir=work),
+        env=_env(4),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    third, params = train_setup.load_result(str(tmp_path / "result_0.npz"))
+    losses = np.concatenate([reference64["first"][0], second, third])
+    assert_close((losses, params), reference64["result"], "1x4 -> 2x1 -> 1x4")
+    assert storage.path(f"{work}/0/checkpoints/3/commit_success.txt").exists()
 
 
 def _workdir(where: str, request, tmp_path) -> str:

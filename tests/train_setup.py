@@ -33,8 +33,9 @@ def test_config(x64: bool = False):
     return c
 
 
-def run_steps(config, workdir: str, steps: int, devices=None):
-    """Train ``steps`` steps; returns (losses, params gathered to host numpy)."""
+def run_steps(config, workdir: str, steps: int, devices=None, save: bool = False):
+    """Train ``steps`` steps (from the checkpoint in ``workdir`` if there is one), checkpoint at
+    the end if ``save``; returns (losses, params gathered to host numpy)."""
     import jax
     from jax.experimental import multihost_utils
 
@@ -47,6 +48,8 @@ def run_steps(config, workdir: str, steps: int, devices=None):
     trainer = Trainer(config, workdir, devices=devices)
     try:
         history = trainer.train_steps(steps)
+        if save:
+            trainer.save()
         params = multihost_utils.process_allgather(trainer.state.params, tiled=True)
     finally:
         trainer.close()

@@ -6,6 +6,7 @@
 ``--captions``: a ``name<TAB>caption`` text file, a JSONL file of ``{"image", "caption"}`` or COCO
 caption annotations (see ``percov2_jax.captions.sources``). Every host writes its own shard
 (round robin over the sorted ids); training reads them with ``percov2_jax.text.store.TextEmbeddingStore``.
+``--captions`` and ``--output`` may be ``gs://`` URLs.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string(
     "checkpoint", None, "percov2-jax checkpoint holding clip_l, clip_g (and t5) + tokenizers", required=True
 )
-flags.DEFINE_string("captions", None, "captions file (TSV, JSONL or COCO annotations)", required=True)
-flags.DEFINE_string("output", None, "directory for the ArrayRecord shards", required=True)
+flags.DEFINE_string("captions", None, "captions file (TSV, JSONL or COCO annotations; local or gs://)", required=True)
+flags.DEFINE_string("output", None, "directory for the ArrayRecord shards (local or gs://)", required=True)
 flags.DEFINE_integer("batch_size", 16, "captions encoded per call")
 flags.DEFINE_integer("max_sequence_length", 256, "T5 tokens (SD3 pipeline default 256)")
 flags.DEFINE_integer("joint_attention_dim", 4096, "width of the zeros that replace T5 with --no_t5")

@@ -8,7 +8,10 @@
 
 The dataset lands in ``OUTPUT_DIR/NAME/VERSION`` and is read, without TensorFlow, by
 ``percov2_jax.data.sources.TfdsSource(OUTPUT_DIR/NAME, split)`` or ``TfdsSource(NAME, split,
-data_dir=OUTPUT_DIR)``; copy the directory to GCS or a shared disk for a TPU pod.
+data_dir=OUTPUT_DIR)``. ``--image_dir``, ``--split_dir`` and ``--captions`` may be ``gs://`` URLs.
+ArrayRecord files cannot be written into a bucket directly: with a ``gs://`` ``--output_dir`` the
+dataset is prepared in a local temporary directory (room for the whole dataset needed) and then
+uploaded, ``dataset_info.json`` last, so that an interrupted upload is not taken for a dataset.
 
 Images and captions are found as by ``ImageFolderSource`` (recursive, sorted, caption file
 formats in its docstring). Features: ``image`` (``tfds.features.Image``, 3 channels), ``caption``
@@ -29,22 +32,24 @@ from collections.abc import Mapping
 
 from PIL import Image
 
+from percov2_jax import storage
 from percov2_jax.data.sources import ImageFolderSource, read_image
 
 _EXIF_ORIENTATION = 0x0112
 
 
 def _image_bytes(path: str, keep_jpeg: bool) -> bytes:
-    """The bytes to store for one image file (original JPEG bytes or a PNG of its RGB pixels)."""
-    pixels = read_image(path)  # decodes fully: a corrupt file raises ImageDecodeError naming it
+    """The bytes to store for one image file, local or ``gs://`` (original JPEG bytes or a PNG of
+    its RGB pixels)."""
+    data = storage.read_bytes(path)
+    pixels = read_image(data, name=path)  # decodes fully: a corrupt file raises ImageDecodeError naming it
     if keep_jpeg:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             plain_jpeg = (
                 image.format == "JPEG" and image.mode == "RGB" and image.getexif().get(_EXIF_ORIENTATION, 1) == 1
             )
         if plain_jpeg:
-            with open(path, "rb") as f:
-                return f.read()
+            return data
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -97,15 +102,20 @@ def prepare(
     keep_jpeg: bool = True,
     description: str = "",
 ) -> str:
-    """Write ``splits`` (split name -> ImageFolderSource) to ``output_dir/name/version``; returns that path."""
+    """Write ``splits`` (split name -> ImageFolderSource) to ``output_dir/name/version`` (local or
+    ``gs://``); returns that path (str)."""
 
     if not splits:
         raise ValueError("no splits to write")
     if not name or not name.replace("_", "a").isalnum() or not name[0].isalpha() or name.lower() != name:
         raise ValueError(f"dataset name must be snake_case (lower-case letters, digits, _), got {name!r}")
     final = os.path.join(os.fspath(output_dir), name, version)
-    if os.path.exists(os.path.join(final, "dataset_info.json")):
+    if (storage.path(final) / "dataset_info.json").exists():
         raise FileExistsError(f"{final} already holds a prepared dataset; remove it or pick another --version")
+    if storage.is_url(output_dir):
+        return _prepare_and_upload(
+            splits, final, name=name, version=version, keep_jpeg=keep_jpeg, description=description
+        )
     description = description or "Images and captions from " + ", ".join(
         f"{split}: {source.root} ({len(source)} images)" for split, source in splits.items()
     )
@@ -117,15 +127,33 @@ def prepare(
     return builder.data_dir
 
 
+def _prepare_and_upload(splits: Mapping[str, ImageFolderSource], final: str, **options) -> str:
+    """`prepare` into a local temporary directory, then upload the dataset to the URL ``final``
+    (ArrayRecordWriter writes local files only)."""
+    with tempfile.TemporaryDirectory(prefix="percov2-tfds-") as local:
+        print(f"preparing in {local} (ArrayRecord files cannot be written to {final} directly)")
+        written = storage.path(prepare(splits, local, **options))
+        # dataset_info.json marks a prepared dataset: uploaded last, once every shard is there.
+        files = sorted(storage.files_under(written), key=lambda f: f.name == "dataset_info.json")
+        for file in files:
+            target = f"{final}/{file.relative_to(written).as_posix()}"
+            data = file.read_bytes()
+            print(f"uploading {target} ({len(data):,} bytes)")
+            storage.write_bytes(target, data)
+    return final
+
+
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("image_dir", None, "folder of images for --split")
+    flags.DEFINE_string("image_dir", None, "folder of images for --split (local or gs://)")
     flags.DEFINE_string("split", "train", "split name for --image_dir")
     flags.DEFINE_multi_string("split_dir", [], "SPLIT=DIR, repeatable (instead of --image_dir)")
-    flags.DEFINE_string("captions", None, "caption file: JSON {relative path: caption}, TSV, JSONL or COCO")
+    flags.DEFINE_string(
+        "captions", None, "caption file (local or gs://): JSON {relative path: caption}, TSV, JSONL or COCO"
+    )
     flags.DEFINE_bool("require_captions", False, "fail if an image has no caption")
-    flags.DEFINE_string("output_dir", None, "TFDS data_dir to write into", required=True)
+    flags.DEFINE_string("output_dir", None, "TFDS data_dir to write into (local or gs://)", required=True)
     flags.DEFINE_string("name", "image_folder", "dataset name (snake_case)")
     flags.DEFINE_string("version", "1.0.0", "dataset version")
     flags.DEFINE_bool("keep_jpeg", True, "store RGB JPEG files as they are instead of re-encoding them as PNG")

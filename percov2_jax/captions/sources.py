@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from percov2_jax import storage
 
 FORMATS = ("auto", "tsv", "jsonl", "coco")
 
@@ -162,8 +163,7 @@ def read_coco_captions(path: str | os.PathLike) -> dict[str, list[str]]:
 
     Raises CaptionFileError (a ValueError) naming the file for malformed or contradictory contents.
     """
-    path = pathlib.Path(path)
-    return coco_captions(json.loads(path.read_text(encoding="utf-8-sig")), str(path))
+    return coco_captions(json.loads(storage.read_bytes(path).decode("utf-8-sig")), os.fspath(storage.path(path)))
 
 
 def _parse_coco(text: str, out: _Collector) -> None:
@@ -188,7 +188,7 @@ def load_captions(path: str | os.PathLike, format: str = "auto") -> dict[str, st
     """The captions of a caption file, keyed by image file name (see the module docstring).
 
     Args:
-      path: str | PathLike, a TSV, JSONL or COCO captions file.
+      path: str | PathLike, a TSV, JSONL or COCO captions file, local or a ``gs://`` URL.
       format: one of `FORMATS`; "auto" detects it: a file whose first non-blank character is
         not ``{`` is TSV; one that parses as a single JSON object with ``images`` and
         ``annotations`` is COCO; anything else starting with ``{`` is JSONL.
@@ -199,10 +199,9 @@ def load_captions(path: str | os.PathLike, format: str = "auto") -> dict[str, st
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    path = pathlib.Path(path)
-    text = path.read_text(encoding="utf-8-sig")
+    text = storage.read_bytes(path).decode("utf-8-sig")
     fmt = detect_format(text) if format == "auto" else format
-    out = _Collector(str(path))
+    out = _Collector(os.fspath(storage.path(path)))
     {"tsv": _parse_tsv, "jsonl": _parse_jsonl, "coco": _parse_coco}[fmt](text, out)
     return out.captions
 
@@ -216,7 +215,7 @@ class CaptionFile:
     """
 
     def __init__(self, path: str | os.PathLike, format: str = "auto"):
-        self.path = pathlib.Path(path)
+        self.path = storage.path(path)
         self.captions = load_captions(self.path, format)
         self._by_stem: dict[str, list[str]] = {}
         for key in self.captions:

@@ -24,19 +24,13 @@ random offset (``random_crop``) or in the centre, and mirrored left-right with p
 (``random_flip``). Images smaller than the crop are upscaled the same way. Pixels map to
 ``x / 127.5 - 1``.
 
-Checkpointing. The iterator is a grain ``DatasetIterator``: ``get_state()`` returns a JSON-able
-dict ``{"step", "config", "parent"}`` and ``set_state(state)`` restores the exact position; it
-refuses a state written for another configuration (batch size, seed, image size, source size,
-process layout...). With orbax, save it next to the train state (grain's handler writes one
-``process_{i}-of-{n}.json`` per process)::
-
-  mngr = ocp.CheckpointManager(directory)
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          data=grain.checkpoint.CheckpointSave(it)))
-  mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                             data=grain.checkpoint.CheckpointRestore(it)))
-
-(`checkpoint_save_args` / `checkpoint_restore_args` return those two grain args.)
+Checkpointing. ``get_state()`` returns ``{"step", "config"}``: the number of global batches
+read and the settings that define the stream, the same in every process. ``set_state(state)``
+continues at that global batch (grain reads it by index), whatever the process count, process
+index or worker count that saved it; it refuses a state written for another stream (batch size,
+seed, image size, source size...). So one JSON object, written once, is the data position of a
+whole job, and a run saved on P processes resumes exactly on P' (`percov2_jax.runs.checkpointing`
+stores it as an orbax JSON item next to the train state).
 
 Evaluation (`make_eval_iterator`): source order, centre crop, no flip, one pass. The last global
 batch is **padded** so every example is seen exactly once: padding rows have a zero image
@@ -45,7 +39,7 @@ batch is **padded** so every example is seen exactly once: padding rows have a z
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -223,41 +217,62 @@ class _ProcessRows(grain.MapDataset):
 # The iterator
 
 
-class BatchIterator(grain.DatasetIterator):
-    """A grain iterator of batches whose state also records the pipeline configuration.
+class BatchIterator:
+    """Batches of one process, with a position that does not depend on the process layout.
 
-    ``step``: batches returned so far. ``num_batches``: batches in total (None when infinite).
-    ``config``: the settings that define the batch stream; `set_state` rejects a state written
-    for different ones.
+    ``step``: batches returned so far, which is also the global batch the next one belongs to.
+    ``num_batches``: batches in total (None when infinite). ``config``: the settings that define
+    the global stream (seed, batch size, image size, source size, augmentations...);
+    ``layout``: this process's place in it (process index and count, grain workers), which may
+    change between a save and a restore.
+
+    Nothing is read until the first ``next``: the grain pipeline (threads, worker processes)
+    opens then, at batch ``step``, so a restored iterator starts where the state says.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, config: dict, num_batches: int | None):
-        super().__init__(parent)
-        self.config, self.num_batches, self.step = config, num_batches, 0
+    def __init__(self, open_at: Callable[[int], Iterator[dict]], config: dict, layout: dict, num_batches: int | None):
+        self._open_at, self._it = open_at, None
+        self.config, self.layout, self.num_batches, self.step = config, layout, num_batches, 0
+
+    def __iter__(self) -> BatchIterator:
+        return self
 
     def __next__(self) -> dict:
-        batch = next(self._parent)
+        if self.num_batches is not None and self.step >= self.num_batches:
+            raise StopIteration
+        if self._it is None:
+            self._it = self._open_at(self.step)
+        batch = next(self._it)
         self.step += 1
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"step": self.step, "config": dict(self.config), "parent": self._parent.get_state()}
+        """``{"step", "config"}``, JSON-able and the same in every process: a global position."""
+        return {"step": self.step, "config": dict(self.config)}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Continue at ``state["step"]``; the state may come from any process layout. ValueError
+        if it was saved for another stream."""
         saved = state.get("config") if isinstance(state, dict) else None
-        if saved is None or "parent" not in state:
-            raise ValueError(f"not a {type(self).__name__} state (want keys step, config, parent): {state!r:.200}")
+        if saved is None or "step" not in state:
+            raise ValueError(f"not a {type(self).__name__} state (want keys step, config): {state!r:.200}")
         differ = {k: (saved.get(k), v) for k, v in self.config.items() if saved.get(k) != v}
         if differ:
             raise ValueError(
                 "the iterator state was saved for another pipeline configuration: "
                 + ", ".join(f"{k} saved {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
             )
-        self._parent.set_state(state["parent"])
+        self.close()
         self.step = int(state["step"])
 
+    def close(self) -> None:
+        """Stop grain's threads and worker processes (reopened by the next ``next``)."""
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
+
     def __str__(self) -> str:
-        return f"BatchIterator({self.config})"
+        return f"BatchIterator({self.config}, {self.layout})"
 
 
 def _allow_worker_processes() -> None:
@@ -275,19 +290,26 @@ def _iterate(
     read_options: grain.ReadOptions | None,
     worker_count: int,
     config: dict,
+    layout: dict,
     num_batches: int | None,
 ) -> BatchIterator:
     if isinstance(worker_count, bool) or not isinstance(worker_count, (int, np.integer)) or worker_count < 0:
         raise ValueError(f"worker_count must be a non-negative int, got {worker_count!r}")
     # Batch before to_iter_dataset so that grain's worker processes (which take every
     # worker_count-th element) split whole batches and keep their order.
-    ds = ds.batch(batch_size, drop_remainder=True).map(_scale_images)
+    batches = ds.batch(batch_size, drop_remainder=True).map(_scale_images)
     read_options = read_options or grain.ReadOptions(num_threads=8, prefetch_buffer_size=8)
-    it_ds = ds.to_iter_dataset(read_options)
-    if worker_count:
-        _allow_worker_processes()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
-    return BatchIterator(iter(it_ds), config, num_batches)
+
+    def open_at(start: int) -> Iterator[dict]:
+        # Batch k of every process is global batch k, so starting at a batch index is exact for
+        # any process layout: this is what lets a run resume on another slice.
+        it_ds = batches[start:].to_iter_dataset(read_options)
+        if worker_count:
+            _allow_worker_processes()
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
+        return iter(it_ds)
+
+    return BatchIterator(open_at, config, {**layout, "worker_count": int(worker_count)}, num_batches)
 
 
 def make_train_iterator(
@@ -354,11 +376,9 @@ def make_train_iterator(
         "random_crop": bool(random_crop),
         "random_flip": bool(random_flip),
         "num_epochs": num_epochs,
-        "process_index": process_index,
-        "process_count": process_count,
-        "worker_count": int(worker_count),
     }
-    return _iterate(ds, local, read_options, worker_count, config, num_batches)
+    layout = {"process_index": process_index, "process_count": process_count}
+    return _iterate(ds, local, read_options, worker_count, config, layout, num_batches)
 
 
 def make_eval_iterator(
@@ -390,40 +410,14 @@ def make_eval_iterator(
         "num_records": num_records,
         "global_batch_size": int(global_batch_size),
         "image_size": list(hw),
-        "process_index": process_index,
-        "process_count": process_count,
-        "worker_count": int(worker_count),
     }
-    return _iterate(ds, local, read_options, worker_count, config, -(-num_records // global_batch_size))
-
-
-# ----------------------------------------------------------------------------------------------
-# orbax
-
-
-def checkpoint_save_args(iterator: BatchIterator):
-    """``grain.checkpoint.CheckpointSave(iterator)``: an orbax ``CheckpointArgs`` for a Composite."""
-    return _grain_checkpoint().CheckpointSave(iterator)
-
-
-def checkpoint_restore_args(iterator: BatchIterator):
-    """``grain.checkpoint.CheckpointRestore(iterator)``: restores into ``iterator`` in place."""
-    return _grain_checkpoint().CheckpointRestore(iterator)
-
-
-def _grain_checkpoint():
-    import grain.checkpoint as grain_checkpoint
-
-    if not hasattr(grain_checkpoint, "CheckpointSave"):
-        raise ImportError("grain.checkpoint.CheckpointSave needs orbax-checkpoint: pip install orbax-checkpoint")
-    return grain_checkpoint
+    layout = {"process_index": process_index, "process_count": process_count}
+    return _iterate(ds, local, read_options, worker_count, config, layout, -(-num_records // global_batch_size))
 
 
 __all__ = [
     "BatchIterator",
     "IMAGE_SIZE_MULTIPLE",
-    "checkpoint_restore_args",
-    "checkpoint_save_args",
     "image_hw",
     "make_eval_iterator",
     "make_train_iterator",

@@ -8,6 +8,9 @@ returns records ``{"image": uint8 [H, W, 3] RGB, "caption": str, "id": str}``:
   from an image folder with ``tools/prepare_dataset.py``.
 * `percov2_jax.data.builtin.BuiltinPhotos` — photographs shipped inside installed packages.
 
+Folders, caption files and TFDS directories may be local paths or ``gs://`` URLs
+(`percov2_jax.storage`); a missing one raises FileNotFoundError naming it.
+
 Pixel conversion (`to_rgb`), the same for every source:
 
 * EXIF orientation is applied (a portrait phone photo comes out upright).
@@ -32,7 +35,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps
+
+from percov2_jax import storage
 
 # File name endings read as images (case-insensitive), everywhere images are listed from a folder.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -101,19 +107,27 @@ def array_to_rgb(array: np.ndarray) -> np.ndarray:
 
 
 def read_image(file: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
-    """Decode an image file (path) or encoded bytes -> uint8 [H, W, 3] RGB.
+    """Decode an image file (a local path or a ``gs://`` URL, str or PathLike) or encoded bytes ->
+    uint8 [H, W, 3] RGB.
 
-    Raises `ImageDecodeError` naming ``name`` (default: the path) if Pillow cannot decode it.
+    Raises `ImageDecodeError` naming ``name`` (default: the path) if Pillow cannot decode it, and
+    FileNotFoundError naming the path if it does not exist.
     """
     what = name or (os.fspath(file) if not isinstance(file, bytes) else "<bytes>")
+    if not isinstance(file, bytes) and storage.is_url(file):
+        file = storage.read_bytes(file)  # Pillow opens local files only
     try:
-        with Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as image:
+        with Image.open(io.BytesIO(file) if isinstance(file, bytes) else os.fspath(file)) as image:
             image.load()
             return to_rgb(image)
     except ImageDecodeError as e:
         raise ImageDecodeError(f"{what}: {e}") from None
     except FileNotFoundError:
         raise
+    except Image.UnidentifiedImageError as e:
+        # Pillow's own message names the file object it was given (a path, or a BytesIO for
+        # bytes and URLs); ``what`` already names the image, whatever it was read from.
+        raise ImageDecodeError(f"{what}: cannot decode image (not in a format Pillow recognises)") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"{what}: cannot decode image ({type(e).__name__}: {e})") from e
 
@@ -136,19 +150,25 @@ def _endings(extensions: Sequence[str]) -> tuple[str, ...]:
 
 
 def list_images(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
-    """Image files under ``root`` (recursive): sorted POSIX paths relative to root (list[str]).
+    """Image files under ``root`` (a local folder or a ``gs://`` URL; recursive): sorted POSIX
+    paths relative to root (list[str]).
 
     Names ending in one of ``extensions`` (case-insensitive, the dot optional); hidden files and
     directories (names starting with ``.``) skipped, symlinked directories not followed.
     """
-    root = pathlib.Path(root)
+    root = storage.path(root)
     extensions = _endings(extensions)
-    names = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        relative = pathlib.Path(directory).relative_to(root)
-        names += [(relative / f).as_posix() for f in files if not f.startswith(".") and f.lower().endswith(extensions)]
-    return sorted(names)
+    if storage.is_url(root):  # object stores refuse os.walk and rglob
+        files = [f.relative_to(root).as_posix() for f in storage.files_under(root)]
+    else:
+        files = []
+        for directory, subdirs, names in os.walk(root):
+            subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+            relative = pathlib.Path(directory).relative_to(os.fspath(root))
+            files += [(relative / f).as_posix() for f in names]
+    return sorted(
+        f for f in files if f.lower().endswith(extensions) and not any(p.startswith(".") for p in f.split("/"))
+    )
 
 
 def caption_keys(
@@ -177,12 +197,18 @@ def caption_keys(
     return keys
 
 
-def _read_caption_file(path: pathlib.Path) -> tuple[dict[str, str], bool]:
-    """(captions, keyed_by_relative_path) for a caption file; see `ImageFolderSource`."""
-    from percov2_jax.captions.sources import is_coco, load_captions  # TSV, JSONL and COCO, keyed by file name
+def read_text(file: str | os.PathLike) -> str:
+    """The text of a local or ``gs://`` file in UTF-8, a byte-order mark dropped (str);
+    FileNotFoundError naming it when absent."""
+    return storage.read_bytes(file).decode("utf-8-sig")
 
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+
+def _read_caption_file(path: str | os.PathLike) -> tuple[dict[str, str], bool]:
+    """(captions, keyed_by_relative_path) for a local or ``gs://`` caption file; see `ImageFolderSource`."""
+    from percov2_jax.captions.sources import is_coco
+
+    if os.fspath(path).lower().endswith(".json"):
+        data = json.loads(read_text(path))
         if not is_coco(data):
             if not isinstance(data, dict):
                 raise ValueError(
@@ -193,18 +219,21 @@ def _read_caption_file(path: pathlib.Path) -> tuple[dict[str, str], bool]:
             if bad:
                 raise ValueError(f"{path}: captions must be strings; not for {name_listing(bad)}")
             return {normalise_relpath(k): v.strip() for k, v in data.items()}, True
+    from percov2_jax.captions.sources import load_captions
+
     return load_captions(path), False
 
 
 class ImageFolderSource:
-    """Image files under ``root`` (recursive) with optional captions.
+    """Image files under ``root`` (a local folder or a ``gs://`` URL; recursive) with optional captions.
 
     Files: `list_images` (names ending in one of ``extensions``, case-insensitive; default
     `IMAGE_EXTENSIONS`), in sorted order of their POSIX path relative to ``root``; that relative
     path is the record ``id``. Hidden files and directories (names starting with ``.``) are
     skipped, and symlinked directories are not followed.
 
-    ``captions``: None (every caption ``""``), a mapping ``{relative path: caption}``, or a file:
+    ``captions``: None (every caption ``""``), a mapping ``{relative path: caption}``, or a file
+    (local or ``gs://``):
 
     * ``*.json`` — one JSON object ``{"relative/path.jpg": "caption", ...}`` keyed by the path
       relative to ``root`` (``/`` separators); or COCO caption annotations (below).
@@ -228,13 +257,13 @@ class ImageFolderSource:
         require_captions: bool = False,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
     ):
-        self.root = pathlib.Path(root)
+        self.root: epath.Path = storage.path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
         self.ids: list[str] = list_images(self.root, extensions)
         if not self.ids:
             raise FileNotFoundError(f"no image files ({', '.join(_endings(extensions))}) under {self.root}")
-        self.paths: list[str] = [str(self.root / i) for i in self.ids]
+        self.paths: list[str] = [os.fspath(self.root / i) for i in self.ids]  # local paths or URLs
         self.captions: list[str] = self._match_captions(captions, require_captions)
 
     def _match_captions(self, captions, require_captions: bool) -> list[str]:
@@ -249,8 +278,8 @@ class ImageFolderSource:
                 "the captions mapping",
             )
         else:
-            table, by_path = _read_caption_file(pathlib.Path(captions))
-            origin = str(captions)
+            table, by_path = _read_caption_file(captions)
+            origin = os.fspath(captions)
         keys = caption_keys(self.ids, table, by_path, origin, self.root)
         missing = [i for i, key in zip(self.ids, keys) if key not in table]
         if missing and require_captions:
@@ -289,20 +318,20 @@ class ImageFolderSource:
 
     def __repr__(self) -> str:
         captioned = sum(bool(c) for c in self.captions)
-        return f"ImageFolderSource({str(self.root)!r}, {len(self)} images, {captioned} captioned)"
+        return f"ImageFolderSource({os.fspath(self.root)!r}, {len(self)} images, {captioned} captioned)"
 
 
 # ----------------------------------------------------------------------------------------------
 # TFDS array_record datasets
 
 
-def _find_dataset_dir(directory: pathlib.Path) -> pathlib.Path:
-    """The directory holding dataset_info.json: ``directory`` itself, its newest version
-    subdirectory (``1.0.0``), or ``<name>/<version>`` one level further down."""
+def _find_dataset_dir(directory: epath.Path) -> epath.Path:
+    """The directory (local or ``gs://``) holding dataset_info.json: ``directory`` itself, its
+    newest version subdirectory (``1.0.0``), or ``<name>/<version>`` one level further down."""
     if (directory / "dataset_info.json").exists():
         return directory
 
-    def version_key(p: pathlib.Path):
+    def version_key(p: epath.Path):
         parts = p.name.split(".")
         return tuple(int(x) for x in parts) if len(parts) == 3 and all(x.isdigit() for x in parts) else None
 
@@ -348,10 +377,10 @@ def _has_key(features, key: str) -> bool:
 class TfdsSource:
     """A split of a TFDS dataset stored as ``array_record``, read without TensorFlow.
 
-    ``name_or_dir``: a prepared dataset directory (the version directory holding
-    ``dataset_info.json``, its parent, or a ``data_dir`` with one dataset in it), or a registered
-    TFDS name (``"coco_captions"``) looked up in ``data_dir``. ``split`` accepts TFDS slicing
-    (``"train[:1000]"``).
+    ``name_or_dir``: a prepared dataset directory, local or ``gs://`` (the version directory
+    holding ``dataset_info.json``, its parent, or a ``data_dir`` with one dataset in it), or a
+    registered TFDS name (``"coco_captions"``) looked up in ``data_dir`` (local or ``gs://``).
+    ``split`` accepts TFDS slicing (``"train[:1000]"``).
 
     ``image_key``: a top-level feature holding the image (an ``Image`` feature, decoded here with
     `read_image` so grayscale and alpha follow the module's conversion rules, or a uint8 array).
@@ -375,9 +404,11 @@ class TfdsSource:
     ):
         import tensorflow_datasets as tfds
 
-        path = pathlib.Path(os.fspath(name_or_dir))
+        path = storage.path(name_or_dir)
         if path.is_dir():
-            builder = tfds.builder_from_directory(str(_find_dataset_dir(path)))
+            builder = tfds.builder_from_directory(os.fspath(_find_dataset_dir(path)))
+        elif storage.is_url(path):
+            raise FileNotFoundError(f"TFDS dataset directory {path} does not exist")
         else:
             builder = tfds.builder(os.fspath(name_or_dir), data_dir=None if data_dir is None else os.fspath(data_dir))
         self.name = builder.info.full_name

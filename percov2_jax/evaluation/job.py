@@ -14,6 +14,8 @@ import platform
 
 from absl import logging
 
+from percov2_jax import storage
+
 
 def build_dataset(cfg):
     """``config.dataset`` -> `EvalDataset`."""
@@ -171,7 +173,7 @@ def write_outputs(config, workdir, identity, modes, suite, dataset, codec, proce
     failures.sort(key=lambda f: f["index"])
     summary = {
         "run": {
-            "label": config.label or os.path.basename(os.path.normpath(workdir)),
+            "label": config.label or storage.path(workdir).name,
             "checkpoint": config.checkpoint,
             "model_id": identity["model_id"],
             "prior_model_id": identity["prior_model_id"],
@@ -190,19 +192,16 @@ def write_outputs(config, workdir, identity, modes, suite, dataset, codec, proce
         "metric_weights": {**{k: "not computed" for k in ("lpips", "inception", "clip")}, **suite.weights},
         "modes": mode_results,
     }
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1, sort_keys=True)
+    root = storage.path(workdir)
+    storage.write_text(root / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
     all_rows = sorted(records + failures, key=lambda r: (r["index"], r.get("mode", "")))
-    with open(os.path.join(workdir, "records.jsonl"), "w", encoding="utf-8") as f:
-        for row in all_rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+    storage.write_text(root / "records.jsonl", "".join(json.dumps(row, sort_keys=True) + "\n" for row in all_rows))
     report.write_reports(workdir, summary, all_rows)
     plots.rate_distortion_plots([summary], workdir)
-    plots.operating_modes_plot(summary, os.path.join(workdir, "operating_modes.png"))
+    plots.operating_modes_plot(summary, root / "operating_modes.png")
     return summary
 
 
 def summary_markdown(workdir: str) -> str:
     """The ``summary.md`` a finished evaluation wrote in ``workdir``."""
-    with open(os.path.join(workdir, "summary.md"), encoding="utf-8") as f:
-        return f.read()
+    return storage.read_text(storage.path(workdir) / "summary.md")

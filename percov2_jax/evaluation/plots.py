@@ -13,12 +13,14 @@ Command line (each RUN_DIR holds a ``summary.json``; all runs share each chart):
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
-import pathlib
+import os
 import re
 import sys
 
+from percov2_jax import storage
 from percov2_jax.evaluation import chart_specs
 from percov2_jax.evaluation.chart_specs import Chart, Panel
 
@@ -192,10 +194,10 @@ def _save(chart: Chart, path) -> str | None:
     figure = draw(chart)
     if figure is None:
         return None
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
-    return str(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    storage.write_bytes(path, buffer.getvalue())
+    return os.fspath(storage.path(path))
 
 
 def rate_distortion_plots(summaries: list[dict], out_dir, *, log_x: bool | None = None) -> list[str]:
@@ -206,7 +208,7 @@ def rate_distortion_plots(summaries: list[dict], out_dir, *, log_x: bool | None 
     charts = chart_specs.rate_charts(summaries, log_x)
     paths = []
     for chart in charts:
-        path = _save(chart, pathlib.Path(out_dir) / chart.filename)
+        path = _save(chart, storage.path(out_dir) / chart.filename)
         if path is None:
             return []
         paths.append(path)
@@ -221,11 +223,10 @@ def operating_modes_plot(summary: dict, out_path, metric_x: str = "lpips", metri
 
 def load_summary(run_dir) -> dict:
     """``RUN_DIR/summary.json`` as a dict."""
-    path = pathlib.Path(run_dir) / "summary.json"
+    path = storage.path(run_dir) / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass run directories written by python -m percov2_jax.evaluate")
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         if args.operating_modes:
             for label, summary in zip(chart_specs.run_labels(summaries), summaries):
                 slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
-                paths.append(operating_modes_plot(summary, pathlib.Path(args.out_dir) / f"operating_modes_{slug}.png"))
+                paths.append(operating_modes_plot(summary, storage.path(args.out_dir) / f"operating_modes_{slug}.png"))
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     for path in paths:

@@ -10,7 +10,9 @@ it is shown as "—". This file needs no JAX.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
+
+from percov2_jax import storage
 
 MISSING = "—"
 MAX_LISTED_FAILURES = 20
@@ -205,9 +207,8 @@ def records_markdown(records: list[dict], max_rows: int | None = None) -> str:
 
 def write_reports(workdir, summary: dict, records: list[dict]) -> tuple[str, str]:
     """Writes ``workdir/summary.md`` and ``workdir/records.md``; returns their paths."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = storage.path(workdir)
     summary_path, records_path = workdir / "summary.md", workdir / "records.md"
-    summary_path.write_text(summary_markdown(summary), encoding="utf-8")
-    records_path.write_text(records_markdown(records), encoding="utf-8")
-    return str(summary_path), str(records_path)
+    storage.write_text(summary_path, summary_markdown(summary))
+    storage.write_text(records_path, records_markdown(records))
+    return os.fspath(summary_path), os.fspath(records_path)

@@ -13,14 +13,16 @@ model and the mode: the decoder starts each row from the same seeded noise, as
 ``Codec.decompress`` does for one image. Shards hold the same images whatever the number of
 processes, so 1 and N processes with the same per-process device count give identical records.
 
-Files in ``workdir`` (a filesystem all processes see):
+Files in ``workdir``: a folder all processes see, or a Cloud Storage URL (``gs://bucket/eval``;
+anything `percov2_jax.storage` takes), so hosts need no shared filesystem:
 
 - ``run.json``: the run's identity (dataset digest, model ids, modes, metric weights, shard size,
   coding). A run resumed with another identity is refused, naming what changed.
 - ``shards/shard_NNNNN.json`` (+ ``.npz``): one finished shard: per-image records, the images that
   could not be read (``missing`` / ``corrupt``, with the error), and the Inception and CLIP
-  embeddings for the dataset metrics. Written atomically (temporary file, then rename) after the
-  ``.npz``; a shard whose ``.json`` exists is skipped on resume, so nothing is redone.
+  embeddings for the dataset metrics. Written atomically (locally a temporary file renamed; on
+  object storage one object written whole) after the ``.npz``; a shard whose ``.json`` exists is
+  skipped on resume, so nothing is redone.
 - After every shard exists, process 0 aggregates: ``summary.json`` / ``summary.md`` (per mode: mean
   bpp split into caption / tokens / header, mean PSNR, MS-SSIM, LPIPS, CLIP score; FID and KID
   between the originals and the reconstructions), ``records.jsonl`` / ``records.md`` and the
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import time
@@ -42,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from percov2_jax import storage
 from percov2_jax.evaluation.modes import Mode
 
 RUN_FILE = "run.json"
@@ -78,13 +82,6 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, indent=1, sort_keys=True, default=_json_default).encode()
 
@@ -99,10 +96,9 @@ def _json_default(value):
 
 def check_run_file(workdir: str, identity: dict, write: bool) -> None:
     """Refuse a workdir holding another run; ``write``: record ``identity`` if it has none."""
-    path = os.path.join(workdir, RUN_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+    path = storage.path(workdir) / RUN_FILE
+    if path.exists():
+        old = json.loads(storage.read_text(path))
         changed = _differences(old, json.loads(_dumps(identity)))
         if changed:
             raise ValueError(
@@ -111,20 +107,18 @@ def check_run_file(workdir: str, identity: dict, write: bool) -> None:
                 + ". Use a new --workdir."
             )
     elif write:
-        os.makedirs(workdir, exist_ok=True)
-        _write_atomic(path, _dumps(identity))
+        storage.write_bytes(path, _dumps(identity))
 
 
 def shard_path(workdir: str, shard: int, ext: str = "json") -> str:
-    return os.path.join(workdir, SHARD_DIR, f"shard_{shard:05d}.{ext}")
+    return os.fspath(storage.path(workdir) / SHARD_DIR / f"shard_{shard:05d}.{ext}")
 
 
 def shard_done(workdir: str, shard: int, run_fingerprint: str) -> bool:
     path = shard_path(workdir, shard)
-    if not os.path.exists(path):
+    if not storage.path(path).exists():
         return False
-    with open(path, encoding="utf-8") as f:
-        found = json.load(f).get("fingerprint")
+    found = json.loads(storage.read_text(path)).get("fingerprint")
     if found != run_fingerprint:
         raise ValueError(f"{path} belongs to another run (fingerprint {found}, this run {run_fingerprint})")
     return True
@@ -286,7 +280,6 @@ def run_shards(
     mine = shards_of_process(len(ranges), process_index, process_count)
     skipped = [s for s in mine if shard_done(workdir, s, run_fingerprint)]
     todo = [s for s in mine if s not in skipped]
-    os.makedirs(os.path.join(workdir, SHARD_DIR), exist_ok=True)
     start, done = time.monotonic(), []
     total = sum(len(ranges[s]) for s in todo)
     with tqdm(total=total, desc=f"evaluate p{process_index}", unit="img", disable=not show_progress) as progress:
@@ -296,9 +289,10 @@ def run_shards(
             if max_minutes and (time.monotonic() - start) / 60 >= max_minutes:
                 break
             records, failures, arrays = evaluator.evaluate(dataset, list(ranges[s]), progress)
-            np.savez(shard_path(workdir, s, "npz.tmp"), **arrays)
-            os.replace(shard_path(workdir, s, "npz.tmp") + ".npz", shard_path(workdir, s, "npz"))
-            _write_atomic(
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            storage.write_bytes(shard_path(workdir, s, "npz"), buffer.getvalue())
+            storage.write_bytes(
                 shard_path(workdir, s),
                 _dumps(
                     {
@@ -315,7 +309,9 @@ def run_shards(
 
 
 def missing_shards(workdir: str, num_items: int, shard_size: int) -> list[int]:
-    return [s for s in range(len(shard_ranges(num_items, shard_size))) if not os.path.exists(shard_path(workdir, s))]
+    return [
+        s for s in range(len(shard_ranges(num_items, shard_size))) if not storage.path(shard_path(workdir, s)).exists()
+    ]
 
 
 # ------------------------------------------------------------------------------ aggregation
@@ -328,8 +324,7 @@ def load_shards(workdir: str, num_items: int, shard_size: int, run_fingerprint: 
     appears exactly once (as records or a failure) and that each shard belongs to this run."""
     records, failures, parts = [], [], []
     for s, expected in enumerate(shard_ranges(num_items, shard_size)):
-        with open(shard_path(workdir, s), encoding="utf-8") as f:
-            shard = json.load(f)
+        shard = json.loads(storage.read_text(shard_path(workdir, s)))
         if shard["fingerprint"] != run_fingerprint:
             raise ValueError(f"{shard_path(workdir, s)} belongs to another run")
         if shard["indices"] != list(expected):
@@ -343,7 +338,7 @@ def load_shards(workdir: str, num_items: int, shard_size: int, run_fingerprint: 
             )
         records += shard["records"]
         failures += shard["failures"]
-        with np.load(shard_path(workdir, s, "npz")) as z:
+        with np.load(io.BytesIO(storage.read_bytes(shard_path(workdir, s, "npz")))) as z:
             parts.append({k: z[k] for k in z.files})
     arrays = {k: np.concatenate([p[k] for p in parts if k in p]) for k in {k for p in parts for k in p}}
     return records, failures, arrays

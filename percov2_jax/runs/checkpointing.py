@@ -1,7 +1,8 @@
 """Training checkpoints of both stages: one orbax ``CheckpointManager`` with named items.
 
 Items: ``state`` (step, params, optimizer state, VQ statistics, EMA: sharded arrays, restored
-straight onto their shardings), ``data`` (the grain iterator state, one file per process),
+straight onto their shardings), ``data`` (the data iterator's global position: one JSON
+object that any process layout can resume from),
 ``config`` (the run's config as JSON) and, in stage-2 runs, ``prior_config`` (the prior's
 ``MIMConfig``) and ``meta`` (which stage-1 model made its tokens). Saves may be asynchronous;
 orbax writes each step into a temporary directory and renames it only when every item of every
@@ -28,13 +29,10 @@ JSON_ITEMS = (CONFIG, PRIOR_CONFIG, META)
 
 def make_manager(run: RunDir, *, max_to_keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     """A manager over ``run.checkpoints`` (created if missing) keeping the newest ``max_to_keep`` steps."""
-    import grain
-
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
     handlers = {
         STATE: ocp.StandardCheckpointHandler(),
-        DATA: grain.checkpoint.CheckpointHandler(),
-        **{name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS},
+        **{name: ocp.JsonCheckpointHandler() for name in (DATA, *JSON_ITEMS)},
     }
     return ocp.CheckpointManager(run.checkpoints, options=options, item_handlers=handlers)
 
@@ -51,11 +49,11 @@ def save(
 ) -> bool:
     """Queue a save of ``step``; ``json_items``: more JSON items (``prior_config``, ``meta``).
     Returns whether a save was started."""
-    import grain
-
     args = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_json(config))}
     if data_iterator is not None:
-        args[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        # The position is global (`percov2_jax.data.pipeline.BatchIterator`): orbax writes the
+        # JSON once, from the primary process.
+        args[DATA] = ocp.args.JsonSave(data_iterator.get_state())
     for name, value in json_items.items():
         if name not in JSON_ITEMS:
             raise ValueError(f"unknown checkpoint item {name!r}; JSON items are {JSON_ITEMS}")
@@ -67,9 +65,7 @@ def restore(
     manager: ocp.CheckpointManager, abstract_state: Any, shardings: Any, data_iterator: Any, step: int | None = None
 ) -> tuple[int, Any]:
     """Restore ``step`` (default: the latest complete one) onto ``shardings``; the data iterator
-    is restored in place. Returns ``(step, state)``."""
-    import grain
-
+    is restored in place, whatever process layout saved it. Returns ``(step, state)``."""
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
@@ -78,8 +74,10 @@ def restore(
     )
     args = {STATE: ocp.args.StandardRestore(target)}
     if data_iterator is not None:
-        args[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        args[DATA] = ocp.args.JsonRestore()
     restored = manager.restore(step, args=ocp.args.Composite(**args))
+    if data_iterator is not None:
+        data_iterator.set_state(restored[DATA])
     return step, restored[STATE]
 
 

@@ -7,13 +7,14 @@ example id, or by record index as a grain data source.
 Layout of ``DIR``: ``text_embeddings-{i:05d}-of-{n:05d}.array_record`` (one record per example:
 a msgpack dict ``{"id", "caption", "prompt_embeds" [77 + L, D], "pooled" [P]}``) and, per shard, a
 ``.index.json`` with the ids in record order plus the settings (dtype, T5 length, use of T5).
+``DIR`` may be local or ``gs://``.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 
 import jax
@@ -21,6 +22,7 @@ import numpy as np
 from flax import serialization
 from tqdm.auto import tqdm
 
+from percov2_jax import storage
 from percov2_jax.text.prompt_encoder import PromptEncoder
 
 PATTERN = "text_embeddings-{index:05d}-of-{count:05d}.array_record"
@@ -44,7 +46,8 @@ def precompute_text_embeddings(
     shard_count: int | None = None,
     progress: bool = True,
 ) -> str:
-    """Encode ``captions`` (id -> caption) into ``output_dir``; returns the shard path written.
+    """Encode ``captions`` (id -> caption) into ``output_dir`` (str, local or ``gs://``); returns
+    the shard path written (str).
 
     Hosts split the ids (sorted) round-robin by ``jax.process_index()`` unless ``shard_index`` /
     ``shard_count`` are given. ``dtype`` is the stored dtype (``float32``, ``bfloat16``, ``float16``).
@@ -59,44 +62,48 @@ def precompute_text_embeddings(
     # Every store carries the empty prompt: the embedding used for dropped captions and CFG.
     captions = {**captions, EMPTY_PROMPT_ID: ""}
     ids = _shard_ids(sorted(captions), shard_index, shard_count)
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, PATTERN.format(index=shard_index, count=shard_count))
-    writer = ArrayRecordWriter(path, "group_size:1")
-    try:
-        for start in tqdm(range(0, len(ids), batch_size), desc=f"text shard {shard_index}", disable=not progress):
-            batch = ids[start : start + batch_size]
-            texts = [captions[i] for i in batch]
-            # Pad the last batch to a full one so every call reuses one compiled shape.
-            padded = texts + [""] * (batch_size - len(texts))
-            embeds, pooled = jax.device_get(encoder(padded))
-            for j, example_id in enumerate(batch):
-                writer.write(
-                    serialization.msgpack_serialize(
-                        {
-                            "id": example_id,
-                            "caption": texts[j],
-                            "prompt_embeds": np.asarray(embeds[j]).astype(store_dtype),
-                            "pooled": np.asarray(pooled[j]).astype(store_dtype),
-                        }
+    with tempfile.TemporaryDirectory(prefix="percov2-text-") as tmp:
+        # ArrayRecordWriter writes local files only: a shard bound for a bucket is written here, then
+        # uploaded whole (before its index, which readers need to use it).
+        local = os.path.join(tmp, os.path.basename(path)) if storage.is_url(path) else path
+        if local == path:
+            os.makedirs(output_dir, exist_ok=True)
+        writer = ArrayRecordWriter(local, "group_size:1")
+        try:
+            for start in tqdm(range(0, len(ids), batch_size), desc=f"text shard {shard_index}", disable=not progress):
+                batch = ids[start : start + batch_size]
+                texts = [captions[i] for i in batch]
+                # Pad the last batch to a full one so every call reuses one compiled shape.
+                padded = texts + [""] * (batch_size - len(texts))
+                embeds, pooled = jax.device_get(encoder(padded))
+                for j, example_id in enumerate(batch):
+                    writer.write(
+                        serialization.msgpack_serialize(
+                            {
+                                "id": example_id,
+                                "caption": texts[j],
+                                "prompt_embeds": np.asarray(embeds[j]).astype(store_dtype),
+                                "pooled": np.asarray(pooled[j]).astype(store_dtype),
+                            }
+                        )
                     )
-                )
-    finally:
-        writer.close()
-    with open(path + ".index.json", "w") as f:
-        json.dump(
-            {
-                "ids": ids,
-                "dtype": store_dtype.name,
-                "max_sequence_length": encoder.max_sequence_length,
-                "use_t5": encoder.use_t5,
-            },
-            f,
-        )
+        finally:
+            writer.close()
+        if local != path:
+            storage.write_bytes(path, storage.read_bytes(local))
+    index = {
+        "ids": ids,
+        "dtype": store_dtype.name,
+        "max_sequence_length": encoder.max_sequence_length,
+        "use_t5": encoder.use_t5,
+    }
+    storage.write_text(path + ".index.json", json.dumps(index))
     return path
 
 
 class TextEmbeddingStore:
-    """Read-only access to a directory written by ``precompute_text_embeddings``.
+    """Read-only access to a directory (str, local or ``gs://``) written by ``precompute_text_embeddings``.
 
     ``store[example_id]`` -> ``{"prompt_embeds", "pooled", "caption", "id"}``; ``store.get(i)`` by
     record index (also ``__len__``/``records``, so it serves as a grain random-access source via
@@ -106,7 +113,7 @@ class TextEmbeddingStore:
     def __init__(self, directory: str):
         from array_record.python.array_record_module import ArrayRecordReader
 
-        paths = sorted(glob.glob(os.path.join(directory, "text_embeddings-*-of-*.array_record")))
+        paths = sorted(os.fspath(p) for p in storage.path(directory).glob("text_embeddings-*-of-*.array_record"))
         if not paths:
             raise FileNotFoundError(f"{directory}: no text_embeddings-*.array_record shards")
         counts = {p.rsplit("-of-", 1)[1].split(".")[0] for p in paths}
@@ -115,8 +122,7 @@ class TextEmbeddingStore:
         self._readers, self._where, self._order = [], {}, []
         self.settings = None
         for shard, path in enumerate(paths):
-            with open(path + ".index.json") as f:
-                index = json.load(f)
+            index = json.loads(storage.read_text(path + ".index.json"))
             settings = {k: v for k, v in index.items() if k != "ids"}
             if self.settings not in (None, settings):
                 raise ValueError(f"{path}: settings {settings} differ from the other shards' {self.settings}")

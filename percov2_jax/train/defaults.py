@@ -100,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.random_crop = True  # [ours] PerCo (SD) center-crops; random crops are PerCo's
     c.data.random_flip = True  # [PerCo (SD)]
     c.data.worker_count = 0  # grain worker processes (0 = in the main process)
+    c.data.read_threads = 8  # grain threads decoding examples (in each worker, if any)
+    c.data.prefetch_batches = 8  # batches grain keeps ready ahead of the step
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all remaining devices

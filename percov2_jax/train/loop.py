@@ -136,6 +136,7 @@ class Trainer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        self.iterator.close()
 
 
 def preview_images(source, count: int, image_size: int) -> tuple[np.ndarray, list[str]]:

@@ -210,6 +210,7 @@ class PriorTrainer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        self.iterator.close()
 
 
 def _with_source(stage1_config, data):
@@ -222,6 +223,7 @@ def train_prior(config, workdir: str | os.PathLike | RunDir) -> list[dict[str, f
     """Train to ``config.train.num_steps`` (resuming), checkpointing every ``checkpoint_every``
     steps; ``max_minutes`` > 0 stops (and checkpoints) after that wall time. Process 0 writes the logs."""
     from percov2_jax.train.monitoring import MetricWriter, ProgressBar
+    from percov2_jax.train.profiling import StepProfiler
 
     trainer = PriorTrainer(config, workdir)
     t = config.train
@@ -233,13 +235,15 @@ def train_prior(config, workdir: str | os.PathLike | RunDir) -> list[dict[str, f
     minutes = float(t.max_minutes)
     deadline = time.time() + 60.0 * minutes if minutes > 0 else None
     watch = multihost.PreemptionWatch()
+    profiler = StepProfiler(config.get("profile", {}), trainer.run.profile)
     try:
         while trainer.step < num_steps:
             if deadline is not None and multihost.process0_decides(time.time() > deadline):
                 bar.write(f"stopping at step {trainer.step}: train.max_minutes={minutes} reached")
                 trainer.save()
                 break
-            record = trainer.train_steps(1)[0]
+            with profiler.step(trainer.step + 1, ready=lambda: trainer.state):
+                record = trainer.train_steps(1)[0]
             history.append(record)
             if trainer.step % int(t.log_every) == 0 or trainer.step == num_steps:
                 writer.write_scalars(trainer.step, {k: v for k, v in record.items() if k != "step"})
@@ -254,6 +258,7 @@ def train_prior(config, workdir: str | os.PathLike | RunDir) -> list[dict[str, f
                 bar.write(watch.saved_line(trainer.step, trainer.run.checkpoints))
                 break
     finally:
+        profiler.close()
         watch.close()
         bar.close()
         writer.close()

@@ -56,4 +56,11 @@ def base_prior_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 3
     c.train.max_minutes = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
+
+    # A jax.profiler trace of steps [start_step, start_step + num_steps) in WORKDIR/profile
+    # (train/profiling.py); start_step 0 = no trace. [ours]
+    c.profile = ml_collections.ConfigDict()
+    c.profile.start_step = 0
+    c.profile.num_steps = 5
+    c.profile.all_processes = False  # trace every process, not only process 0
     return c

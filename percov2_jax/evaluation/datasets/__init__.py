@@ -23,6 +23,9 @@ Datasets:
 * ``builtin`` (`builtin_dataset`, module `data_sources`) — the photographs shipped inside
   installed packages (`percov2_jax.data.builtin.BuiltinPhotos`), for demos and tests.
 
+Image folders, image lists, caption and annotation files and TFDS directories may be local paths
+or ``gs://`` URLs (`percov2_jax.storage`); the COCO-30k list cache stays local.
+
 Preprocessing (`Preprocess`, module `preprocess`): ``"resize"`` (PerCo's bicubic resize to
 ``size x size`` without cropping; the default for COCO-30k and Kodak at 512), ``"center_crop"``
 or ``"native"``. Which caption conditions the decoder and which one the CLIP score uses:

@@ -4,19 +4,18 @@ The ``captions`` argument of `folder_dataset` / `kodak_dataset` is a mapping ``{
 caption or list of captions}``, a ``.json`` file holding such an object (both keyed by path
 relative to the image root), a COCO annotations file (every caption per image, keyed by file name
 without directories; `percov2_jax.captions.sources.coco_captions`), or a TSV / JSONL file for
-`percov2_jax.captions.load_captions` (one caption per file name).
+`percov2_jax.captions.load_captions` (one caption per file name). Files may be local or ``gs://``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from percov2_jax.captions.sources import CaptionFileError, coco_captions, is_coco, load_captions
-from percov2_jax.data.sources import caption_keys
+from percov2_jax.data.sources import caption_keys, read_text
 from percov2_jax.evaluation.datasets.image_lists import normalise_name
 
 
@@ -44,9 +43,8 @@ def caption_table(captions: str | os.PathLike | Mapping[str, Any]) -> CaptionTab
         return CaptionTable(
             {normalise_name(k): _as_caption_list(v, k, origin) for k, v in captions.items()}, True, origin
         )
-    path = pathlib.Path(os.fspath(captions))
-    origin = str(path)
-    text = path.read_text(encoding="utf-8-sig")
+    origin = os.fspath(captions)
+    text = read_text(captions)
     if text.lstrip().startswith("{"):
         try:
             data = json.loads(text)
@@ -54,11 +52,11 @@ def caption_table(captions: str | os.PathLike | Mapping[str, Any]) -> CaptionTab
             data = None  # JSONL
         if is_coco(data):
             return CaptionTable(coco_captions(data, origin), False, origin)
-        if isinstance(data, dict) and path.suffix.lower() == ".json":
+        if isinstance(data, dict) and origin.lower().endswith(".json"):
             return CaptionTable(
                 {normalise_name(k): _as_caption_list(v, k, origin) for k, v in data.items()}, True, origin
             )
-    return CaptionTable({k: _as_caption_list(v, k, origin) for k, v in load_captions(path).items()}, False, origin)
+    return CaptionTable({k: _as_caption_list(v, k, origin) for k, v in load_captions(captions).items()}, False, origin)
 
 
 def item_captions(ids: Sequence[str], table: CaptionTable, root: str | os.PathLike) -> list[list[str]]:

@@ -3,19 +3,21 @@ images named in PerCo's ``res/doc/coco_names.txt`` (github.com/Nikolai10/PerCo),
 ``train2017`` folder, with all ground-truth captions of ``captions_train2017.json`` (5 or so per
 image, in annotation order).
 
-The list: `fetch_coco30k_list` downloads and caches it, `validate_coco30k_list` checks it.
+The list: `fetch_coco30k_list` downloads and caches it (locally), `validate_coco30k_list` checks
+it. The image folder, the annotations and a given list may be local or ``gs://``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
 import urllib.request
 from collections.abc import Sequence
 
-from percov2_jax.captions.sources import read_coco_captions
-from percov2_jax.data.sources import name_listing
+from percov2_jax.captions.sources import coco_captions
+from percov2_jax.data.sources import name_listing, read_text
 from percov2_jax.evaluation.datasets.caption_tables import CaptionTable
 from percov2_jax.evaluation.datasets.eval_dataset import EvalDataset
 from percov2_jax.evaluation.datasets.folders import file_dataset, require_dir
@@ -119,9 +121,10 @@ def coco30k_dataset(
     """MSCOCO-30k (PerCo's definition): 30,000 images of COCO-2017 train, 512x512 resize by default.
 
     Args:
-      root: the COCO ``train2017`` image folder.
-      annotations: ``captions_train2017.json`` (all captions per image). Without it the items
-        have no ground-truth captions, and ``conditioning`` must be "none" or "file".
+      root: the COCO ``train2017`` image folder (local or ``gs://``).
+      annotations: ``captions_train2017.json``, local or ``gs://`` (all captions per image).
+        Without it the items have no ground-truth captions, and ``conditioning`` must be "none"
+        or "file".
       image_list: a list file or sequence of file names; None: `fetch_coco30k_list(cache_dir)`.
       strict: require the full list of 30,000 (False: a well-formed subset is fine).
     Raises:
@@ -135,9 +138,10 @@ def coco30k_dataset(
     root = require_dir(root, "COCO train2017 folder")
     names = fetch_coco30k_list(cache_dir) if image_list is None else read_image_list(image_list)
     ids = validate_coco30k_list(names, strict=strict)
-    captions = (
-        None if annotations is None else CaptionTable(read_coco_captions(annotations), False, os.fspath(annotations))
-    )
+    captions = None
+    if annotations is not None:
+        origin = os.fspath(annotations)
+        captions = CaptionTable(coco_captions(json.loads(read_text(annotations)), origin), False, origin)
     cache = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     info = {
         "image_list": list_origin(image_list) or str(cache / COCO30K_LIST_FILE),

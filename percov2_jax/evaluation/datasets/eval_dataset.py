@@ -28,6 +28,7 @@ decoding anything.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,7 +91,7 @@ def _conditioning_table(conditioning: str, conditioning_captions) -> tuple[dict[
         raise ValueError('conditioning="file" needs conditioning_captions (a caption file or mapping)')
     if isinstance(conditioning_captions, Mapping):
         return {image_key(k): v.strip() for k, v in conditioning_captions.items()}, "the conditioning mapping"
-    return load_captions(conditioning_captions), str(conditioning_captions)
+    return load_captions(conditioning_captions), os.fspath(conditioning_captions)
 
 
 class EvalDataset:

@@ -2,18 +2,20 @@
 `file_dataset` is also the base of `percov2_jax.evaluation.datasets.coco30k`.
 
 An item's id is its path relative to the folder; a listed file that is absent stays in ``ids``
-and raises `MissingImageError` naming it on load.
+and raises `MissingImageError` naming it on load. Folders, image lists and caption files may be
+local paths or ``gs://`` URLs.
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from percov2_jax import storage
 from percov2_jax.data.sources import IMAGE_EXTENSIONS, list_images, read_image
 from percov2_jax.evaluation.datasets.caption_tables import CaptionTable, caption_table, item_captions
 from percov2_jax.evaluation.datasets.eval_dataset import EvalDataset, MissingImageError
@@ -34,8 +36,9 @@ def file_dataset(
     conditioning_captions,
     info: Mapping[str, Any],
 ) -> EvalDataset:
-    """An EvalDataset over files ``root/id``; ``captions``: the ground truth, or None for none."""
-    root = pathlib.Path(root)
+    """An EvalDataset over files ``root/id`` (root local or ``gs://``); ``captions``: the ground
+    truth, or None for none."""
+    root = storage.path(root)
     captions_per_item = [[] for _ in ids] if captions is None else item_captions(ids, captions, root)
     origin = None if captions is None else captions.origin
     paths = [root / i for i in ids]
@@ -45,12 +48,17 @@ def file_dataset(
         if not path.is_file():
             raise MissingImageError(f"{ids[index]}: listed in dataset {name!r} but there is no file {path}")
         try:
-            image = read_image(path, name=str(path))
+            image = read_image(path, name=os.fspath(path))
         except FileNotFoundError:
             raise MissingImageError(f"{ids[index]}: listed in dataset {name!r} but there is no file {path}") from None
         return image, captions_per_item[index]
 
-    info = {"root": str(root), **info, "captions": origin, "num_captioned": sum(bool(c) for c in captions_per_item)}
+    info = {
+        "root": os.fspath(root),
+        **info,
+        "captions": origin,
+        "num_captioned": sum(bool(c) for c in captions_per_item),
+    }
     return EvalDataset(
         name,
         ids,
@@ -63,9 +71,10 @@ def file_dataset(
     )
 
 
-def require_dir(root, what: str) -> pathlib.Path:
-    """``root`` as a Path; FileNotFoundError naming ``what`` when it is not a directory."""
-    root = pathlib.Path(root)
+def require_dir(root, what: str) -> epath.Path:
+    """``root`` (str | PathLike, local or ``gs://``) as a `storage.path`; FileNotFoundError naming
+    ``what`` when it is not a directory."""
+    root = storage.path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{what} {root} does not exist or is not a directory")
     return root

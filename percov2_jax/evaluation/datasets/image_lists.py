@@ -1,18 +1,18 @@
 """Image lists: which images a dataset evaluates, and in which order.
 
-A list is a text file (one name per line, relative to the image root; blank lines and lines
-starting with ``#`` ignored) or a sequence of names. Without a list, a folder's images are
-`percov2_jax.data.sources.list_images` (sorted relative POSIX paths, hidden files skipped).
+A list is a text file, local or ``gs://`` (one name per line, relative to the image root; blank
+lines and lines starting with ``#`` ignored), or a sequence of names. Without a list, a folder's
+images are `percov2_jax.data.sources.list_images` (sorted relative POSIX paths, hidden files
+skipped).
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
 import re
 from collections.abc import Sequence
 
-from percov2_jax.data.sources import name_listing, normalise_relpath
+from percov2_jax.data.sources import name_listing, normalise_relpath, read_text
 
 _LIST_LIMIT = 20  # names shown in one error message
 
@@ -39,15 +39,16 @@ def names_in_text(text: str) -> list[str]:
 
 
 def read_image_list(image_list: str | os.PathLike | Sequence[str]) -> list[str]:
-    """The names of an image list, in order: a text file (one name per line, relative to the
-    image root; blank lines and lines starting with ``#`` ignored) or a sequence of str.
+    """The names of an image list, in order: a text file, local or ``gs://`` (one name per line,
+    relative to the image root; blank lines and lines starting with ``#`` ignored) or a sequence
+    of str.
 
     Names are stripped, ``\\`` becomes ``/`` and a leading ``./`` is dropped. Raises ValueError
     for an empty list, a repeated name (listing them), or an absolute or ``..`` name.
     """
     if isinstance(image_list, (str, os.PathLike)):
         origin = os.fspath(image_list)
-        names = names_in_text(pathlib.Path(origin).read_text(encoding="utf-8-sig"))
+        names = names_in_text(read_text(origin))
     else:
         origin = "the image list"
         bad = [n for n in image_list if not isinstance(n, str) or not n.strip()]
