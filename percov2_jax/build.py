@@ -127,6 +127,35 @@ def build_train_iterator(source, data, global_batch_size: int, image_size: int, 
     )
 
 
+def build_caption_encoder(config, text_checkpoint: str = "", what: str = ""):
+    """What encodes captions for the codec (`percov2_jax.text.conditioners.caption_encoder`): a
+    run trained on precomputed embeddings gets the SD3 encoders of ``text_checkpoint`` or of
+    its config, since a new image's caption is in no store."""
+    from percov2_jax.text.conditioners import caption_encoder
+
+    t = SD3TransformerConfig.from_dict(dict(config.model.transformer))
+    return caption_encoder(
+        config.text,
+        caption_length(config.text),
+        t.joint_attention_dim,
+        t.pooled_projection_dim,
+        default_checkpoint=config.pretrained.checkpoint,
+        text_checkpoint=text_checkpoint or "",
+        what=what,
+    )
+
+
+def require_text_for(text, source) -> None:
+    """Fail before training when a precomputed text store lacks ids of ``source`` (every id when
+    they are cheap to list, else the first records'; `percov2_jax.data.sources.example_ids`)."""
+    if not hasattr(text, "require"):
+        return
+    from percov2_jax.data.sources import example_ids
+
+    ids, complete = example_ids(source)
+    text.require(ids, repr(source) if complete else f"the first {len(ids)} records of {source!r}")
+
+
 def build_data_source(config):
     from percov2_jax.data import sources
 

@@ -104,7 +104,7 @@ def _compress(args) -> int:
         from percov2_jax.captions import CaptionFile
 
         caption_file = CaptionFile(args.captions)
-    codec = Codec.from_workdir(args.checkpoint, prior=_prior_arg(args.prior))
+    codec = Codec.from_workdir(args.checkpoint, prior=_prior_arg(args.prior), text_checkpoint=args.text_checkpoint)
     coding = {
         k: v
         for k, v in dict(
@@ -154,6 +154,7 @@ def _decompress(args) -> int:
     codec = Codec.from_workdir(
         args.checkpoint,
         prior=_prior_arg(args.prior),
+        text_checkpoint=args.text_checkpoint,
         **({} if args.steps is None else {"sample_steps": args.steps}),
         **({} if args.guidance is None else {"guidance_scale": args.guidance}),
     )
@@ -233,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--caption-coder", default="zlib")
     comp.add_argument(
+        "--text-checkpoint",
+        default="",
+        help="percov2 convert checkpoint with the SD3 text encoders (a run trained on precomputed text needs one "
+        "unless its config names it)",
+    )
+    comp.add_argument(
         "--prior",
         default=None,
         help="stage-2 prior workdir (default: CHECKPOINT/prior if trained; 'none': uniform coding)",
@@ -269,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("-o", "--output", required=True, help="output .png file, or folder when the input is a folder")
     dec.add_argument("--checkpoint", required=True, help="the stage-1 workdir that compressed the stream")
     dec.add_argument("--prior", default=None, help="stage-2 prior workdir (default: CHECKPOINT/prior if trained)")
+    dec.add_argument(
+        "--text-checkpoint",
+        default="",
+        help="percov2 convert checkpoint with the SD3 text encoders (a run trained on precomputed text needs one "
+        "unless its config names it)",
+    )
     dec.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's sample.num_steps)")
     dec.add_argument("--guidance", type=float, default=None, help="caption-only CFG scale")
     dec.add_argument("--seed", type=int, default=None, help="sampler seed (default 0)")

@@ -30,7 +30,7 @@ flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step tim
 flags.DEFINE_list("programs", ["train", "decode"], "which programs to compile: train, decode")
 flags.DEFINE_integer("decode_batch", None, "images per decode call (default: one per batch shard)")
 flags.DEFINE_string("libtpu_path", None, "directory holding a `pip --target` copy of libtpu")
-flags.DEFINE_string("json", None, "also write the plan here")
+flags.DEFINE_string("json", None, "also write the plan here (local or gs://)")
 
 
 def parse_mesh(text: str, devices: int | None) -> dict[str, int]:
@@ -121,8 +121,9 @@ def main() -> None:
     for record in records:
         print(report.markdown_row(record, header))
     if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump({"header": header, "programs": records}, f, indent=1, sort_keys=True)
+        from percov2_jax import storage
+
+        storage.write_text(FLAGS.json, json.dumps({"header": header, "programs": records}, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":

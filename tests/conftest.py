@@ -1,5 +1,6 @@
 """Test-session setup: a persistent XLA compilation cache shared by the test process and its
-subprocesses (compiles dominate test time on 2 CPU cores), quiet torch threading, and every
+subprocesses and unoptimised kernels (compiles dominate test time on 2 CPU cores;
+tests/xla_env.py), quiet torch threading, and every
 Cloud Storage client pointed at a local emulator (tests/gcs_emulator.py) before any Google
 library is imported, and a guard that fails any Python connection or name lookup outside
 127.0.0.1 (tests/network_guard.py; tests/sitecustomize.py installs it in test subprocesses)."""
@@ -18,6 +19,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(ROOT / "tests"))
 
 import network_guard  # noqa: E402
+import xla_env  # noqa: E402
+
+# Before jax starts: fast compiles for every test process (tests/xla_env.py).
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), xla_env.FAST_COMPILE]))
 
 network_guard.install()  # any connection or lookup outside 127.0.0.1 fails, naming the address
 

@@ -319,3 +319,102 @@ def test_checkpoint_on_cloud_storage(sd3_text, gcs):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(pretrained.CheckpointError, match="no such checkpoint"):
         pretrained.load(url + "-absent")
+
+
+@pytest.mark.integration  # a training run, the tool in a subprocess and the codec
+def test_run_on_precomputed_text_codes_new_captions(sd3_text, tmp_path):
+    """Precomputed text through a whole run, on the builtin photographs (ids like
+    ``skimage/astronaut``): `tools/precompute_text.py --config` keys the store by the source's
+    ids with the run's text settings; a store lacking ids stops the trainer before training,
+    naming them; the trainer reads its batches' embeddings from the store. The codec of that run
+    compresses without text encoders but says what to pass to decode, and with
+    ``text_checkpoint`` it decodes; its caption embedding equals the stored one (same encoders)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    import train_setup
+
+    from percov2_jax.codec.api import Codec
+    from percov2_jax.data.builtin import BuiltinPhotos
+    from percov2_jax.text.store import TextEmbeddingStore, precompute_text_embeddings
+    from percov2_jax.train.loop import Trainer
+
+    config_file = tmp_path / "config.py"
+    config_file.write_text(
+        textwrap.dedent(
+            f"""
+            import train_setup
+
+            def get_config():
+                c = train_setup.test_config()
+                c.model.transformer = dict(c.model.transformer, joint_attention_dim=80, pooled_projection_dim=56)
+                c.text.kind, c.text.max_sequence_length = "precomputed", {T5_LENGTH}
+                c.text.store = {str(tmp_path / "store")!r}
+                return c
+            """
+        )
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "tests")])}
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "tools", "precompute_text.py"),
+            "--config",
+            str(config_file),
+            "--checkpoint",
+            str(sd3_text["root"] / "ckpt"),
+            "--output",
+            str(tmp_path / "store"),
+            "--batch_size",
+            "4",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    source = BuiltinPhotos()
+    store = TextEmbeddingStore(str(tmp_path / "store"))
+    assert set(source.ids) <= set(store.ids()) and store.settings["max_sequence_length"] == T5_LENGTH
+    assert store[source.ids[0]]["caption"] == source.captions[0]
+
+    config = train_setup.test_config()
+    config.model.transformer = dict(config.model.transformer, joint_attention_dim=80, pooled_projection_dim=56)
+    config.text.kind, config.text.max_sequence_length = "precomputed", T5_LENGTH
+
+    # A store without two of the photos: refused before any training, naming them.
+    encoder = PromptEncoder.from_checkpoint(
+        sd3_text["root"] / "ckpt", max_sequence_length=T5_LENGTH, joint_attention_dim=80
+    )
+    partial = dict(zip(source.ids[2:], source.captions[2:]))
+    precompute_text_embeddings(encoder, partial, str(tmp_path / "partial"), batch_size=4, progress=False)
+    config.text.store = str(tmp_path / "partial")
+    with pytest.raises(ValueError, match=f"no embeddings for 2 of {len(source)} ids.*{source.ids[0]}"):
+        Trainer(config, str(tmp_path / "refused"))
+
+    config.text.store = str(tmp_path / "store")
+    trainer = Trainer(config, str(tmp_path / "run"))
+    try:
+        batch, local = trainer.next_batch()
+        want = np.stack([store[str(i)]["prompt_embeds"] for i in local["id"]])
+        np.testing.assert_array_equal(np.asarray(batch["encoder_hidden_states"]), want)
+        trainer.save()
+    finally:
+        trainer.close()
+
+    photo = source[0]["image"][:64, :64]
+    codec = Codec.from_workdir(str(tmp_path / "run"), prior=False, sample_steps=1)
+    stream = codec.compress(photo, caption=source.captions[0])
+    with pytest.raises(ValueError, match="precomputed caption embeddings.*--text-checkpoint"):
+        codec.decompress(stream)
+    codec = Codec.from_workdir(
+        str(tmp_path / "run"), prior=False, sample_steps=1, text_checkpoint=str(sd3_text["root"] / "ckpt")
+    )
+    assert codec.decompress(stream).shape == photo.shape
+    seq, pooled = codec.text([source.captions[0]])
+    assert max_rel_error(seq[0], store[source.ids[0]]["prompt_embeds"]) <= TOL
+    assert max_rel_error(pooled[0], store[source.ids[0]]["pooled"]) <= TOL

@@ -16,6 +16,7 @@ import clip_setup
 import eval_setup
 import numpy as np
 import pytest
+import xla_env
 
 pytestmark = pytest.mark.integration  # trains models or runs whole jobs
 
@@ -50,7 +51,7 @@ def one_process(prior_workdir, stage1_workdir, inputs, tmp_path_factory):
 
 def _env() -> dict:
     env = dict(os.environ)  # keeps conftest's persistent compilation cache
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = xla_env.xla_flags(1)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), HERE, env.get("PYTHONPATH", "")])
     return env
 

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import train_setup
+import xla_env
 
 pytestmark = pytest.mark.slow  # subprocess jobs
 
@@ -43,7 +44,7 @@ def _config_file(tmp_path, write: bool = True) -> str:
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env = dict(os.environ, XLA_FLAGS=xla_env.xla_flags())  # one CPU device
     env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE, env.get("PYTHONPATH", "")])
     return env
 

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import train_setup
+import xla_env
 
 pytestmark = pytest.mark.integration  # trains models or runs whole jobs
 
@@ -138,7 +139,7 @@ EIGHT_DEVICE_RUNS = [
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)  # keeps conftest's persistent compilation cache
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_env.xla_flags(devices)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), HERE, env.get("PYTHONPATH", "")])
     return env
 

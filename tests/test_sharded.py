@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import xla_env
 from torch_reference import nhwc, randomize_, tiny_sd3
 from transformers import T5Config, T5EncoderModel
 
@@ -83,9 +84,7 @@ def _cmd(root, *extra):
 
 
 def _env(devices_per_process):
-    env = dict(
-        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}", JAX_PLATFORMS="cpu"
-    )
+    env = dict(os.environ, XLA_FLAGS=xla_env.xla_flags(devices_per_process), JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     return env
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import xla_env
 
 from percov2_jax.models import attention
 from percov2_jax.models.splash import splash_attention
@@ -143,7 +144,7 @@ def test_shard_map_on_four_devices():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=xla_env.xla_flags(4),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
     )

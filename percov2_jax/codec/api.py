@@ -95,6 +95,7 @@ class Codec:
         prior: str | os.PathLike | bool | None = None,
         prior_step: int | None = None,
         mesh=None,
+        text_checkpoint: str = "",
         **options,
     ) -> Codec:
         """Load the latest (or ``step``) checkpoint of a stage-1 training run on this process's
@@ -105,10 +106,13 @@ class Codec:
 
         ``prior``: a stage-2 workdir (``python -m percov2_jax.train_prior``); None loads the
         run's ``prior/`` when it holds a checkpoint; False loads none (uniform coding only).
+        ``text_checkpoint``: a ``percov2 convert`` checkpoint with the SD3 text encoders, for a run
+        trained on precomputed caption embeddings (default: the run's ``text.checkpoint`` or
+        ``pretrained.checkpoint``), or to replace a run's encoders.
         ``options``: dataclass fields (``sample_steps``, ``guidance_scale``, ``coding`` ...).
         """
         run = RunDir(workdir)
-        stage1 = load_stage1(run, step, mesh=mesh)
+        stage1 = load_stage1(run, step, mesh=mesh, encode_captions=True, text_checkpoint=text_checkpoint)
         config = stage1.config
         model_id = model_fingerprint(config, stage1.vq_stats)
         token_prior = None
@@ -116,7 +120,9 @@ class Codec:
             prior = run.prior
         if prior:
             token_prior = load_token_prior(prior, prior_step, expected_stage1_id=model_id)
-        null_text = None if config.model.learned_null_text else stage1.text.null_embeddings()
+        # Without encoders (MissingTextEncoder) an unlearned null text is needed only to decode:
+        # the error then says what to pass.
+        null_text = None if config.model.learned_null_text else _null_text(stage1.text)
         fields = dict(
             sample_steps=int(config.sample.num_steps),
             guidance_scale=float(config.sample.guidance_scale),
@@ -161,7 +167,8 @@ class Codec:
 
     @property
     def _pooled_dim(self) -> int:
-        return int(np.asarray(self.text.null_embeddings()[1]).shape[-1])
+        # The conditioner gives the transformer's pooled width (build.build_caption_encoder).
+        return int(self.model.config.transformer.pooled_projection_dim)
 
     # ------------------------------------------------------------------ encoder
 
@@ -386,3 +393,11 @@ def model_fingerprint(config, vq_stats: Any = None) -> int:
     if vq_stats is not None:
         keep["codebook"] = hashlib.sha256(token_payload.params_digest(vq_stats).encode()).hexdigest()
     return bitstream.model_fingerprint(json.dumps(keep, sort_keys=True, default=str))
+
+
+def _null_text(text):
+    """``text.null_embeddings()``, or None for a run without text encoders (decoding then fails
+    where the caption is encoded, with the encoder's message)."""
+    from percov2_jax.text.conditioners import MissingTextEncoder
+
+    return None if isinstance(text, MissingTextEncoder) else text.null_embeddings()

@@ -452,6 +452,12 @@ class TfdsSource:
         index = int(index)
         return _as_text(_lookup(self._data[index], self.id_key)) if self.id_key else f"{self.split}:{index}"
 
+    def record_text(self, index: int) -> tuple[str, str]:
+        """``(id, caption)`` of record ``index`` without decoding its image."""
+        record = self._data[int(index)]
+        example_id = _as_text(_lookup(record, self.id_key)) if self.id_key else f"{self.split}:{int(index)}"
+        return example_id, _as_text(_lookup(record, self.caption_key)) if self.caption_key else ""
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         record = self._data[index]
@@ -469,3 +475,44 @@ class TfdsSource:
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions of any source
+
+
+def example_ids(source, limit: int = 1000) -> tuple[list[str], bool]:
+    """``(ids, complete)``: every example id of ``source`` when that is cheap (builtin and folder
+    sources, TFDS without an id feature: ``"{split}:{index}"``), else the ids of the first
+    ``limit`` records (reading a TFDS id means reading its record) and ``complete`` False."""
+    if hasattr(source, "ids"):
+        return list(source.ids), True
+    if isinstance(source, TfdsSource) and source.id_key is None:
+        return [f"{source.split}:{i}" for i in range(len(source))], True
+    read = getattr(source, "record_text", None) or (lambda i: (source[i]["id"], None))
+    count = min(len(source), int(limit))
+    return [read(i)[0] for i in range(count)], count == len(source)
+
+
+def source_captions(source, progress: bool = False) -> dict[str, str]:
+    """``{example id: caption}`` of every record of ``source`` (any source of this module, or
+    anything with ``len`` and ``source[i] -> {"id", "caption", ...}``), in source order, without
+    decoding images where the source allows it. ValueError if an id repeats: ids key the
+    precomputed text embeddings (`percov2_jax.text.store`)."""
+    if hasattr(source, "ids") and hasattr(source, "captions"):
+        pairs = zip(source.ids, source.captions)
+    else:
+        from tqdm.auto import tqdm
+
+        read = getattr(source, "record_text", None) or (lambda i: (source[i]["id"], source[i]["caption"]))
+        pairs = (read(i) for i in tqdm(range(len(source)), desc="captions", unit="record", disable=not progress))
+    out: dict[str, str] = {}
+    repeated = []
+    for example_id, caption in pairs:
+        if example_id in out:
+            repeated.append(example_id)
+        out[example_id] = caption
+    if repeated:
+        listing = name_listing(repeated)
+        raise ValueError(f"{source!r}: {len(repeated)} example ids repeat ({listing}); ids must be unique")
+    return out

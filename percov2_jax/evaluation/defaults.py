@@ -11,6 +11,7 @@ def base_eval_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.checkpoint = ""  # stage-1 training workdir
     c.prior = ""  # "" = CHECKPOINT/prior when trained; "none" = no prior (uniform tokens); or a stage-2 workdir
+    c.text_checkpoint = ""  # SD3 text encoders (percov2 convert) for a run trained on precomputed text
     c.label = ""  # run label in tables and plots; "" = the workdir's name
     c.dataset = ml_collections.ConfigDict(
         dict(

@@ -66,7 +66,12 @@ def load_codec(config, mesh):
         raise ValueError("no checkpoint: --config.checkpoint=STAGE1_WORKDIR")
     prior = {"": None, "none": False}.get(config.prior, config.prior)
     codec = Codec.from_workdir(
-        config.checkpoint, prior=prior, mesh=mesh, seed=int(config.seed), resize_policy=config.resize_policy
+        config.checkpoint,
+        prior=prior,
+        mesh=mesh,
+        seed=int(config.seed),
+        resize_policy=config.resize_policy,
+        text_checkpoint=config.get("text_checkpoint", ""),
     )
     overrides = {k: v for k, v in config.coding.items() if v not in ("", None)}
     if overrides:

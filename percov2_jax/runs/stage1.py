@@ -43,11 +43,21 @@ class Stage1Model:
 
 
 def load_stage1(
-    workdir: str | os.PathLike | RunDir, step: int | None = None, *, mesh: Mesh | None = None
+    workdir: str | os.PathLike | RunDir,
+    step: int | None = None,
+    *,
+    mesh: Mesh | None = None,
+    encode_captions: bool = False,
+    text_checkpoint: str = "",
 ) -> Stage1Model:
     """The latest (or ``step``) checkpoint of a stage-1 run, on this process's first local device or
     on ``mesh`` (a ``(data, fsdp, tensor)`` mesh of this process's devices; parameters placed by the
-    logical-axis rule table)."""
+    logical-axis rule table).
+
+    ``text``: the run's training conditioner (a precomputed store looks captions up by example
+    id), or with ``encode_captions`` what encodes any caption (`build.build_caption_encoder`: the
+    SD3 encoders of ``text_checkpoint`` or of the run's config, for a run trained on
+    precomputed embeddings)."""
     run = RunDir(workdir)
     if not run.checkpoints.is_dir():
         raise FileNotFoundError(f"{run.root}: no checkpoints/ folder (is it a stage-1 training workdir?)")
@@ -62,7 +72,10 @@ def load_stage1(
         raise ValueError("the inference mesh must hold only this process's devices (inference runs per process)")
     rate = build.validate_config(config, process_count=1)
     model = build.build_model(config, rate)
-    text = build.build_text_conditioner(config)
+    if encode_captions:
+        text = build.build_caption_encoder(config, text_checkpoint, what=f"the stage-1 run {run.root}")
+    else:
+        text = build.build_text_conditioner(config)
     latent_codec, codec_params = build.build_latent_codec(config, None, run.patch_autoencoder, mesh=mesh)
     abstract, shardings = sharding.abstract_variables(model, build.init_inputs(model, rate), mesh)
     params = sharding.with_shardings(abstract["params"], shardings["params"])

@@ -87,6 +87,7 @@ class PrecomputedText:
         from percov2_jax.text.store import EMPTY_PROMPT_ID, TextEmbeddingStore
 
         empty_prompt_id = EMPTY_PROMPT_ID
+        self.directory = directory
         self.store = TextEmbeddingStore(directory)
         if empty_prompt_id not in self.store:
             raise ValueError(
@@ -107,6 +108,57 @@ class PrecomputedText:
 
     def null_embeddings(self):
         return self.lookup([self.empty_prompt_id])
+
+    def require(self, ids: Sequence[str], what: str) -> None:
+        """ValueError naming the ids of ``what`` (a data source) that the store lacks: raised
+        before training starts rather than at the batch that needs them."""
+        missing = [i for i in ids if i not in self.store]
+        if missing:
+            shown = ", ".join(repr(i) for i in missing[:5])
+            raise ValueError(
+                f"text store {self.directory} has no embeddings for {len(missing)} of {len(ids)} ids of {what} "
+                f"({shown}{', ...' if len(missing) > 5 else ''}); make it for this data with "
+                "tools/precompute_text.py --config (the run's config), which keys it by the source's ids"
+            )
+
+
+class MissingTextEncoder:
+    """Stands in for the text encoders of a run trained on precomputed embeddings when none were
+    given: any caption to encode raises a ValueError saying what to pass."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __call__(self, captions: Sequence[str]):
+        raise ValueError(
+            f"{self.what} was trained on precomputed caption embeddings (text.kind='precomputed'); coding "
+            "captions needs its SD3 text encoders: pass a checkpoint from percov2 convert holding them "
+            "(percov2 compress/decompress --text-checkpoint DIR, Codec.from_workdir(..., text_checkpoint=DIR), "
+            "evaluation config.text_checkpoint)"
+        )
+
+    def null_embeddings(self):
+        return self([""])
+
+
+def caption_encoder(
+    cfg, length: int, width: int, pooled_width: int, default_checkpoint: str = "", text_checkpoint: str = "", what=""
+):
+    """What encodes captions at inference for a run whose ``config.text`` is ``cfg``: the run's
+    own conditioner for ``hashed`` and ``sd3`` (``text_checkpoint`` replaces the encoders'
+    checkpoint if given); for ``precomputed`` the SD3 encoders of ``text_checkpoint``, else of
+    ``cfg.checkpoint`` or ``default_checkpoint``, with the store's settings, else a
+    `MissingTextEncoder` naming ``what`` (the run)."""
+    if cfg.kind == "precomputed":
+        checkpoint = text_checkpoint or cfg.checkpoint or default_checkpoint
+        if not checkpoint:
+            return MissingTextEncoder(what or "this run")
+        return SD3TextEncoder(checkpoint, int(cfg.max_sequence_length), bool(cfg.use_t5), joint_attention_dim=width)
+    if cfg.kind == "sd3" and text_checkpoint:
+        return SD3TextEncoder(
+            text_checkpoint, int(cfg.max_sequence_length), bool(cfg.use_t5), joint_attention_dim=width
+        )
+    return text_conditioner(cfg, length, width, pooled_width, default_checkpoint)
 
 
 def text_conditioner(cfg, length: int, width: int, pooled_width: int, default_checkpoint: str = ""):

@@ -54,6 +54,7 @@ class Trainer:
             config, self.source, self.run.patch_autoencoder, mesh=self.mesh
         )
         self.text = build.build_text_conditioner(config)
+        build.require_text_for(self.text, self.source)
         replicated = sharding_lib.replicated(self.mesh)
         self.vae_params = (
             sharding_lib.replicate(vae_params, self.mesh) if config.vae.kind == "patch_pca" else vae_params

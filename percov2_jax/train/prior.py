@@ -135,8 +135,11 @@ class PriorTrainer:
         # Raw key bits (a typed key cannot be built from host data across processes).
         self.base_key = sharding_lib.replicate(jax.random.key_data(jax.random.key(int(config.seed) + 7)), self.mesh)
         data_config = s1 if not config.data.source else _with_source(s1, config.data)
+        source = build.build_data_source(data_config)
+        if self.model.config.caption_dim is not None:
+            build.require_text_for(self.stage1.text, source)
         self.iterator = build.build_train_iterator(
-            build.build_data_source(data_config),
+            source,
             data_config.data,
             int(t.global_batch_size),
             self.image_size,
