@@ -9,15 +9,14 @@ it. The image folder, the annotations and a given list may be local or ``gs://``
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
 import urllib.request
 from collections.abc import Sequence
 
-from percov2_jax.captions.sources import coco_captions
-from percov2_jax.data.sources import name_listing, read_text
+from percov2_jax.captions.sources import read_coco_captions
+from percov2_jax.data.sources import name_listing
 from percov2_jax.evaluation.datasets.caption_tables import CaptionTable
 from percov2_jax.evaluation.datasets.eval_dataset import EvalDataset
 from percov2_jax.evaluation.datasets.folders import file_dataset, require_dir
@@ -138,10 +137,9 @@ def coco30k_dataset(
     root = require_dir(root, "COCO train2017 folder")
     names = fetch_coco30k_list(cache_dir) if image_list is None else read_image_list(image_list)
     ids = validate_coco30k_list(names, strict=strict)
-    captions = None
-    if annotations is not None:
-        origin = os.fspath(annotations)
-        captions = CaptionTable(coco_captions(json.loads(read_text(annotations)), origin), False, origin)
+    captions = (
+        None if annotations is None else CaptionTable(read_coco_captions(annotations), False, os.fspath(annotations))
+    )
     cache = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     info = {
         "image_list": list_origin(image_list) or str(cache / COCO30K_LIST_FILE),
