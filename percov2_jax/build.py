@@ -127,24 +127,6 @@ def build_train_iterator(source, data, global_batch_size: int, image_size: int, 
     )
 
 
-def build_caption_encoder(config, text_checkpoint: str = "", what: str = ""):
-    """What encodes captions for the codec (`percov2_jax.text.conditioners.caption_encoder`): a
-    run trained on precomputed embeddings gets the SD3 encoders of ``text_checkpoint`` or of
-    its config, since a new image's caption is in no store."""
-    from percov2_jax.text.conditioners import caption_encoder
-
-    t = SD3TransformerConfig.from_dict(dict(config.model.transformer))
-    return caption_encoder(
-        config.text,
-        caption_length(config.text),
-        t.joint_attention_dim,
-        t.pooled_projection_dim,
-        default_checkpoint=config.pretrained.checkpoint,
-        text_checkpoint=text_checkpoint or "",
-        what=what,
-    )
-
-
 def require_text_for(text, source) -> None:
     """Fail before training when a precomputed text store lacks ids of ``source`` (every id when
     they are cheap to list, else the first records'; `percov2_jax.data.sources.example_ids`)."""
@@ -243,16 +225,19 @@ def insert_pretrained(params: dict, transformer_params: Any, extra_channels: int
     return {**params, "transformer": widen_patch_embedding(transformer_params, extra_channels)}
 
 
-def build_text_conditioner(config):
+def build_text_conditioner(config, *, encode_captions: bool = False, text_checkpoint: str = "", what: str = ""):
     """The caption conditioner of ``config.text`` (`percov2_jax.text.conditioners`), producing
-    ``caption_length(config.text)`` tokens of the transformer's widths."""
-    from percov2_jax.text.conditioners import text_conditioner
+    ``caption_length(config.text)`` tokens of the transformer's widths: for training
+    (a precomputed store looks captions up by example id), or with ``encode_captions`` for the
+    codec (`percov2_jax.text.conditioners.caption_encoder`: a run trained on precomputed
+    embeddings gets the SD3 encoders of ``text_checkpoint`` or of its config, since a new image's
+    caption is in no store; ``what`` names the run in the error when it has none)."""
+    from percov2_jax.text.conditioners import caption_encoder, text_conditioner
 
     t = SD3TransformerConfig.from_dict(dict(config.model.transformer))
-    return text_conditioner(
-        config.text,
-        caption_length(config.text),
-        t.joint_attention_dim,
-        t.pooled_projection_dim,
-        default_checkpoint=config.pretrained.checkpoint,
-    )
+    args = (config.text, caption_length(config.text), t.joint_attention_dim, t.pooled_projection_dim)
+    if encode_captions:
+        return caption_encoder(
+            *args, default_checkpoint=config.pretrained.checkpoint, text_checkpoint=text_checkpoint, what=what
+        )
+    return text_conditioner(*args, default_checkpoint=config.pretrained.checkpoint)

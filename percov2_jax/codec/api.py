@@ -167,7 +167,7 @@ class Codec:
 
     @property
     def _pooled_dim(self) -> int:
-        # The conditioner gives the transformer's pooled width (build.build_caption_encoder).
+        # The conditioner gives the transformer's pooled width (build.build_text_conditioner).
         return int(self.model.config.transformer.pooled_projection_dim)
 
     # ------------------------------------------------------------------ encoder

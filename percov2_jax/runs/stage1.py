@@ -55,7 +55,7 @@ def load_stage1(
     logical-axis rule table).
 
     ``text``: the run's training conditioner (a precomputed store looks captions up by example
-    id), or with ``encode_captions`` what encodes any caption (`build.build_caption_encoder`: the
+    id), or with ``encode_captions`` what encodes any caption (`build.build_text_conditioner`: the
     SD3 encoders of ``text_checkpoint`` or of the run's config, for a run trained on
     precomputed embeddings)."""
     run = RunDir(workdir)
@@ -72,10 +72,9 @@ def load_stage1(
         raise ValueError("the inference mesh must hold only this process's devices (inference runs per process)")
     rate = build.validate_config(config, process_count=1)
     model = build.build_model(config, rate)
-    if encode_captions:
-        text = build.build_caption_encoder(config, text_checkpoint, what=f"the stage-1 run {run.root}")
-    else:
-        text = build.build_text_conditioner(config)
+    text = build.build_text_conditioner(
+        config, encode_captions=encode_captions, text_checkpoint=text_checkpoint, what=f"the stage-1 run {run.root}"
+    )
     latent_codec, codec_params = build.build_latent_codec(config, None, run.patch_autoencoder, mesh=mesh)
     abstract, shardings = sharding.abstract_variables(model, build.init_inputs(model, rate), mesh)
     params = sharding.with_shardings(abstract["params"], shardings["params"])
