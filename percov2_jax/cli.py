@@ -234,12 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--caption-coder", default="zlib")
     comp.add_argument(
-        "--text-checkpoint",
-        default="",
-        help="percov2 convert checkpoint with the SD3 text encoders (a run trained on precomputed text needs one "
-        "unless its config names it)",
-    )
-    comp.add_argument(
         "--prior",
         default=None,
         help="stage-2 prior workdir (default: CHECKPOINT/prior if trained; 'none': uniform coding)",
@@ -276,12 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("-o", "--output", required=True, help="output .png file, or folder when the input is a folder")
     dec.add_argument("--checkpoint", required=True, help="the stage-1 workdir that compressed the stream")
     dec.add_argument("--prior", default=None, help="stage-2 prior workdir (default: CHECKPOINT/prior if trained)")
-    dec.add_argument(
-        "--text-checkpoint",
-        default="",
-        help="percov2 convert checkpoint with the SD3 text encoders (a run trained on precomputed text needs one "
-        "unless its config names it)",
-    )
+    for command in (comp, dec):
+        command.add_argument(
+            "--text-checkpoint",
+            default="",
+            help="percov2 convert checkpoint with the SD3 text encoders (a run trained on precomputed text needs "
+            "one unless its config names it)",
+        )
     dec.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's sample.num_steps)")
     dec.add_argument("--guidance", type=float, default=None, help="caption-only CFG scale")
     dec.add_argument("--seed", type=int, default=None, help="sampler seed (default 0)")

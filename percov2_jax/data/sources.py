@@ -447,21 +447,27 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self._data)
 
+    def index_id(self, index: int) -> str | None:
+        """The id of record ``index`` when the dataset has no id feature (``"{split}:{index}"``,
+        known without reading anything), else None."""
+        return None if self.id_key else f"{self.split}:{int(index)}"
+
+    def _text(self, record, index: int) -> tuple[str, str]:
+        example_id = self.index_id(index) or _as_text(_lookup(record, self.id_key))
+        return example_id, _as_text(_lookup(record, self.caption_key)) if self.caption_key else ""
+
     def record_id(self, index: int) -> str:
         """The id of record ``index`` without decoding its image (``"{split}:{index}"`` without an id feature)."""
-        index = int(index)
-        return _as_text(_lookup(self._data[index], self.id_key)) if self.id_key else f"{self.split}:{index}"
+        return self.record_text(index)[0]
 
     def record_text(self, index: int) -> tuple[str, str]:
         """``(id, caption)`` of record ``index`` without decoding its image."""
-        record = self._data[int(index)]
-        example_id = _as_text(_lookup(record, self.id_key)) if self.id_key else f"{self.split}:{int(index)}"
-        return example_id, _as_text(_lookup(record, self.caption_key)) if self.caption_key else ""
+        return self._text(self._data[int(index)], int(index))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         record = self._data[index]
-        example_id = _as_text(_lookup(record, self.id_key)) if self.id_key else f"{self.split}:{index}"
+        example_id, caption = self._text(record, index)
         image = record[self.image_key]
         if isinstance(image, bytes):
             image = read_image(image, name=f"{self.name} {self.split} record {index} (id {example_id})")
@@ -470,7 +476,6 @@ class TfdsSource:
                 image = array_to_rgb(image)
             except ImageDecodeError as e:
                 raise ImageDecodeError(f"{self.name} {self.split} record {index} (id {example_id}): {e}") from None
-        caption = _as_text(_lookup(record, self.caption_key)) if self.caption_key else ""
         return {"image": image, "caption": caption, "id": example_id}
 
     def __repr__(self) -> str:
@@ -488,10 +493,14 @@ def example_ids(source, limit: int = 1000) -> tuple[list[str], bool]:
     if hasattr(source, "ids"):
         return list(source.ids), True
     if isinstance(source, TfdsSource) and source.id_key is None:
-        return [f"{source.split}:{i}" for i in range(len(source))], True
+        return [source.index_id(i) for i in range(len(source))], True
     read = getattr(source, "record_text", None) or (lambda i: (source[i]["id"], None))
     count = min(len(source), int(limit))
     return [read(i)[0] for i in range(count)], count == len(source)
+
+
+def _id_and_caption(record: Mapping[str, Any]) -> tuple[str, str]:
+    return record["id"], record["caption"]
 
 
 def source_captions(source, progress: bool = False) -> dict[str, str]:
@@ -504,7 +513,7 @@ def source_captions(source, progress: bool = False) -> dict[str, str]:
     else:
         from tqdm.auto import tqdm
 
-        read = getattr(source, "record_text", None) or (lambda i: (source[i]["id"], source[i]["caption"]))
+        read = getattr(source, "record_text", None) or (lambda i: _id_and_caption(source[i]))
         pairs = (read(i) for i in tqdm(range(len(source)), desc="captions", unit="record", disable=not progress))
     out: dict[str, str] = {}
     repeated = []

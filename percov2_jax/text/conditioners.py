@@ -141,6 +141,10 @@ class MissingTextEncoder:
         return self([""])
 
 
+def _sd3_encoder(cfg, checkpoint: str, width: int) -> SD3TextEncoder:
+    return SD3TextEncoder(checkpoint, int(cfg.max_sequence_length), bool(cfg.use_t5), joint_attention_dim=width)
+
+
 def caption_encoder(
     cfg, length: int, width: int, pooled_width: int, default_checkpoint: str = "", text_checkpoint: str = "", what=""
 ):
@@ -151,13 +155,9 @@ def caption_encoder(
     `MissingTextEncoder` naming ``what`` (the run)."""
     if cfg.kind == "precomputed":
         checkpoint = text_checkpoint or cfg.checkpoint or default_checkpoint
-        if not checkpoint:
-            return MissingTextEncoder(what or "this run")
-        return SD3TextEncoder(checkpoint, int(cfg.max_sequence_length), bool(cfg.use_t5), joint_attention_dim=width)
+        return _sd3_encoder(cfg, checkpoint, width) if checkpoint else MissingTextEncoder(what or "this run")
     if cfg.kind == "sd3" and text_checkpoint:
-        return SD3TextEncoder(
-            text_checkpoint, int(cfg.max_sequence_length), bool(cfg.use_t5), joint_attention_dim=width
-        )
+        return _sd3_encoder(cfg, text_checkpoint, width)
     return text_conditioner(cfg, length, width, pooled_width, default_checkpoint)
 
 
@@ -172,7 +172,7 @@ def text_conditioner(cfg, length: int, width: int, pooled_width: int, default_ch
         checkpoint = cfg.checkpoint or default_checkpoint
         if not checkpoint:
             raise ValueError("text.kind='sd3' needs text.checkpoint or pretrained.checkpoint (made by percov2 convert)")
-        return SD3TextEncoder(checkpoint, int(cfg.max_sequence_length), bool(cfg.use_t5), joint_attention_dim=width)
+        return _sd3_encoder(cfg, checkpoint, width)
     if cfg.kind == "precomputed":
         if not cfg.store:
             raise ValueError("text.kind='precomputed' needs text.store (a directory from tools/precompute_text.py)")
