@@ -17,7 +17,7 @@ def get_config():
     c = base_config()
     c.rate = "extreme"  # 32x32 tokens at 512^2 -> 8x8 tokens at 128^2 (V=256)
     c.image_size = 128
-    c.model.transformer = dict(
+    c.model.transformer.update(
         sample_size=16,
         patch_size=2,
         in_channels=16,
@@ -30,7 +30,7 @@ def get_config():
         out_channels=16,
         pos_embed_max_size=64,
         dual_attention_layers=(),
-        qk_norm=None,
+        qk_norm="none",
     )  # 64 patches: images up to 1024 px
     c.model.hyper_channels = 32  # PerCo: 192
     c.model.hyper_out_channels = 32  # PerCo: 320

@@ -1,6 +1,6 @@
-"""The README's planning table: SD3-medium stage 1 at 512^2, global batch 160, compiled ahead of
-time for TPU slices by the planner (``python -m percov2_jax.plan``; libtpu's compiler on this CPU
-host, no TPU used).
+"""The README's planning table: SD3-medium stage 1 at 512^2, global batch 160 (with and without the
+frozen SD3 text encoders on the mesh), compiled ahead of time for TPU slices by the planner
+(``python -m percov2_jax.plan``; libtpu's compiler on this CPU host, no TPU used).
 
   python experiments/plan_sd3_medium.py [--only v5p v5p-remat-none]   # every row: hours on 2 cores
   python experiments/plan_sd3_medium.py --quick --out /tmp/plan        # smoke test: configs/tiny.py
@@ -35,9 +35,9 @@ QUICK_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
 
 # name -> (device kind, mesh, programs, extra config overrides)
 RUNS = {
-    "v5p": ("tpu_v5p", "data=1,fsdp=32,tensor=1", "train,decode", []),
-    "v4": ("tpu_v4", "data=1,fsdp=32,tensor=1", "train,decode", []),
-    "v5e": ("tpu_v5e", "data=1,fsdp=32,tensor=1", "train,decode", []),
+    "v5p": ("tpu_v5p", "data=1,fsdp=32,tensor=1", "train,decode,text", []),
+    "v4": ("tpu_v4", "data=1,fsdp=32,tensor=1", "train,decode,text", []),
+    "v5e": ("tpu_v5e", "data=1,fsdp=32,tensor=1", "train,decode,text", []),
     "v5p-remat-none": ("tpu_v5p", "data=1,fsdp=32,tensor=1", "train", ["--config.model.remat_policy=none"]),
     "v5p-remat-full": ("tpu_v5p", "data=1,fsdp=32,tensor=1", "train", ["--config.model.remat_policy=full"]),
     "v5p-data2": ("tpu_v5p", "data=2,fsdp=8,tensor=1", "train", []),

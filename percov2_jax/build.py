@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from percov2_jax import pretrained, rates, storage
+from percov2_jax.models import mmdit
 from percov2_jax.models.hyper_encoder import HyperEncoderConfig
 from percov2_jax.models.mmdit import SD3TransformerConfig
 from percov2_jax.models.percov2 import PerCoV2, PerCoV2Config, widen_patch_embedding
@@ -47,8 +48,64 @@ def validate_config(config, process_count: int | None = None, mesh=None) -> rate
     return rate
 
 
+def transformer_config(config) -> SD3TransformerConfig:
+    """The MM-DiT architecture of a run: every field ``model.transformer`` sets, the rest from the
+    converted checkpoint's own config (``pretrained.checkpoint``) or, without one, from the release
+    ``model.variant`` names (`percov2_jax.models.mmdit.RELEASES`). A field set in the config that
+    differs from the checkpoint's is a ValueError naming it: the weights fix the architecture.
+    A run stores the result, so reading it back needs no checkpoint."""
+    named = {k: v for k, v in dict(config.model.transformer).items() if v is not None}
+    if isinstance(named.get("qk_norm"), str) and named["qk_norm"].lower() in ("", "none"):
+        named["qk_norm"] = None  # "none" is how a command line states it; None means unset
+    fields = [f.name for f in dataclasses.fields(SD3TransformerConfig)]
+    unknown = sorted(set(named) - set(fields))
+    if unknown:
+        raise ValueError(f"model.transformer has unknown fields {unknown}; SD3 transformer fields are {fields}")
+    if set(fields) <= set(named):
+        return SD3TransformerConfig.from_dict(named)
+    checkpoint = config.pretrained.get("checkpoint", "")
+    if checkpoint:
+        base = pretrained.component_config(checkpoint, "transformer")
+        base = {k: v for k, v in base.items() if not k.startswith("_")}
+        _check_architecture(checkpoint, {k: (v, base.get(k)) for k, v in named.items()})
+        return SD3TransformerConfig.from_dict({**base, **named})
+    variant = config.model.get("variant", "")
+    if not variant:
+        missing = sorted(set(fields) - set(named))
+        raise ValueError(
+            f"model.transformer leaves {missing} unset, and there is neither pretrained.checkpoint nor "
+            "model.variant to take them from"
+        )
+    if variant not in mmdit.RELEASES:
+        raise ValueError(f"unknown model.variant {variant!r}; choose one of {sorted(mmdit.RELEASES)}")
+    return SD3TransformerConfig.from_dict({**mmdit.RELEASES[variant].to_dict(), **named})
+
+
+def _check_architecture(checkpoint, pairs) -> None:
+    """ValueError naming every field whose ``(config value, checkpoint value)`` pair differs."""
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    shown = [
+        f"model.transformer.{k}={a!r} but the checkpoint has {b!r}" for k, (a, b) in pairs.items() if norm(a) != norm(b)
+    ]
+    if shown:
+        raise ValueError(
+            f"the config asks for another architecture than {checkpoint} holds: {'; '.join(shown)}. The converted "
+            "weights fix these fields; leave them unset to take the checkpoint's"
+        )
+
+
+def resolve_architecture(config) -> None:
+    """Write the run's full transformer architecture (`transformer_config`) into
+    ``config.model.transformer``, so that the config a run stores states it."""
+    resolved = transformer_config(config).to_dict()
+    resolved.pop("_class_name", None)
+    with config.unlocked():
+        for k, v in resolved.items():
+            config.model.transformer[k] = tuple(v) if isinstance(v, list) else v
+
+
 def model_config(config, rate: rates.BitRate) -> PerCoV2Config:
-    transformer = SD3TransformerConfig.from_dict(dict(config.model.transformer))
+    transformer = transformer_config(config)
     hyper = HyperEncoderConfig(
         in_channels=transformer.in_channels,
         channels=int(config.model.hyper_channels),
@@ -210,13 +267,10 @@ def load_pretrained_transformer(config, model: PerCoV2, mesh) -> Any | None:
         options={"transformer": {"scan_layers": model.scan_layers, "param_dtype": model.param_dtype}},
     )["transformer"]
     want = model.config.transformer
-    if module.config != want:
-        diff = {
-            f.name: (getattr(module.config, f.name), getattr(want, f.name))
-            for f in dataclasses.fields(want)
-            if getattr(module.config, f.name) != getattr(want, f.name)
-        }
-        raise ValueError(f"pretrained transformer config differs from model.transformer: {diff} (checkpoint, config)")
+    _check_architecture(
+        config.pretrained.checkpoint,
+        {f.name: (getattr(want, f.name), getattr(module.config, f.name)) for f in dataclasses.fields(want)},
+    )
     return params
 
 
@@ -225,19 +279,22 @@ def insert_pretrained(params: dict, transformer_params: Any, extra_channels: int
     return {**params, "transformer": widen_patch_embedding(transformer_params, extra_channels)}
 
 
-def build_text_conditioner(config, *, encode_captions: bool = False, text_checkpoint: str = "", what: str = ""):
+def build_text_conditioner(
+    config, *, encode_captions: bool = False, text_checkpoint: str = "", what: str = "", mesh=None
+):
     """The caption conditioner of ``config.text`` (`percov2_jax.text.conditioners`), producing
     ``caption_length(config.text)`` tokens of the transformer's widths: for training
     (a precomputed store looks captions up by example id), or with ``encode_captions`` for the
     codec (`percov2_jax.text.conditioners.caption_encoder`: a run trained on precomputed
     embeddings gets the SD3 encoders of ``text_checkpoint`` or of its config, since a new image's
-    caption is in no store; ``what`` names the run in the error when it has none)."""
+    caption is in no store; ``what`` names the run in the error when it has none). With the
+    training ``mesh`` the SD3 encoders are sharded on it (`percov2_jax.text.on_mesh`)."""
     from percov2_jax.text.conditioners import caption_encoder, text_conditioner
 
-    t = SD3TransformerConfig.from_dict(dict(config.model.transformer))
+    t = transformer_config(config)
     args = (config.text, caption_length(config.text), t.joint_attention_dim, t.pooled_projection_dim)
     if encode_captions:
         return caption_encoder(
             *args, default_checkpoint=config.pretrained.checkpoint, text_checkpoint=text_checkpoint, what=what
         )
-    return text_conditioner(*args, default_checkpoint=config.pretrained.checkpoint)
+    return text_conditioner(*args, default_checkpoint=config.pretrained.checkpoint, mesh=mesh)

@@ -1,6 +1,7 @@
 """The ``percov2`` command.
 
   percov2 convert --input SRC --output DST [--dtype bfloat16] [--scan-layers] [--components transformer,vae]
+          [--tokenizers PIPELINE_FOLDER]
   percov2 inspect CHECKPOINT
 
   percov2 compress IMAGE|FOLDER -o OUT --checkpoint STAGE1_WORKDIR [--caption TEXT | --captions FILE]
@@ -43,6 +44,7 @@ def _convert(args) -> int:
             scan_layers=args.scan_layers,
             components=components,
             config_overrides=overrides,
+            tokenizers=args.tokenizers,
             overwrite=args.overwrite,
         )
     except (ConversionError, CheckpointFormatError) as e:
@@ -216,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="config field the weights do not determine, e.g. transformer.attention_head_dim=64",
+    )
+    conv.add_argument(
+        "--tokenizers",
+        default=None,
+        metavar="DIR",
+        help="a diffusers SD3 pipeline folder whose tokenizer/, tokenizer_2/ (and tokenizer_3/) go into the "
+        "checkpoint (a single file has none; default: the input pipeline's, or those beside the single file)",
     )
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(func=_convert)

@@ -13,6 +13,7 @@ Nothing is allocated; see percov2_jax/planning/plan.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -27,7 +28,12 @@ flags.DEFINE_string("mesh", "data=1,fsdp=-1,tensor=1", "mesh sizes; the product 
 flags.DEFINE_string("device_kind", "tpu_v5p", "tpu_v4 | tpu_v5e | tpu_v5p | tpu_v6e | h100 | a100")
 flags.DEFINE_integer("devices", None, "device count when --mesh has a -1 entry")
 flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step times")
-flags.DEFINE_list("programs", ["train", "decode"], "which programs to compile: train, decode")
+flags.DEFINE_list(
+    "programs",
+    ["train", "decode", "text"],
+    "which programs to compile: train (caption embeddings given, as with precomputed text), decode, text (the "
+    "frozen SD3 text encoders; with it, rows for train and decode with the encoders resident beside them)",
+)
 flags.DEFINE_integer("decode_batch", None, "images per decode call (default: one per batch shard)")
 flags.DEFINE_string("libtpu_path", None, "directory holding a `pip --target` copy of libtpu")
 flags.DEFINE_string("json", None, "also write the plan here (local or gs://)")
@@ -64,9 +70,9 @@ def main() -> None:
     kind = device_lib.device_kind(FLAGS.device_kind)
     sizes = parse_mesh(FLAGS.mesh, FLAGS.devices)
     count = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
-    unknown = set(FLAGS.programs) - {"train", "decode"}
+    unknown = set(FLAGS.programs) - {"train", "decode", "text"}
     if unknown:
-        raise ValueError(f"unknown --programs {sorted(unknown)}; choose train, decode")
+        raise ValueError(f"unknown --programs {sorted(unknown)}; choose train, decode, text")
     if kind.compiled_for_real:
         device_lib.topology_name(kind, count)  # a slice shape exists, before loading libtpu
         device_lib.enable_libtpu(FLAGS.libtpu_path)
@@ -78,7 +84,7 @@ def main() -> None:
 
     from percov2_jax import sharding
     from percov2_jax.planning import report
-    from percov2_jax.planning.plan import Planner
+    from percov2_jax.planning.plan import Planner, with_resident
 
     devices = device_lib.tpu_devices(kind, count) if kind.compiled_for_real else jax.devices()[:count]
     if len(devices) != count:
@@ -98,7 +104,15 @@ def main() -> None:
         dtype=str(config.model.dtype),
         image_size=int(config.image_size),
         params=planner.param_count,
-        batch={"train_step": int(config.train.global_batch_size), "decode": decode_batch},
+        batch={
+            "train_step": int(config.train.global_batch_size),
+            "decode": decode_batch,
+            "text_encoders": int(config.train.global_batch_size),
+            "train_step+text_encoders": int(config.train.global_batch_size),
+            "text_encoders@decode": decode_batch,
+            "decode+text_encoders": decode_batch,
+        },
+        text_dtype=str(config.text.get("dtype", "auto")).replace("auto", "bfloat16"),
         decode_steps=int(config.sample.num_steps),
         guidance_scale=float(config.sample.guidance_scale),
         jax_version=jax.__version__,
@@ -108,15 +122,36 @@ def main() -> None:
         f"{header['image_size']}^2 images, remat {header['remat_policy']}, compute {header['dtype']}",
         flush=True,
     )
-    records = []
-    for program in FLAGS.programs:
-        if program == "train":
-            cost = planner.train_step()
-        else:
-            cost = planner.decode(decode_batch, header["decode_steps"], header["guidance_scale"])
+    records, costs = [], {}
+
+    def emit(cost):
         record = report.cost_record(cost, kind, count, FLAGS.mfu)
         records.append(record)
         print(report.describe(record, header), flush=True)
+
+    programs = list(FLAGS.programs)
+    if "text" in programs and config.text.kind == "hashed":
+        print("text: skipped, text.kind='hashed' runs no text encoders", flush=True)
+        programs.remove("text")
+    for program in programs:
+        if program == "train":
+            costs[program] = planner.train_step()
+        elif program == "decode":
+            costs[program] = planner.decode(decode_batch, header["decode_steps"], header["guidance_scale"])
+        else:
+            costs[program] = planner.text_encoders(header["batch"]["text_encoders"])
+        emit(costs[program])
+    # With the encoders on the devices (text.kind="sd3"; the codec always encodes its captions), each
+    # program runs while the other's weights stay resident.
+    if "text" in costs and "train" in costs:
+        emit(with_resident(costs["train"], costs["text"], "train_step+text_encoders"))
+    if "text" in costs and "decode" in costs:
+        at_decode = planner.text_encoders(decode_batch)
+        emit(
+            with_resident(
+                costs["decode"], dataclasses.replace(at_decode, name="text_encoders@decode"), "decode+text_encoders"
+            )
+        )
     print(report.MARKDOWN_HEADER)
     for record in records:
         print(report.markdown_row(record, header))

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import pytest
 import torch
+from sd3_release import clip_tokenizer as _clip_tokenizer
+from sd3_release import t5_tokenizer as _t5_tokenizer
 from torch_reference import max_rel_error, randomize_, tiny_vae
 
 from percov2_jax import pretrained
@@ -23,6 +25,7 @@ from percov2_jax.text.prompt_encoder import PromptEncoder, load_tokenizers
 pytestmark = pytest.mark.parity  # against PyTorch reference models
 
 TOL = 1e-5
+BF16_TOL = 5e-2  # bfloat16 encoders: 8 mantissa bits through 2-3 layers
 T5_LENGTH = 24
 CAPTIONS = [
     "a photo of a cat sitting on a mat",
@@ -30,55 +33,6 @@ CAPTIONS = [
     "café au lait – 東京 🚀",
     "a very long caption " + "with many many words " * 20,
 ]
-
-
-def _bytes_to_unicode() -> list[str]:
-    keep = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def _clip_tokenizer(folder, pad_token):
-    """A byte-level CLIP BPE tokenizer with no merges: 256 characters, 256 end-of-word variants, BOS/EOS."""
-    from transformers import CLIPTokenizer
-
-    chars = _bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(
-        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77
-    )
-    return tok
-
-
-def _t5_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import T5TokenizerFast
-
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
-    tok.train_from_iterator(
-        [c for c in CAPTIONS if c] * 4 + ["a dog running in a park", "two people riding bikes"], trainer
-    )
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
-    )
-    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
 
 
 @pytest.fixture(scope="module")
@@ -418,3 +372,55 @@ def test_run_on_precomputed_text_codes_new_captions(sd3_text, tmp_path):
     seq, pooled = codec.text([source.captions[0]])
     assert max_rel_error(seq[0], store[source.ids[0]]["prompt_embeds"]) <= TOL
     assert max_rel_error(pooled[0], store[source.ids[0]]["pooled"]) <= TOL
+
+
+def test_encoders_on_the_mesh(sd3_text):
+    """`MeshTextEncoder` (training): the encoders restored onto the mesh in the asked dtype, the
+    batch's embeddings computed in one jitted call and left on the devices, split like the
+    images. float32 equals the host `PromptEncoder` (TOL); bfloat16 parameters and compute stay
+    within BF16_TOL of it (relative to the largest value)."""
+    from percov2_jax import sharding
+    from percov2_jax.text.on_mesh import MeshTextEncoder
+
+    ckpt = sd3_text["root"] / "ckpt"
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    host = PromptEncoder.from_checkpoint(ckpt, max_sequence_length=T5_LENGTH, joint_attention_dim=80)
+    want_seq, want_pooled = (np.asarray(x) for x in host(CAPTIONS))
+    for dtype, tol in (("float32", TOL), ("bfloat16", BF16_TOL)):
+        enc = MeshTextEncoder.from_checkpoint(
+            str(ckpt), mesh, dtype=dtype, max_sequence_length=T5_LENGTH, joint_attention_dim=80
+        )
+        assert {x.dtype for x in jax.tree_util.tree_leaves(enc.params)} == {np.dtype(dtype)}
+        seq, pooled = enc.encode(CAPTIONS)
+        assert isinstance(seq, jax.Array) and seq.sharding.is_equivalent_to(sharding.batch_sharding(mesh), seq.ndim)
+        assert seq.dtype == np.float32 and seq.shape == want_seq.shape
+        print(dtype, max_rel_error(np.asarray(seq), want_seq), max_rel_error(np.asarray(pooled), want_pooled))
+        assert max_rel_error(np.asarray(seq), want_seq) <= tol
+        assert max_rel_error(np.asarray(pooled), want_pooled) <= tol
+        null_seq, _ = enc.null_embeddings()
+        assert max_rel_error(null_seq[0], want_seq[1]) <= tol  # CAPTIONS[1] is the empty prompt
+
+
+@pytest.mark.integration  # a training step
+def test_training_on_sd3_text_without_t5_at_another_width(sd3_text, tmp_path):
+    """``text.kind="sd3"`` with ``use_t5=False`` on a transformer whose text width is not 4096:
+    the trainer's encoders (on its mesh) give CLIP plus zeros at the transformer's width, equal
+    to diffusers' embeddings without T5, and a step trains on them."""
+    import train_setup
+
+    from percov2_jax.train.loop import Trainer
+
+    config = train_setup.test_config()
+    config.model.transformer = dict(config.model.transformer, joint_attention_dim=80, pooled_projection_dim=56)
+    config.text.kind, config.text.use_t5, config.text.max_sequence_length = "sd3", False, T5_LENGTH
+    config.text.checkpoint = str(sd3_text["root"] / "ckpt")
+    trainer = Trainer(config, str(tmp_path / "run"))
+    try:
+        batch, local = trainer.next_batch()
+        want, want_pooled, _, _ = _reference(sd3_text["pipe"], [str(c) for c in local["caption"]], use_t5=False)
+        assert max_rel_error(np.asarray(batch["encoder_hidden_states"]), want) <= TOL
+        assert max_rel_error(np.asarray(batch["pooled_projections"]), want_pooled) <= TOL
+        (metrics,) = trainer.train_steps(1)
+        assert np.isfinite(metrics["loss"])
+    finally:
+        trainer.close()

@@ -304,3 +304,172 @@ def test_overrides_are_refused_for_folders(pipeline, tmp_path):
             config_overrides={"transformer": {"attention_head_dim": 8}},
         )
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ writing one component at a time
+
+
+def test_components_are_written_one_at_a_time(pipeline, tmp_path, monkeypatch):
+    """When the converter reads a component, no array of the one before it is alive: host memory
+    holds one component at a time (the peak itself: experiments/convert_memory.py)."""
+    import gc
+    import weakref
+
+    from percov2_jax.convert import registry
+
+    assemble, alive = registry.PlannedComponent.assemble, []
+
+    def watched(self, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in refs))
+        params = assemble(self, **kwargs)
+        refs.extend(weakref.ref(x) for x in jax.tree.leaves(params))
+        return params
+
+    refs: list = []
+    monkeypatch.setattr(registry.PlannedComponent, "assemble", watched)
+    pretrained.convert(str(pipeline["root"]), str(tmp_path / "out"), progress=False)
+    assert alive == [0, 0]  # before the transformer, before the VAE
+    assert sorted(pretrained.load(tmp_path / "out")) == ["transformer", "vae"]
+
+
+_CRASH_ON_VAE = """
+import os, sys
+from percov2_jax import pretrained
+from percov2_jax.convert import registry
+assemble = registry.PlannedComponent.assemble
+def crash(self, **kwargs):
+    if self.kind.class_name == "AutoencoderKL":
+        os._exit(3)  # as a kill: no cleanup, no exception handlers
+    return assemble(self, **kwargs)
+registry.PlannedComponent.assemble = crash
+pretrained.convert(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def test_a_failed_or_cut_conversion_leaves_no_checkpoint(pipeline, tmp_path, monkeypatch):
+    from percov2_jax.convert import registry
+
+    assemble = registry.PlannedComponent.assemble
+
+    def fail(self, **kwargs):
+        if self.kind.class_name == "AutoencoderKL":
+            raise RuntimeError("disk full")
+        return assemble(self, **kwargs)
+
+    monkeypatch.setattr(registry.PlannedComponent, "assemble", fail)
+    dst = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="disk full"):
+        pretrained.convert(str(pipeline["root"]), str(dst), progress=False)
+    assert list(tmp_path.iterdir()) == []  # the transformer written before the failure is gone too
+    # Killed after the transformer was written: what is left is orbax's temporary folder, not DST.
+    result = subprocess.run(
+        [sys.executable, "-c", _CRASH_ON_VAE, str(pipeline["root"]), str(tmp_path / "cut")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith("cut.orbax-checkpoint-tmp") and (left / "transformer").is_dir()
+    with pytest.raises(pretrained.CheckpointError, match="no such checkpoint directory"):
+        pretrained.load(tmp_path / "cut")
+    monkeypatch.undo()
+    pretrained.convert(str(pipeline["root"] / "vae"), str(tmp_path / "cut"), progress=False)  # a rerun succeeds
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut"]
+
+
+def test_save_writes_what_load_reads(pipeline, tmp_path):
+    loaded = pretrained.load(_converted_vae(pipeline, tmp_path))
+    pretrained.save(tmp_path / "again", loaded)
+    again = pretrained.load(tmp_path / "again")
+    _assert_same_tree(again["vae"][1], loaded["vae"][1])
+    with pytest.raises(FileExistsError):
+        pretrained.save(tmp_path / "again", loaded)
+    with pytest.raises(ValueError, match="invalid component name 'tokenizers'"):
+        pretrained.save(tmp_path / "bad", {"tokenizers": loaded["vae"]})
+
+
+def _converted_vae(pipeline, tmp_path):
+    pretrained.convert(str(pipeline["root"] / "vae"), str(tmp_path / "vae"), progress=False)
+    return tmp_path / "vae"
+
+
+def test_tensors_are_read_fresh(pipeline):
+    """Each read is a new, writable array from the file (no memory map kept by the reader)."""
+    reader = SafetensorsFile(pipeline["root"] / "transformer" / WEIGHTS)
+    first = reader.get("proj_out.weight")
+    first[...] = 0
+    again = reader.get("proj_out.weight")
+    assert again.any() and not np.shares_memory(first, again)
+    assert not any(isinstance(v, np.memmap) for v in vars(reader).values())
+
+
+# ------------------------------------------------------------------ tokenizers ---------------
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A tiny SD3 release (pipeline folder with tokenizers, float16) and its original single file."""
+    import sd3_release
+
+    root = tmp_path_factory.mktemp("release")
+    folder = sd3_release.make_release(root / "hub")
+    single = sd3_release.make_single_file(folder, root / "files" / "sd3_medium_incl_clips_t5xxlfp16.safetensors")
+    overrides = [
+        f"{component}.{field}={json.dumps(value)}"
+        for component, fields in sd3_release.single_file_overrides("sd3_medium").items()
+        for field, value in fields.items()
+    ]
+    return dict(folder=folder, single=single, overrides=[a for o in overrides for a in ("--override", o)])
+
+
+def test_single_file_with_tokenizers_encodes_as_the_pipeline_folder(release, tmp_path, capsys):
+    from percov2_jax import cli
+    from percov2_jax.text.prompt_encoder import PromptEncoder
+
+    single, folder = tmp_path / "from_single", tmp_path / "from_folder"
+    args = ["convert", "--input", str(release["single"]), "--output", str(single), *release["overrides"]]
+    assert cli.main([*args, "--tokenizers", str(release["folder"])]) == 0
+    out = capsys.readouterr().out
+    assert f"tokenizers: clip_l, clip_g, t5 copied from {release['folder']}\n" in out and "note:" not in out
+    assert cli.main(["convert", "--input", str(release["folder"]), "--output", str(folder)]) == 0
+    assert "(the pipeline folder's)" in capsys.readouterr().out
+    captions = ["a red fox", "two boats on a lake", ""]
+    got = PromptEncoder.from_checkpoint(single, max_sequence_length=16)(captions)
+    want = PromptEncoder.from_checkpoint(folder, max_sequence_length=16)(captions)
+    for a, b in zip(got, want, strict=True):
+        assert np.asarray(a).any()
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tokenizers_beside_a_single_file_missing_or_bad(release, tmp_path, capsys, monkeypatch):
+    from percov2_jax import cli
+
+    def convert(src, dst, *extra):
+        code = cli.main(
+            ["convert", "--input", str(src), "--output", str(tmp_path / dst), *release["overrides"], *extra]
+        )
+        return code, capsys.readouterr().out
+
+    # None found: converted all the same, with a note saying what to do.
+    code, out = convert(release["single"], "none")
+    assert code == 0 and "note: no tokenizers for clip_l, clip_g, t5: captions cannot be encoded" in out
+    assert "--tokenizers DIR" in out and not (tmp_path / "none" / "tokenizers").exists()
+    # Found beside the file without the flag (here the CLIP ones only: a note for T5).
+    beside = tmp_path / "beside_release"
+    beside.mkdir()
+    (beside / release["single"].name).symlink_to(release["single"])
+    for sub in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(release["folder"] / sub, beside / sub)
+    code, out = convert(beside / release["single"].name, "beside")
+    assert code == 0 and f"tokenizers: clip_l, clip_g copied from {beside} (found beside the single file)" in out
+    assert "note: no T5 tokenizer" in out
+    assert sorted(os.listdir(tmp_path / "beside" / "tokenizers")) == ["clip_g", "clip_l"]
+    # A folder without the CLIP tokenizers: one error naming them, before any conversion work.
+    monkeypatch.setattr(pretrained, "plan", lambda *a, **k: pytest.fail("planned before checking --tokenizers"))
+    with pytest.raises(SystemExit, match=r"tokenizers .*: no tokenizer/ or tokenizer_2/ in it"):
+        convert(release["single"], "bad", "--tokenizers", str(release["folder"] / "vae"))
+    with pytest.raises(ConversionError, match="no such folder"):
+        pretrained.convert(str(release["single"]), str(tmp_path / "bad"), tokenizers=tmp_path / "absent")
+    assert not (tmp_path / "bad").exists()

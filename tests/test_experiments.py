@@ -216,3 +216,17 @@ def test_bf16_error(tmp_path):
         assert 1e-5 < cell["mean_rel"] < 0.2 and 1e-5 < cell["max_rel"] < 0.5
     for row in ("| 50 |", "| 500 |", "| 950 |", "| encode (posterior mean) |", "| decode (of the float32 mean) |"):
         assert row in text
+
+
+def test_convert_memory(tmp_path):
+    report, text = run_quick("convert_memory", tmp_path)
+    components = report["components"]
+    assert sorted(components) == ["clip_g", "clip_l", "t5", "transformer", "vae"]
+    t5 = components["t5"]  # stored like the release's text_encoder_3: float16 shards and their index
+    assert t5["source_dtype"] == "float16" and len(t5["files"]) >= 2 and t5["index"]
+    assert t5["bytes"]["float32"] == 4 * t5["params"]
+    (run,) = report["runs"]
+    assert run["dtype"] == "float32" and run["total_bytes"] == sum(c["bytes"]["float32"] for c in components.values())
+    assert run["peak_rss_bytes"] > 0 and report["baseline"]["peak_rss_bytes"] > 0
+    assert run["above_baseline_bytes"] == run["peak_rss_bytes"] - report["baseline"]["peak_rss_bytes"]
+    assert "| t5 | " in text and "| float32 | " in text and "(peak − baseline) / largest" in text

@@ -9,8 +9,8 @@ folder, tfds), with the run's text settings::
 
 then train with ``--config.text.kind=precomputed --config.text.store=gs://BUCKET/text/my_images``.
 The encoders come from ``--checkpoint``, else the config's ``text.checkpoint``, else its
-``pretrained.checkpoint``; the T5 length, ``use_t5`` and widths from ``config.text`` and
-``config.model.transformer``.
+``pretrained.checkpoint``; the T5 length and ``use_t5`` from ``config.text``, the widths from the
+run's transformer (the checkpoint's own unless ``config.model.transformer`` sets them).
 
 A store from a caption file instead (keys: the file's image names)::
 
@@ -44,12 +44,11 @@ def _from_config(config) -> tuple[str, dict, dict]:
     """(checkpoint, {id: caption}, encoder settings) for a training config."""
     from percov2_jax import build
     from percov2_jax.data.sources import source_captions
-    from percov2_jax.models.mmdit import SD3TransformerConfig
 
     checkpoint = FLAGS.checkpoint or config.text.checkpoint or config.pretrained.checkpoint
     if not checkpoint:
         raise app.UsageError("no text encoders: pass --checkpoint, or set text.checkpoint or pretrained.checkpoint")
-    transformer = SD3TransformerConfig.from_dict(dict(config.model.transformer))
+    transformer = build.transformer_config(config)
     settings = {
         "use_t5": bool(config.text.use_t5),
         "max_sequence_length": int(config.text.max_sequence_length),

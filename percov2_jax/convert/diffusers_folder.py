@@ -58,6 +58,21 @@ def read_sources(folder: str, variant: str | None = None, weights_name: str = WE
     return list(sources.values())
 
 
+def plan_diffusers_component(
+    path: str | os.PathLike, *, variant: str | None = None, **module_options
+) -> component_kinds.PlannedComponent:
+    """A diffusers ``transformer/`` or ``vae/`` folder planned from its config and headers (no
+    tensor read); ``.assemble()`` converts it. Raises ``ConversionError`` as ``load_diffusers_component``."""
+    folder = os.fspath(path)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise core.ConversionError(f"{folder}: no config.json (expected a diffusers component folder)")
+    with open(config_path) as f:
+        config = json.load(f)
+    module, kind = component_kinds.build_module(config, **module_options)
+    return component_kinds.plan(module, kind, read_sources(folder, variant), what=f"{kind.class_name} at {folder}")
+
+
 def load_diffusers_component(
     path: str | os.PathLike,
     *,
@@ -74,20 +89,5 @@ def load_diffusers_component(
     by the logical-axis rules; ``shardings`` gives an explicit tree. Raises
     ``ConversionError`` naming every unknown, missing or mis-shaped key.
     """
-    folder = os.fspath(path)
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise core.ConversionError(f"{folder}: no config.json (expected a diffusers component folder)")
-    with open(config_path) as f:
-        config = json.load(f)
-    module, kind = component_kinds.build_module(config, **module_options)
-    params = component_kinds.convert(
-        module,
-        kind,
-        read_sources(folder, variant),
-        mesh=mesh,
-        shardings=shardings,
-        progress=progress,
-        what=f"{kind.class_name} at {folder}",
-    )
-    return module, params
+    planned = plan_diffusers_component(path, variant=variant, **module_options)
+    return planned.module, planned.assemble(mesh=mesh, shardings=shardings, progress=progress)

@@ -6,6 +6,7 @@ Adding a convertible model means adding one ``ComponentKind`` here plus its name
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -89,6 +90,55 @@ def abstract_params(module: nn.Module, kind: ComponentKind) -> Any:
     return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
 
 
+@dataclasses.dataclass(frozen=True)
+class PlannedComponent:
+    """A component whose every source tensor is matched to a Flax leaf (``core.plan``), nothing
+    read yet: what ``assemble`` will build, and how big it will be."""
+
+    module: nn.Module
+    kind: ComponentKind
+    boxed: Any  # boxed ShapeDtypeStruct params (logical axis names for ``mesh``)
+    assignments: tuple[core.Assignment, ...]
+
+    @property
+    def param_count(self) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(self.boxed)))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the params once assembled (every leaf in ``module.param_dtype``)."""
+        return self.param_count * jnp.dtype(self.module.param_dtype).itemsize
+
+    @property
+    def largest_array_bytes(self) -> int:
+        itemsize = jnp.dtype(self.module.param_dtype).itemsize
+        return max(math.prod(x.shape) * itemsize for x in jax.tree.leaves(nn.meta.unbox(self.boxed)))
+
+    def assemble(self, *, mesh: jax.sharding.Mesh | None = None, shardings: Any = None, progress: bool = False):
+        """Read, transform and place every tensor: the nested params dict of ``jax.Array``."""
+        target = core.flatten_shapes(nn.meta.unbox(self.boxed))
+        if mesh is not None and shardings is None:
+            shardings = sharding_lib.logical_shardings(self.boxed, mesh)
+        name = self.kind.class_name
+        bar = tqdm(total=len(self.assignments), desc=f"converting {name}", unit="tensor", disable=not progress)
+        with bar:
+            return core.assemble(
+                self.assignments, target, dtype=self.module.param_dtype, shardings=shardings, progress=bar.update
+            )
+
+
+def plan(
+    module: nn.Module, kind: ComponentKind, sources: Iterable[core.SourceTensor], what: str | None = None
+) -> PlannedComponent:
+    """Match ``sources`` to ``module``'s params from shapes alone; raises ``ConversionError`` (see ``core.plan``)."""
+    boxed = abstract_params(module, kind)
+    target = core.flatten_shapes(nn.meta.unbox(boxed))
+    assignments = core.plan(
+        list(sources), kind.rules, target, kind.locate(module), what=what or f"{kind.class_name}({module.config})"
+    )
+    return PlannedComponent(module, kind, boxed, tuple(assignments))
+
+
 def convert(
     module: nn.Module,
     kind: ComponentKind,
@@ -100,13 +150,4 @@ def convert(
     what: str | None = None,
 ) -> dict[str, Any]:
     """Plan and assemble ``sources`` into ``module``'s parameter tree (strict; see ``core``)."""
-    boxed = abstract_params(module, kind)
-    target = core.flatten_shapes(nn.meta.unbox(boxed))
-    assignments = core.plan(
-        list(sources), kind.rules, target, kind.locate(module), what=what or f"{kind.class_name}({module.config})"
-    )
-    if mesh is not None and shardings is None:
-        shardings = sharding_lib.logical_shardings(boxed, mesh)
-    bar = tqdm(total=len(assignments), desc=f"converting {kind.class_name}", unit="tensor", disable=not progress)
-    with bar:
-        return core.assemble(assignments, target, dtype=module.param_dtype, shardings=shardings, progress=bar.update)
+    return plan(module, kind, sources, what).assemble(mesh=mesh, shardings=shardings, progress=progress)

@@ -2,7 +2,9 @@
 
 The header is validated completely on open (a truncated or corrupt file raises
 ``CheckpointFormatError`` before anything is converted); tensors are then read one at a time
-from a memory map, so converting a 2B model never holds two copies of it.
+with plain file reads into a fresh array that the reader does not keep. No memory map: the
+pages of a mapped file count in the process's resident memory until it is unmapped, so
+converting a 9 GB T5 through one would look (and, under a memory limit, be) 9 GB bigger.
 """
 
 from __future__ import annotations
@@ -93,7 +95,6 @@ class SafetensorsFile:
                     f"but the file has {size} bytes"
                 )
             self._entries[key] = (dtype, shape, begin, end)
-        self._map: np.memmap | None = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -111,11 +112,21 @@ class SafetensorsFile:
         return self._entries[key][0]
 
     def get(self, key: str) -> np.ndarray:
+        """Tensor ``key``, read from disk now into a new writable array ``shape(key)`` of ``dtype(key)``."""
         dtype, shape, begin, end = self._entries[key]
-        if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        buf = self._map[self._data_start + begin : self._data_start + end]
-        return np.frombuffer(buf.tobytes(), dtype=dtype).reshape(shape)
+        out = np.empty(end - begin, np.uint8)
+        view, done = memoryview(out), 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + begin)
+            while done < len(out):  # one read() returns at most ~2 GiB on Linux
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointFormatError(
+                        f"{self.path}: file is truncated: tensor {key!r} ends at byte {self._data_start + end} "
+                        f"but reading stopped at byte {self._data_start + begin + done}"
+                    )
+                done += n
+        return out.view(dtype).reshape(shape)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self._entries:

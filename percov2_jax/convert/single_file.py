@@ -34,23 +34,15 @@ def split_components(keys: Sequence[str]) -> dict[str, list[str]]:
     return groups
 
 
-def load_single_file(
+def plan_single_file(
     path: str | os.PathLike,
     *,
     components: Sequence[str] | None = None,
     config_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
-    mesh=None,
-    progress: bool = False,
-) -> dict[str, tuple[Any, dict]]:
-    """Convert an original SD3 single file: ``{"transformer": (module, params), "vae": (module, params)}``.
-
-    Components: ``"transformer"``, ``"vae"`` and, in files that bundle them, ``"clip_l"``,
-    ``"clip_g"``, ``"t5"``. ``components`` selects some (default: every one in the file).
-    ``config_overrides[name]`` sets config fields the weights do not determine (e.g.
-    ``attention_head_dim`` of a model without qk-norm, ``norm_num_groups``, CLIP's heads);
-    ``options[name]`` are Flax module attributes (``dtype``, ``scan_layers`` ...).
-    """
+) -> dict[str, component_kinds.PlannedComponent]:
+    """Every wanted component of an SD3 single file planned from the header (plus the few small
+    tensors config inference reads); ``.assemble()`` converts one. Arguments as ``load_single_file``."""
     reader = SafetensorsFile(path)
     groups = split_components(reader.keys())
     wanted = list(components) if components is not None else list(groups)
@@ -83,8 +75,27 @@ def load_single_file(
             config = text_encoders.infer_clip_config(shapes, name, config_overrides.get(name))
             sources = text_encoders.single_file_sources(name, shapes, load)
         module, kind = component_kinds.build_module(config, **options.get(name, {}))
-        params = component_kinds.convert(
-            module, kind, sources, mesh=mesh, progress=progress, what=f"{kind.class_name} from {path}"
-        )
-        out[name] = (module, params)
+        out[name] = component_kinds.plan(module, kind, sources, what=f"{kind.class_name} from {path}")
     return out
+
+
+def load_single_file(
+    path: str | os.PathLike,
+    *,
+    components: Sequence[str] | None = None,
+    config_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    mesh=None,
+    progress: bool = False,
+) -> dict[str, tuple[Any, dict]]:
+    """Convert an original SD3 single file: ``{"transformer": (module, params), "vae": (module, params)}``.
+
+    Components: ``"transformer"``, ``"vae"`` and, in files that bundle them, ``"clip_l"``,
+    ``"clip_g"``, ``"t5"``. ``components`` selects some (default: every one in the file).
+    ``config_overrides[name]`` sets config fields the weights do not determine (e.g.
+    ``attention_head_dim`` of a model without qk-norm, ``norm_num_groups``, CLIP's heads);
+    ``options[name]`` are Flax module attributes (``dtype``, ``scan_layers`` ...). Every component
+    is planned (and any mismatch raised) before the first tensor is converted.
+    """
+    planned = plan_single_file(path, components=components, config_overrides=config_overrides, options=options)
+    return {name: (p.module, p.assemble(mesh=mesh, progress=progress)) for name, p in planned.items()}

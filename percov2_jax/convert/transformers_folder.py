@@ -39,6 +39,17 @@ def transformers_config(folder: str) -> dict[str, Any]:
     return component_kinds.KINDS[name].config_cls.from_transformers(raw).to_dict()
 
 
+def plan_transformers_component(
+    path: str | os.PathLike, *, variant: str | None = None, **module_options
+) -> component_kinds.PlannedComponent:
+    """A transformers text-encoder folder planned from its config and headers; ``.assemble()`` converts it."""
+    folder = os.fspath(path)
+    config = transformers_config(folder)
+    module, kind = component_kinds.build_module(config, **module_options)
+    sources = tidy_sources(kind.class_name, read_sources(folder, variant, weights_name="model"))
+    return component_kinds.plan(module, kind, sources, what=f"{kind.class_name} at {folder}")
+
+
 def load_transformers_component(
     path: str | os.PathLike,
     *,
@@ -52,11 +63,5 @@ def load_transformers_component(
 
     Same strictness and options as ``load_diffusers_component``.
     """
-    folder = os.fspath(path)
-    config = transformers_config(folder)
-    module, kind = component_kinds.build_module(config, **module_options)
-    sources = tidy_sources(kind.class_name, read_sources(folder, variant, weights_name="model"))
-    params = component_kinds.convert(
-        module, kind, sources, mesh=mesh, shardings=shardings, progress=progress, what=f"{kind.class_name} at {folder}"
-    )
-    return module, params
+    planned = plan_transformers_component(path, variant=variant, **module_options)
+    return planned.module, planned.assemble(mesh=mesh, shardings=shardings, progress=progress)

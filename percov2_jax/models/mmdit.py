@@ -84,6 +84,29 @@ class SD3TransformerConfig:
         return config_to_dict(self, "SD3Transformer2DModel")
 
 
+# The released transformers' config.json values (facts), by the name a config's ``model.variant``
+# uses; a run with a converted checkpoint takes the checkpoint's own config instead.
+RELEASES: dict[str, SD3TransformerConfig] = {
+    # stabilityai/stable-diffusion-3-medium-diffusers
+    "sd3-medium": SD3TransformerConfig(
+        num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192
+    ),
+    # stabilityai/stable-diffusion-3.5-medium: dual attention in blocks 0-12, qk RMS norm
+    "sd3.5-medium": SD3TransformerConfig(
+        num_layers=24,
+        num_attention_heads=24,
+        caption_projection_dim=1536,
+        pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)),
+        qk_norm="rms_norm",
+    ),
+    # stabilityai/stable-diffusion-3.5-large: qk RMS norm
+    "sd3.5-large": SD3TransformerConfig(
+        num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192, qk_norm="rms_norm"
+    ),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockRun:
     """A run of consecutive blocks ``[start, stop)`` of one kind ("joint", "dual" or "last")."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from jax.sharding import NamedSharding
 
 from percov2_jax import build, rates
@@ -45,6 +46,39 @@ SD3_VAE = dict(
     use_post_quant_conv=False,
     mid_block_add_attention=True,
 )
+
+
+# The SD3 release's frozen text encoders (text_encoder, text_encoder_2, text_encoder_3 config.json):
+# CLIP-L (123 M), OpenCLIP bigG (695 M) and the T5-XXL v1.1 encoder (4.76 B).
+SD3_TEXT_ENCODERS = {
+    "clip_l": dict(
+        _class_name="CLIPTextModelWithProjection",
+        hidden_size=768,
+        intermediate_size=3072,
+        projection_dim=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+    ),
+    "clip_g": dict(
+        _class_name="CLIPTextModelWithProjection",
+        hidden_size=1280,
+        intermediate_size=5120,
+        projection_dim=1280,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        hidden_act="gelu",
+    ),
+    "t5": dict(
+        _class_name="T5EncoderModel",
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,9 +274,86 @@ class Planner:
         with sharding_lib.activation_constraints(self.mesh):
             return compile_cost("decode", decode_tokens, args, passes * self.forward_flops(batch))
 
+    def text_encoder_program(self, batch: int) -> tuple[Any, tuple, float]:
+        """``(jitted encoder call, abstract args, model FLOPs)``: the frozen SD3 text encoders of
+        the run (`text_encoder_configs`; T5 only with ``text.use_t5``) on the mesh, sharded by the
+        rule table in ``text.dtype`` (``auto``: bfloat16, as on an accelerator), encoding ``batch``
+        captions as training does (`percov2_jax.text.on_mesh`)."""
+        from percov2_jax.convert import registry
+        from percov2_jax.text.on_mesh import embed_on_mesh
+        from percov2_jax.text.prompt_encoder import CLIP_MAX_LENGTH
+
+        text = self.config.text
+        dtype = jnp.dtype(jnp.bfloat16 if text.get("dtype", "auto") == "auto" else text.dtype)
+        names = ("clip_l", "clip_g", "t5") if text.use_t5 else ("clip_l", "clip_g")
+        configs = text_encoder_configs(self.config, names)
+        t5_length = int(text.max_sequence_length)
+        modules, params, flops = {}, {}, 0.0
+        bs = sharding_lib.batch_sharding(self.mesh)
+        ids = {}
+        for name in names:
+            module, kind = registry.build_module(configs[name], dtype=dtype, param_dtype=dtype)
+            boxed = registry.abstract_params(module, kind)
+            abstract = nn.meta.unbox(boxed)
+            modules[name] = module
+            params[name] = sharding_lib.with_shardings(abstract, sharding_lib.logical_shardings(boxed, self.mesh))
+            length = t5_length if name == "t5" else CLIP_MAX_LENGTH
+            ids[name] = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=bs)
+            # Matmul FLOPs: 2 per weight per token (the token tables are gathers, not matmuls).
+            weights = sum(x.size for path, x in _flat(abstract) if "embed" not in path and "embedding" not in path)
+            flops += 2.0 * weights * batch * length
+        width = self.model.config.transformer.joint_attention_dim
+        jitted = embed_on_mesh(modules, self.mesh, bs, None, t5_length, width)
+        return jitted, (params, ids), flops
+
+    def text_encoders(self, batch: int) -> CompiledCost:
+        jitted, args, flops = self.text_encoder_program(batch)
+        return compile_cost("text_encoders", jitted, args, flops)
+
     @property
     def param_count(self) -> int:
         return int(sum(x.size for x in jax.tree.leaves(self.spec.abstract.params)))
+
+
+def text_encoder_configs(config, names) -> dict[str, dict]:
+    """The text encoders' config.json dicts: those of the converted checkpoint the run would read
+    them from (``text.checkpoint``, else ``pretrained.checkpoint``), else the SD3 release's."""
+    checkpoint = config.text.get("checkpoint", "") or config.pretrained.get("checkpoint", "")
+    if not checkpoint:
+        return {name: SD3_TEXT_ENCODERS[name] for name in names}
+    from percov2_jax import pretrained
+
+    return {name: pretrained.component_config(checkpoint, name) for name in names}
+
+
+def _flat(tree) -> list[tuple[str, Any]]:
+    """``[("a/b/kernel", leaf), ...]`` of a nested dict."""
+    from flax import traverse_util
+
+    return [("/".join(k), v) for k, v in traverse_util.flatten_dict(dict(tree)).items()]
+
+
+def with_resident(cost: CompiledCost, other: CompiledCost, name: str) -> CompiledCost:
+    """``cost``'s program run while ``other``'s arguments (weights kept on the devices, e.g. the
+    frozen text encoders beside the train state) stay resident, and ``other`` run while
+    ``cost``'s arguments stay: the peak of the two alternating calls, FLOPs summed."""
+    if cost.out_of_memory or other.out_of_memory:
+        bad = cost if cost.out_of_memory else other
+        return dataclasses.replace(bad, name=name, model_flops=cost.model_flops + other.model_flops)
+    first = cost.peak_bytes + other.argument_bytes
+    second = other.peak_bytes + cost.argument_bytes
+    lead, rest = (cost, other) if first >= second else (other, cost)
+    return CompiledCost(
+        name=name,
+        argument_bytes=cost.argument_bytes + other.argument_bytes,
+        output_bytes=lead.output_bytes,
+        alias_bytes=lead.alias_bytes,
+        temp_bytes=lead.temp_bytes,
+        code_bytes=lead.code_bytes + rest.code_bytes,
+        xla_flops=None if cost.xla_flops is None or other.xla_flops is None else cost.xla_flops + other.xla_flops,
+        model_flops=cost.model_flops + other.model_flops,
+        compile_seconds=cost.compile_seconds + other.compile_seconds,
+    )
 
 
 def step_seconds(cost: CompiledCost, kind: DeviceKind, devices: int, mfu: float) -> float:

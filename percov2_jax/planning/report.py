@@ -61,7 +61,7 @@ def markdown_row(record: dict[str, Any], header: dict[str, Any]) -> str:
         )
     return (
         f"| {kind} x{header['devices']} | {header['mesh']} | {record['name']} | {header['batch'][record['name']]} "
-        f"| {header['remat_policy'] if record['name'] == 'train_step' else '-'} "
+        f"| {header['remat_policy'] if record['name'].startswith('train_step') else '-'} "
         f"| {gib(record['argument_bytes'])} | {gib(record['temp_bytes'])} "
         f"| {gib(record['peak_bytes'])} / {gib(record['memory_bytes'])} | {'yes' if record['fits'] else 'no'} "
         f"| {record['seconds_at_mfu'][kind]:.2f} |"

@@ -161,17 +161,29 @@ def caption_encoder(
     return text_conditioner(cfg, length, width, pooled_width, default_checkpoint)
 
 
-def text_conditioner(cfg, length: int, width: int, pooled_width: int, default_checkpoint: str = ""):
+def text_conditioner(cfg, length: int, width: int, pooled_width: int, default_checkpoint: str = "", mesh=None):
     """The conditioner for ``cfg`` (a run's ``config.text``) giving ``[B, length, width]`` and
     ``[B, pooled_width]``; ``sd3`` falls back to ``default_checkpoint`` (the run's
-    ``pretrained.checkpoint``) when ``cfg.checkpoint`` is empty. A precomputed store written with
-    other settings is refused."""
+    ``pretrained.checkpoint``) when ``cfg.checkpoint`` is empty, and with a training ``mesh`` is a
+    `percov2_jax.text.on_mesh.MeshTextEncoder` (sharded, in ``cfg.dtype``, outputs left on the
+    devices). A precomputed store written with other settings is refused."""
     if cfg.kind == "hashed":
         return HashedTextEncoder(length, width, pooled_width, int(cfg.get("seed", 0)))
     if cfg.kind == "sd3":
         checkpoint = cfg.checkpoint or default_checkpoint
         if not checkpoint:
             raise ValueError("text.kind='sd3' needs text.checkpoint or pretrained.checkpoint (made by percov2 convert)")
+        if mesh is not None:
+            from percov2_jax.text.on_mesh import MeshTextEncoder
+
+            return MeshTextEncoder.from_checkpoint(
+                checkpoint,
+                mesh,
+                dtype=str(cfg.get("dtype", "auto")),
+                use_t5=bool(cfg.use_t5),
+                max_sequence_length=int(cfg.max_sequence_length),
+                joint_attention_dim=width,
+            )
         return _sd3_encoder(cfg, checkpoint, width)
     if cfg.kind == "precomputed":
         if not cfg.store:

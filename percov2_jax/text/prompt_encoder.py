@@ -168,6 +168,12 @@ class PromptEncoder:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _embed(modules, clip_skip, max_sequence_length, joint_attention_dim, params, ids):
+    return embed_tokens(modules, clip_skip, max_sequence_length, joint_attention_dim, params, ids)
+
+
+def embed_tokens(modules, clip_skip, max_sequence_length, joint_attention_dim, params, ids):
+    """Token ids ``{name: [B, length] int32}`` -> ``(prompt_embeds, pooled)`` through the encoders
+    ``modules`` (``((name, module), ...)``) with ``params`` ``{name: params}`` (pure, traceable)."""
     modules = dict(modules)
     clip_l = modules["clip_l"].apply({"params": params["clip_l"]}, ids["clip_l"])
     clip_g = modules["clip_g"].apply({"params": params["clip_g"]}, ids["clip_g"])

@@ -6,23 +6,25 @@ not state it for PerCoV2), [SD3] an SD3 convention, [ours] our default.
 
 from __future__ import annotations
 
-import ml_collections
+import dataclasses
 
-SD3_MEDIUM = dict(  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-    dual_attention_layers=(),
-    qk_norm=None,
-)
+import ml_collections
+from ml_collections import config_dict
+
+from percov2_jax.models.mmdit import SD3TransformerConfig
+
+
+def transformer_fields() -> ml_collections.ConfigDict:
+    """Every ``SD3TransformerConfig`` field as an unset, typed placeholder: a run takes the
+    architecture from its converted checkpoint (``pretrained.checkpoint``), else from
+    ``model.variant``; a field set here (config file or ``--config.model.transformer.X=...``)
+    overrides it, and with a checkpoint must agree with it (`percov2_jax.build.transformer_config`).
+    ``qk_norm="none"`` states "no qk-norm" explicitly."""
+    c = ml_collections.ConfigDict()
+    for field in dataclasses.fields(SD3TransformerConfig):
+        kind = {"dual_attention_layers": tuple, "qk_norm": str}.get(field.name, int)
+        c[field.name] = config_dict.placeholder(kind)
+    return c
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -32,7 +34,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.image_size = 512  # [PerCo] 512x512 crops; any multiple of 64
 
     c.model = ml_collections.ConfigDict()
-    c.model.transformer = dict(SD3_MEDIUM)  # [paper] "PerCoV2 (SD v3.0)": SD3-medium [inferred]
+    # [paper] "PerCoV2 (SD v3.0)": SD3-medium [inferred]. The architecture used when there is no
+    # converted checkpoint to read it from (the planner, shape checks): a name in
+    # percov2_jax.models.mmdit.RELEASES ("sd3-medium", "sd3.5-medium", "sd3.5-large").
+    c.model.variant = "sd3-medium"
+    c.model.transformer = transformer_fields()
     c.model.hyper_channels = 192  # [PerCo] ELIC-style hyper-encoder N
     c.model.hyper_out_channels = 320  # [PerCo] M; also the token-feature channels concatenated to x_t
     c.model.codebook_dim = 32  # [PerCo] low-dimensional code space
@@ -64,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
     # this many word slots for "hashed" (build.caption_length derives it, learned null text included)
     c.text.max_sequence_length = 256
     c.text.use_t5 = True
+    # [ours] dtype of the frozen SD3 encoders on the training mesh (parameters and compute): "auto" is
+    # bfloat16 on TPU/GPU (T5-XXL: 9.5 GB instead of 19 GB, split over the mesh) and float32 on CPU
+    c.text.dtype = "auto"
     c.text.caption_dropout = 0.1  # [paper] "drop z_g in 10% of training iterations"
 
     c.flow = ml_collections.ConfigDict()
@@ -129,4 +138,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.num_steps = 20  # [PerCo] 20 steps at the lowest rates; PerCoV2 [unknown]
     c.sample.guidance_scale = 3.0  # [PerCo] text-only CFG 3; PerCoV2 [unknown]
     c.sample.num_images = 4
+    return c
+
+
+def release_config(variant: str, rate: str) -> ml_collections.ConfigDict:
+    """Stage 1 on an SD3 release (a name in ``percov2_jax.models.mmdit.RELEASES``) at ``rate``: the
+    architecture comes from the converted checkpoint (``variant`` only states it for the planner
+    and for runs without one)."""
+    c = base_config()
+    c.model.variant = variant
+    c.rate = rate
+    # [ours] FSDP over every chip: `python -m percov2_jax.plan` at global batch 160 on 32 chips needs
+    # 12.2 GiB per chip for SD3-medium with fsdp=32 (fits v4, v5e, v5p) but 47.4 GiB with plain data
+    # parallelism (v5p only); docs/sharding.md has the tables.
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
     return c

@@ -44,6 +44,9 @@ class Trainer:
 
     def __init__(self, config, workdir: str | os.PathLike | RunDir, devices=None):
 
+        # The architecture comes from the converted checkpoint unless the config states it; the
+        # config the run stores then states it, so the codec and the prior need no checkpoint.
+        build.resolve_architecture(config)
         self.config, self.run = config, RunDir(workdir)
         m = config.mesh
         self.mesh = sharding_lib.make_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
@@ -53,7 +56,7 @@ class Trainer:
         self.codec, vae_params = build.build_latent_codec(
             config, self.source, self.run.patch_autoencoder, mesh=self.mesh
         )
-        self.text = build.build_text_conditioner(config)
+        self.text = build.build_text_conditioner(config, mesh=self.mesh)
         build.require_text_for(self.text, self.source)
         replicated = sharding_lib.replicated(self.mesh)
         self.vae_params = (
@@ -108,16 +111,16 @@ class Trainer:
     def next_batch(self) -> tuple[dict[str, jax.Array], dict[str, np.ndarray]]:
         """The next global batch (images and caption embeddings) and this process's raw rows."""
         local = next(self.iterator)
-        if hasattr(self.text, "lookup"):
+        batch = sharding_lib.global_batch({"image": np.asarray(local["image"], np.float32)}, self.mesh)
+        if hasattr(self.text, "encode"):  # encoders on the mesh: the embeddings never visit the host
+            seq, pooled = self.text.encode([str(c) for c in local["caption"]])
+        elif hasattr(self.text, "lookup"):
             seq, pooled = self.text.lookup([str(i) for i in local["id"]])
         else:
             seq, pooled = self.text([str(c) for c in local["caption"]])
-        arrays = {
-            "image": np.asarray(local["image"], np.float32),
-            "encoder_hidden_states": seq,
-            "pooled_projections": pooled,
-        }
-        return sharding_lib.global_batch(arrays, self.mesh), local
+        if not isinstance(seq, jax.Array):
+            seq, pooled = sharding_lib.global_batch({"s": seq, "p": pooled}, self.mesh).values()
+        return {**batch, "encoder_hidden_states": seq, "pooled_projections": pooled}, local
 
     def train_steps(self, num_steps: int, on_step=None) -> list[dict[str, float]]:
         """Run ``num_steps`` steps without checkpoints or logs; returns the per-step metrics."""
