@@ -2,7 +2,7 @@
 of time for a mesh of TPU (or GPU) devices and print per-device memory, FLOPs and step times.
 
   python -m percov2_jax.plan --config configs/sd3_medium_ultralow.py --mesh data=1,fsdp=32,tensor=1 \
-      --device_kind tpu_v5p [--mfu 0.4] [--programs train,decode] [--json plan.json] \
+      --device_kind tpu_v5p [--mfu 0.4] [--programs train,decode,text] [--json plan.json] \
       [--config.model.remat_policy=full] [--config.train.global_batch_size=160]
 
 TPU kinds are compiled by XLA's TPU compiler from libtpu (no TPU needed: ``pip install

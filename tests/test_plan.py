@@ -165,3 +165,38 @@ def test_device_kinds_take_their_peaks_from_the_flop_table():
         "h100": 989e12,
         "a100": 312e12,
     }
+
+
+def test_text_encoders_of_the_release_have_its_parameter_counts():
+    """The planner's SD3 text encoders (used without a checkpoint) are the release's: the
+    parameter counts of CLIPTextModelWithProjection (ViT-L/14 and bigG/14) and T5-XXL's encoder
+    as transformers counts them."""
+    import jax
+    from flax import linen as nn
+
+    from percov2_jax.convert import registry
+    from percov2_jax.planning.plan import SD3_TEXT_ENCODERS
+
+    counts = {}
+    for name, config in SD3_TEXT_ENCODERS.items():
+        module, kind = registry.build_module(config)
+        counts[name] = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(registry.abstract_params(module, kind))))
+    assert counts == {"clip_l": 123_650_304, "clip_g": 694_659_840, "t5": 4_762_310_656}
+
+
+def test_resident_weights_add_to_the_peak_of_the_other_program():
+    """``train_step+text_encoders``: each program's peak plus the other's resident arguments,
+    whichever is larger, and both programs' code; FLOPs summed; an out-of-memory program stays one."""
+    from percov2_jax.planning.plan import CompiledCost, with_resident
+
+    def cost(name, args, temps, flops, oom=None):
+        return CompiledCost(name, args, 0, 0, temps, 0, 10.0, flops, 1.0, oom)
+
+    step, text = cost("train_step", 100, 1000, 5.0), cost("text_encoders", 30, 400, 2.0)
+    both = with_resident(step, text, "train_step+text_encoders")
+    assert both.peak_bytes == max(step.peak_bytes + 30, text.peak_bytes + 100) == 1130
+    assert both.argument_bytes == 130 and both.model_flops == 7.0
+    big_text = cost("text_encoders", 30, 5000, 2.0)
+    assert with_resident(step, big_text, "x").peak_bytes == big_text.peak_bytes + 100
+    refused = cost("train_step", 0, 9999, 5.0, oom="out of memory")
+    assert with_resident(refused, text, "x").out_of_memory == "out of memory"
