@@ -9,7 +9,9 @@
 
 The image list is PerCo's (fetched and cached, or config.dataset.image_list). Captions: the decoder is
 conditioned on the first ground-truth caption and the CLIP score uses another one
-(config.dataset.conditioning; "file" for BLIP-2 / Molmo captions).
+(config.dataset.conditioning; "file" for BLIP-2 / Molmo captions). Captions are coded with zlib,
+the papers' coder (`percov2 compress` uses the shorter word-ngram-v1), so the bpp compares with
+the papers'; the summary also gives the bpp as the papers count it (caption + tokens).
 """
 
 from percov2_jax.evaluation.defaults import base_eval_config
@@ -21,4 +23,5 @@ def get_config():
     # [paper, PerCo] 20 steps, CFG 3 at the lowest rates; PerCoV2's own: unstated
     c.modes = (dict(sample_steps=20, guidance_scale=3.0),)
     c.shard_size = 256  # [ours]
+    c.caption_coder = "zlib"  # [paper] the papers code captions with zlib (set in the defaults too)
     return c

@@ -8,6 +8,9 @@
 Kodak has no captions: the decoder gets "" unless config.dataset.captions names a caption file
 (conditioning "gt" then uses it). FID/KID on 24 images are not meaningful (PerCo reports only
 LPIPS and MS-SSIM on Kodak), so they are off; the CLIP score needs captions.
+Captions are coded with zlib, the papers' coder (`percov2 compress` uses the shorter
+word-ngram-v1), so the bpp compares with the papers'; the summary also gives the bpp as the
+papers count it (caption + tokens, no header or checksum).
 """
 
 from percov2_jax.evaluation.defaults import base_eval_config
@@ -26,4 +29,5 @@ def get_config():
         dict(sample_steps=20, guidance_scale=1.0),
     )
     c.shard_size = 8  # [ours]
+    c.caption_coder = "zlib"  # [paper] the papers code captions with zlib (set in the defaults too)
     return c

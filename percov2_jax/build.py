@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from percov2_jax import pretrained, rates, storage
+from percov2_jax import rates, storage
 from percov2_jax.models import mmdit
 from percov2_jax.models.hyper_encoder import HyperEncoderConfig
 from percov2_jax.models.mmdit import SD3TransformerConfig
@@ -65,6 +65,8 @@ def transformer_config(config) -> SD3TransformerConfig:
         return SD3TransformerConfig.from_dict(named)
     checkpoint = config.pretrained.get("checkpoint", "")
     if checkpoint:
+        from percov2_jax import pretrained
+
         base = pretrained.component_config(checkpoint, "transformer")
         base = {k: v for k, v in base.items() if not k.startswith("_")}
         _check_architecture(checkpoint, {k: (v, base.get(k)) for k, v in named.items()})
@@ -260,6 +262,8 @@ def load_pretrained_transformer(config, model: PerCoV2, mesh) -> Any | None:
     """Pretrained SD3 transformer params (on the mesh, in the model's scan layout), or None."""
     if not config.pretrained.checkpoint:
         return None
+    from percov2_jax import pretrained
+
     module, params = pretrained.load(
         config.pretrained.checkpoint,
         components=("transformer",),

@@ -4,15 +4,21 @@
           [--tokenizers PIPELINE_FOLDER]
   percov2 inspect CHECKPOINT
 
-  percov2 compress IMAGE|FOLDER -o OUT --checkpoint STAGE1_WORKDIR [--caption TEXT | --captions FILE]
+  percov2 compress IMAGE|FOLDER -o OUT --checkpoint STAGE1_WORKDIR
+          [--caption TEXT | --captions FILE | --captioner MODEL_DIR [--captioner-batch N]]
           [--schedule qlds --steps S] [--hybrid-groups k [--temperature T --hybrid-seed N]]
           [--entropy-mode prior|uniform] [--prior PRIOR_WORKDIR] [--resize-policy pad|resize]
   percov2 decompress OUT.pcv2|FOLDER -o IMAGE.png|FOLDER --checkpoint STAGE1_WORKDIR [--steps N --guidance G --seed S]
   percov2 info OUT.pcv2|FOLDER
+  percov2 export STAGE1_WORKDIR BUNDLE [--step N] [--prior PRIOR_WORKDIR|none] [--overwrite]
+
+``--checkpoint`` takes a stage-1 workdir or a bundle made by ``percov2 export`` (the same codec,
+quicker to load). compress, decompress and export keep compiled programs in a persistent cache
+(``--compilation-cache DIR``, ``--no-compilation-cache``; `percov2_jax.compilation_cache`).
 
 The stage-2 prior is read from ``STAGE1_WORKDIR/prior`` unless ``--prior`` names another run
 (``--prior none``: uniform coding only). Bad bitstreams exit with status 2 and one line naming
-the problem.
+the problem; so does a damaged or partial bundle.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import argparse
 import json
 import pathlib
 import sys
+
+from percov2_jax import compilation_cache
 
 
 def _convert(args) -> int:
@@ -93,19 +101,76 @@ def _prior_arg(value):
     return False if value == "none" else value
 
 
-def _compress(args) -> int:
-    from tqdm import tqdm
-
-    from percov2_jax.codec.api import Codec
-    from percov2_jax.codec.bitstream import BitstreamError
-    from percov2_jax.data.sources import IMAGE_EXTENSIONS, read_image
-
-    files = _inputs(args.input, IMAGE_EXTENSIONS)
-    caption_file = None
+def _compress_captions(args, files: list[pathlib.Path], many: bool) -> list[str]:
+    """The caption each of ``files`` is sent with: ``--caption``, else ``--captions FILE``, else
+    ``--captioner DIR`` (batched), else the empty caption, said once on stderr."""
+    if args.captioner is not None and (args.caption is not None or args.captions):
+        raise SystemExit("percov2 compress: --captioner cannot be combined with --caption or --captions")
+    if args.caption is not None:
+        return [args.caption] * len(files)
     if args.captions:
         from percov2_jax.captions import CaptionFile
 
         caption_file = CaptionFile(args.captions)
+        try:
+            return [caption_file.caption_for(f.name) for f in files]
+        except KeyError as e:
+            raise SystemExit(f"percov2 compress: {e.args[0]}") from None
+    if args.captioner is None:
+        print(
+            "percov2 compress: no caption given (--caption, --captions or --captioner): coding the empty caption",
+            file=sys.stderr,
+        )
+        return [""] * len(files)
+    from tqdm import tqdm
+
+    from percov2_jax.captions.captioner import Captioner
+    from percov2_jax.data.sources import read_image
+
+    batch = args.captioner_batch
+    if batch < 1:
+        raise SystemExit(f"percov2 compress: --captioner-batch must be at least 1, got {batch}")
+    try:
+        captioner = Captioner(args.captioner)
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        raise SystemExit(f"percov2 compress: --captioner: {e}") from None
+    captions: list[str] = []
+    for start in tqdm(range(0, len(files), batch), disable=not many, desc="caption"):
+        captions += captioner.captions([read_image(f) for f in files[start : start + batch]])
+    return captions
+
+
+def _write_caption_record(args, files: list[pathlib.Path], captions: list[str]) -> pathlib.Path:
+    """``OUTPUT/captions.tsv`` (``relative path<TAB>caption`` per image, a ``--captions`` file),
+    or ``captions.jsonl`` when a caption or path has a line break or a path a tab."""
+    rows = [(f.relative_to(args.input).as_posix(), caption) for f, caption in zip(files, captions)]
+    one_line = all("\t" not in rel and len(f"{rel}\t{caption}".splitlines()) == 1 for rel, caption in rows)
+    record = pathlib.Path(args.output) / ("captions.tsv" if one_line else "captions.jsonl")
+    if args.captions and record.resolve() == pathlib.Path(args.captions).resolve():
+        raise SystemExit(f"percov2 compress: {record} is the --captions file; write the streams elsewhere")
+    if one_line:
+        text = "".join(f"{rel}\t{caption}\n" for rel, caption in rows)
+    else:
+        text = "".join(
+            json.dumps({"image": rel, "caption": caption}, ensure_ascii=False) + "\n" for rel, caption in rows
+        )
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(text, encoding="utf-8")
+    return record
+
+
+def _compress(args) -> int:
+    from tqdm import tqdm
+
+    from percov2_jax.codec.api import Codec
+    from percov2_jax.codec.bitstream import BitstreamError, bit_budget
+    from percov2_jax.data.sources import IMAGE_EXTENSIONS, read_image
+
+    files = _inputs(args.input, IMAGE_EXTENSIONS)
+    many = pathlib.Path(args.input).is_dir()
+    captions = _compress_captions(args, files, many)
+    if many:  # before compressing: a run that stops can resume with --captions OUTPUT/captions.tsv
+        _write_caption_record(args, files, captions)
     codec = Codec.from_workdir(args.checkpoint, prior=_prior_arg(args.prior), text_checkpoint=args.text_checkpoint)
     coding = {
         k: v
@@ -119,17 +184,7 @@ def _compress(args) -> int:
         ).items()
         if v is not None
     }
-    many = pathlib.Path(args.input).is_dir()
-    for f in tqdm(files, disable=not many, desc="compress"):
-        if args.caption is not None:
-            caption = args.caption
-        elif caption_file is not None:
-            try:
-                caption = caption_file.caption_for(f.name)
-            except KeyError as e:
-                raise SystemExit(f"percov2 compress: {e.args[0]}") from None
-        else:
-            caption = ""
+    for f, caption in tqdm(zip(files, captions), total=len(files), disable=not many, desc="compress"):
         try:
             data = codec.compress(
                 read_image(f), caption, caption_coder=args.caption_coder, resize_policy=args.resize_policy, **coding
@@ -142,7 +197,11 @@ def _compress(args) -> int:
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(data)
         if not many:
-            print(f"{dst}: {len(data)} bytes, {8 * len(data)} bits")
+            budget = bit_budget(data)
+            print(
+                f"{dst}: {len(data)} bytes, {budget['total_bits']} bits, {budget['total_bpp']:.5f} bpp "
+                f"(the papers count caption + tokens: {budget['paper_bpp']:.5f} bpp), caption {caption!r}"
+            )
     return 0
 
 
@@ -166,6 +225,30 @@ def _decompress(args) -> int:
         dst = _output(f, args.input, args.output, many, ".png")
         dst.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(dst)
+    return 0
+
+
+def _export(args) -> int:
+    from percov2_jax.codec import bundle
+
+    try:
+        manifest = bundle.export(
+            args.run,
+            args.output,
+            step=args.step,
+            prior=_prior_arg(args.prior),
+            prior_step=args.prior_step,
+            text_checkpoint=args.text_checkpoint,
+            overwrite=args.overwrite,
+        )
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"percov2 export: {e}") from None
+    source, prior = manifest["source"], manifest["prior_model_id"]
+    with_prior = f"prior of {source.get('prior_run')} step {source.get('prior_step')} (model {prior or 0:06x})"
+    print(
+        f"{args.output}: the codec of {source['run']} step {source['step']} ({source['weights']}), "
+        f"model {manifest['model_id']:06x}, {with_prior if prior else 'no prior'}"
+    )
     return 0
 
 
@@ -199,6 +282,7 @@ def _info(args) -> int:
             print(f"  schedule {name}, {h.steps} groups{hybrid}")
         for part in ("header", "caption", "tokens", "padding", "checksum", "total"):
             print(f"  {part:9s} {budget[part + '_bits']:6d} bits  {budget[part + '_bpp']:.5f} bpp")
+        print(f"  (the papers count caption + tokens: {budget['paper_bits']} bits, {budget['paper_bpp']:.5f} bpp)")
     return 0
 
 
@@ -234,14 +318,34 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compress", help="image (or folder of images) -> .pcv2")
     comp.add_argument("input")
     comp.add_argument("-o", "--output", required=True, help="output .pcv2 file, or folder when the input is a folder")
-    comp.add_argument("--checkpoint", required=True, help="a stage-1 training workdir (python -m percov2_jax.train)")
-    comp.add_argument("--caption", default=None, help="the caption to send (default: from --captions, else empty)")
+    comp.add_argument(
+        "--checkpoint", required=True, help="a stage-1 training workdir (python -m percov2_jax.train) or a bundle"
+    )
+    comp.add_argument(
+        "--caption",
+        default=None,
+        help="the caption to send for every image (default: from --captions or --captioner, else empty)",
+    )
     comp.add_argument(
         "--captions",
         default=None,
         help="captions file (TSV, JSONL or COCO) keyed by image file name; an image it does not caption is an error",
     )
-    comp.add_argument("--caption-coder", default="zlib")
+    comp.add_argument(
+        "--captioner",
+        default=None,
+        metavar="DIR",
+        help="caption each image with the local transformers image-to-text model (e.g. BLIP-2) saved in DIR "
+        "with save_pretrained; never downloads; not with --caption or --captions",
+    )
+    comp.add_argument(
+        "--captioner-batch", type=int, default=8, metavar="N", help="images per captioner call (default 8)"
+    )
+    comp.add_argument(
+        "--caption-coder",
+        default="word-ngram-v1",
+        help="word-ngram-v1 (default, the shortest), zlib (the papers' coder), word-ngram-v1+crc8, deflate-dict-v1",
+    )
     comp.add_argument(
         "--prior",
         default=None,
@@ -250,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--entropy-mode",
         default=None,
-        choices=["prior", "uniform"],
-        help="token coding (default: prior when one is loaded)",
+        choices=["auto", "prior", "uniform"],
+        help="token coding (default with a prior: auto, the shorter of prior and uniform coding; without: uniform)",
     )
     comp.add_argument(
         "--schedule",
@@ -277,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec = sub.add_parser("decompress", help=".pcv2 (or a folder of them) -> PNG at the original size")
     dec.add_argument("input")
     dec.add_argument("-o", "--output", required=True, help="output .png file, or folder when the input is a folder")
-    dec.add_argument("--checkpoint", required=True, help="the stage-1 workdir that compressed the stream")
+    dec.add_argument("--checkpoint", required=True, help="the stage-1 workdir or bundle that compressed the stream")
     dec.add_argument("--prior", default=None, help="stage-2 prior workdir (default: CHECKPOINT/prior if trained)")
     for command in (comp, dec):
         command.add_argument(
@@ -293,17 +397,39 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="sizes and bpp of a .pcv2 split into header, caption and tokens")
     info.add_argument("input")
     info.set_defaults(func=_info)
+    exp = sub.add_parser("export", help="a stage-1 run (and its prior) -> an inference bundle that loads fast")
+    exp.add_argument("run", help="a stage-1 training workdir")
+    exp.add_argument("output", help="the bundle folder to write (a local path or gs://bucket/...)")
+    exp.add_argument("--step", type=int, default=None, help="the checkpoint step (default: the latest)")
+    exp.add_argument("--prior", default=None, help="stage-2 prior workdir (default: RUN/prior if trained; 'none')")
+    exp.add_argument("--prior-step", type=int, default=None, help="the prior's checkpoint step (default: the latest)")
+    exp.add_argument(
+        "--text-checkpoint",
+        default="",
+        help="the SD3 text encoders the bundle refers to (default: those the run's config names; not copied)",
+    )
+    exp.add_argument("--overwrite", action="store_true")
+    exp.set_defaults(func=_export)
+    for command in (comp, dec, exp):
+        compilation_cache.add_arguments(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from percov2_jax.codec.bitstream import BitstreamError
+    from percov2_jax.codec.bundle import BundleError
 
     try:
-        return args.func(args)
+        if not hasattr(args, "compilation_cache_enabled"):
+            return args.func(args)
+        with compilation_cache.configured(args.compilation_cache, args.compilation_cache_enabled):
+            return args.func(args)
     except BitstreamError as e:
         print(f"percov2: {getattr(args, 'input', '')}: {e}", file=sys.stderr)
+        return 2
+    except BundleError as e:  # a damaged or partial --checkpoint bundle
+        print(f"percov2: {e}", file=sys.stderr)
         return 2
 
 

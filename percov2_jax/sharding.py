@@ -96,10 +96,16 @@ def abstract_variables(module: nn.Module, example_inputs: tuple, mesh: Mesh) -> 
     parameters' logical axes. Nothing is allocated."""
     from percov2_jax.models.layers import unboxed
 
-    rngs = {"params": jax.random.key(0), "vq": jax.random.key(0)}
-    boxed = jax.eval_shape(lambda: module.init(rngs, *example_inputs))
+    boxed = abstract_boxed_variables(module, example_inputs)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_AXIS_RULES)
     return unboxed(boxed), shardings
+
+
+def abstract_boxed_variables(module: nn.Module, example_inputs: tuple) -> Any:
+    """``jax.eval_shape`` of ``module.init(*example_inputs)``: every variable collection, its
+    leaves boxed with their logical axes (``nn.get_partition_spec`` reads them)."""
+    rngs = {"params": jax.random.key(0), "vq": jax.random.key(0)}
+    return jax.eval_shape(lambda: module.init(rngs, *example_inputs))
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -170,6 +170,7 @@ def test_typical_header_size():
     assert budget["caption_bits"] == 8 * len(CAPTION) == 496 and budget["tokens_bits"] == 512
     assert budget["total_bits"] == 1096
     assert budget["total_bpp"] == pytest.approx(1096 / 512**2)
+    assert budget["paper_bits"] == 496 + 512 and budget["paper_bpp"] == pytest.approx(1008 / 512**2)
     overhead = budget["header_bits"] + budget["checksum_bits"] + budget["padding_bits"]
     assert overhead / 1000 == pytest.approx(0.088)
 

@@ -69,8 +69,13 @@ RANDOM_TEXTS = [random_text(random.Random(seed)) for seed in range(300)]
 # coders ----------------------------------------------------------------------------------
 
 
-def test_zlib_is_the_papers_coder_and_the_default():
-    assert get_coder().name == "zlib"
+def test_zlib_is_the_papers_coder_and_word_ngram_the_default():
+    from percov2_jax.captions import DEFAULT_CODER, PAPER_CODER
+    from percov2_jax.cli import build_parser
+
+    assert get_coder().name == DEFAULT_CODER == "word-ngram-v1" and PAPER_CODER == "zlib"
+    compress = build_parser().parse_args(["compress", "x.png", "-o", "x.pcv2", "--checkpoint", "run"])
+    assert compress.caption_coder == DEFAULT_CODER
     for text in EDGE_CASES + EVAL[:20]:
         assert get_coder("zlib").encode(text) == zlib.compress(text.encode("utf-8"), 9)
 

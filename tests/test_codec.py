@@ -101,7 +101,7 @@ def test_command_line(workdir, tmp_path):
         )
         == 0
     )
-    assert sorted(p.name for p in (tmp_path / "z").iterdir()) == ["a.pcv2", "b.pcv2"]
+    assert sorted(p.name for p in (tmp_path / "z").iterdir()) == ["a.pcv2", "b.pcv2", "captions.tsv"]
     assert cli.main(["info", str(tmp_path / "z" / "a.pcv2")]) == 0
     assert (
         cli.main(
@@ -194,6 +194,8 @@ def test_command_line_prior_and_hybrid(workdir, prior_workdir, tmp_path, capsys)
                 "9",
                 "--caption",
                 "a ramp",
+                "--entropy-mode",
+                "prior",
             ]
         )
         == 0
@@ -262,13 +264,13 @@ def test_prior_codes_every_schedule_exactly(prior_codec, photo):
     from percov2_jax.codec import bitstream
     from percov2_jax.entropy import mim, schedules
 
-    assert prior_codec.coding.entropy_mode == "prior" and prior_codec.prior_model_id != prior_codec.model_id
+    assert prior_codec.coding.entropy_mode == "auto" and prior_codec.prior_model_id != prior_codec.model_id
     indices, _, _ = prior_codec.tokens(photo)
     caption = "a photograph"
     embedding = prior_codec.caption_embedding(caption)
     assert embedding is not None and embedding.shape == (prior_codec.prior.model.config.caption_dim,)
     for name in ("qlds", "checkerboard", "quincunx", "implicit_var", "raster", "random"):
-        data = prior_codec.compress(photo, caption, schedule=name)
+        data = prior_codec.compress(photo, caption, schedule=name, entropy_mode="prior")
         header = bitstream.unpack(data).header
         schedule = schedules.make_schedule(name, *indices.shape)
         assert (header.entropy_mode, header.schedule_id, header.steps) == (
@@ -294,7 +296,7 @@ def test_hybrid_streams_keep_sent_tokens_and_generate_the_rest(prior_codec, phot
     indices, _, _ = prior_codec.tokens(photo)
     schedule = schedules.make_schedule("qlds", *indices.shape)
     sent = np.concatenate(schedule.groups[:3])
-    full_bits = bitstream.bit_budget(prior_codec.compress(photo, "x"))["tokens_bits"]
+    full_bits = bitstream.bit_budget(prior_codec.compress(photo, "x", entropy_mode="prior"))["tokens_bits"]
     prior = prior_codec.prior
     for mode, temperature, seed in (("prior", 0.0, 0), ("prior", 0.7, 5), ("uniform", 0.0, 0)):
         data = prior_codec.compress(photo, "x", entropy_mode=mode, hybrid_groups=3, temperature=temperature, seed=seed)
@@ -326,7 +328,7 @@ def test_prior_streams_need_the_prior(codec, prior_codec, photo, workdir, prior_
     from percov2_jax.codec import bitstream
     from percov2_jax.codec.api import load_token_prior
 
-    data = prior_codec.compress(photo, "x")
+    data = prior_codec.compress(photo, "x", entropy_mode="prior")
     with pytest.raises(bitstream.BitstreamError, match="needs a stage-2 prior") as e:
         codec.decode_tokens(data)
     assert e.value.kind == "model"
@@ -352,6 +354,54 @@ def test_prior_streams_need_the_prior(codec, prior_codec, photo, workdir, prior_
         prior_codec.decode_tokens(forged)
 
 
+def test_auto_mode_sends_the_shorter_coding(prior_codec, photo):
+    """The default ``auto`` mode is never longer than uniform coding, whatever the prior: a prior
+    made confidently wrong (its output bias pinned to token 0) loses to uniform coding on a photo
+    and wins on a map of zeros; hybrid streams choose the cheaper coding of the sent groups."""
+    import dataclasses
+
+    import jax
+
+    from percov2_jax.codec import bitstream
+    from percov2_jax.codec.token_payload import TokenCoding, TokenPrior
+
+    def pin_bias(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if leaf.ndim == 1 and leaf.shape[0] == 256 and "bias" in name:
+            return leaf.at[:].set(-30.0).at[0].set(30.0)
+        return leaf
+
+    pinned = jax.tree_util.tree_map_with_path(pin_bias, prior_codec.prior.params)
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pinned), jax.tree.leaves(prior_codec.prior.params))
+    )
+    wrong = dataclasses.replace(prior_codec, prior=TokenPrior.from_params(prior_codec.prior.model, pinned))
+    indices, size, _ = wrong.tokens(photo)
+    assert (indices != 0).mean() > 0.5
+    lengths = {}
+    for mode in ("auto", "prior", "uniform"):
+        data = wrong.pack(indices, size, None, "x", "zlib", TokenCoding(mode))
+        lengths[mode] = len(data)
+        np.testing.assert_array_equal(wrong.decode_tokens(data)[0], indices)
+        if mode == "auto":
+            assert bitstream.unpack(data).header.entropy_mode == "uniform"
+    assert lengths["prior"] > 2 * lengths["uniform"] and lengths["auto"] == lengths["uniform"]
+    zeros = np.zeros_like(indices)
+    auto = wrong.pack(zeros, size, None, "x", "zlib", TokenCoding("auto"))
+    assert bitstream.unpack(auto).header.entropy_mode == "prior"
+    assert len(auto) == len(wrong.pack(zeros, size, None, "x", "zlib", TokenCoding("prior"))) < lengths["uniform"]
+    np.testing.assert_array_equal(wrong.decode_tokens(auto)[0], zeros)
+    hybrid = TokenCoding("auto", hybrid_groups=3)
+    data = wrong.pack(indices, size, None, "x", "zlib", hybrid)
+    header = bitstream.unpack(data).header
+    assert (header.entropy_mode, header.hybrid_groups) == ("uniform", 3)
+    assert len(data) <= len(
+        wrong.pack(indices, size, None, "x", "zlib", dataclasses.replace(hybrid, entropy_mode="prior"))
+    )
+    with pytest.raises(ValueError, match="entropy_mode must be one of"):
+        TokenCoding("best")
+
+
 def test_resize_policy_and_size_limits(codec, photo):
     from percov2_jax.codec import bitstream
 
@@ -373,7 +423,7 @@ def test_forged_prior_payloads_fail_cleanly(prior_codec, photo):
     decoder returns some in-range token map or raises BitstreamError; nothing else, no hang."""
     from percov2_jax.codec import bitstream
 
-    stream = bitstream.unpack(prior_codec.compress(photo[:64, :64], "x"))  # 4x4 tokens, qlds
+    stream = bitstream.unpack(prior_codec.compress(photo[:64, :64], "x", entropy_mode="prior"))  # 4x4, qlds
     rng = np.random.default_rng(0)
     outcomes = {"tokens": 0, "error": 0}
     for _ in range(40):

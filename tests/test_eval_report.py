@@ -51,6 +51,7 @@ def _summary(label="tiny", modes=None):
             bpp_caption=0.002,
             bpp_tokens=0.003,
             bpp_header=0.0002,
+            bpp_paper=0.005,
             psnr=15.2,
             ms_ssim=0.41,
             lpips=0.52,
@@ -107,9 +108,16 @@ def test_summary_markdown_columns_nulls_and_failures():
     text = report.summary_markdown(_summary())
     assert text.startswith("# Evaluation of tiny on kodak")
     header = _table_header(text)
-    assert header[:5] == ["mode", "steps", "guidance", "coding", "bpp (caption / tokens / header)"]
+    assert header[:6] == [
+        "mode",
+        "steps",
+        "guidance",
+        "coding",
+        "bpp (caption / tokens / header)",
+        "bpp as the papers count",
+    ]
     # FID is null in every mode: no column; the others keep METRICS order, with arrows.
-    assert header[5:] == [
+    assert header[6:] == [
         "PSNR (dB) ↑",
         "MS-SSIM ↑",
         "LPIPS ↓",
@@ -118,9 +126,9 @@ def test_summary_markdown_columns_nulls_and_failures():
         "CLIP score (originals) ↑",
     ]
     first, second = _table_rows(text)
-    assert first[:5] == ["steps20_cfg3.0", "20", "3.0", "prior, qlds", "0.0052 (0.0020 / 0.0030 / 0.0002)"]
+    assert first[:6] == ["steps20_cfg3.0", "20", "3.0", "prior, qlds", "0.0052 (0.0020 / 0.0030 / 0.0002)", "0.0050"]
     assert first[header.index("KID ×10³ ↓")] == "1.100"
-    assert second[4] == "0.0052"  # no split computed
+    assert second[4:6] == ["0.0052", "—"]  # no split computed
     assert second[header.index("LPIPS ↓")] == "—" and second[header.index("CLIP score ↑")] == "—"
     assert "22 of 24 images evaluated; 2 failed: kodim03.png (missing), kodim07.png (corrupt)" in text
     assert "- inception: random (smoke test: numbers are meaningless)" in text

@@ -111,7 +111,7 @@ def test_record_equals_a_user_round_trip(one_process, prior_workdir, stage1_work
     dataset = build_dataset(config.dataset)
     codec = Codec.from_workdir(stage1_workdir, sample_steps=2, guidance_scale=3.0)
     item = dataset.load(1)
-    data = codec.compress(item["image"], item["caption"])
+    data = codec.compress(item["image"], item["caption"], config.caption_coder)  # the paper's zlib
     picture = codec.decompress(data)
     record = [
         r

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +99,20 @@ def test_codec_latency(tmp_path, stage1_workdir, prior_workdir):
         "| token features + flow sampling (Euler, CFG) | jit, one lax.scan |",
         "| 128 | prior-qlds | 64 | 12 |",
     ):
+        assert row in text
+
+
+def test_codec_startup(tmp_path, stage1_workdir, prior_workdir):
+    report, text = run_quick("codec_startup", tmp_path, "--workdir", stage1_workdir)
+    assert list(report["single"]) == ["run, cache off", "bundle, cache on"]
+    for entry in report["single"].values():
+        for command in ("compress", "decompress"):
+            assert len(entry[command]["raw_s"]) == 2 and entry[command]["second_s"] > 0
+    assert report["identical"] == {"streams": True, "pngs": True}
+    assert report["folder"]["images"] == 3 and set(report["folder"]["runs"]) == {"bundle, cache on"}
+    assert {"import jax", "import the codec, load it from the bundle"} <= set(report["pieces"])
+    assert report["bundle_bytes"] > 0 and report["export_s"] > 0
+    for row in ("| run | cache off |", "| bundle | cache on |", "Identical output in every configuration"):
         assert row in text
 
 
@@ -230,3 +245,16 @@ def test_convert_memory(tmp_path):
     assert run["peak_rss_bytes"] > 0 and report["baseline"]["peak_rss_bytes"] > 0
     assert run["above_baseline_bytes"] == run["peak_rss_bytes"] - report["baseline"]["peak_rss_bytes"]
     assert "| t5 | " in text and "| float32 | " in text and "(peak − baseline) / largest" in text
+
+
+def test_token_coding_guard(tmp_path, stage1_workdir, prior_workdir):
+    report, text = run_quick("token_coding_guard", tmp_path, "--stage1", stage1_workdir)
+    for part, maps in (("held_out", 10), ("training", 5)):
+        s = report[part]
+        assert s["maps"] == maps and len(s["rows"]) == maps
+        assert s["bits_per_token"]["uniform"] == s["log2_vocab"] == 8.0
+        # auto never codes a map's tokens longer than uniform, nor a stream longer than the uniform one
+        assert s["worst_excess_bits"]["auto"] <= 0 and s["worst_stream_excess_bits"]["auto"] <= 0
+        for eps in ("0.001", "0.01", "0.03", "0.1"):
+            assert s["bits_per_token"][f"floor {eps} (ideal)"] <= 8 - np.log2(float(eps)) + 1e-9
+    assert "## Held-out photographs: 10 maps" in text and "| auto |" in text

@@ -1,7 +1,7 @@
 """Captions: lossless caption coders, the caption length policy, and caption sources.
 
   from percov2_jax import captions
-  coder = captions.get_coder("word-ngram-v1")      # or "zlib", the papers' coder (default)
+  coder = captions.get_coder()                     # "word-ngram-v1"; "zlib" is the papers' coder
   text = captions.CaptionPolicy(max_tokens=32).apply("a man riding a horse on a dirt road near a barn")
   data = coder.encode(text)                         # 7 bytes; zlib: 49
   assert coder.decode(data) == text
@@ -15,6 +15,7 @@ coder and fixed models behind ``word-ngram-v1``), `fit` (rebuilds the stored tab
 from percov2_jax.captions.coders import (
     CODERS,
     DEFAULT_CODER,
+    PAPER_CODER,
     CaptionCoder,
     CaptionDecodeError,
     CheckedCoder,
@@ -29,6 +30,7 @@ from percov2_jax.captions.sources import CaptionFile, CaptionFileError, FixedCap
 __all__ = [
     "CODERS",
     "DEFAULT_CODER",
+    "PAPER_CODER",
     "CaptionCoder",
     "CaptionDecodeError",
     "CheckedCoder",

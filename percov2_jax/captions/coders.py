@@ -4,20 +4,20 @@ Every coder has a ``name``, ``encode(text: str) -> bytes`` and ``decode(data: by
 The bytes are not self-delimiting: the bitstream container stores their length.
 
 * ``zlib`` — ``zlib.compress(text.encode("utf-8"), 9)``, the coder of the PerCo/PerCoV2 papers
-  (the default, for paper-exact rates). Corruption: adler32 checksum; truncation and trailing
-  bytes are detected.
+  (``PAPER_CODER``: what the paper-comparison evaluations use, for paper-exact rates).
+  Corruption: adler32 checksum; truncation and trailing bytes are detected.
 * ``deflate-dict-v1`` — raw deflate (no zlib header, no checksum) at level 9 with a preset
   dictionary of training captions (``data/deflate_dict_v1.txt``). Corruption: truncation and
   trailing bytes are detected; a flipped bit may decode to a different text silently.
-* ``word-ngram-v1`` — range coding under a fixed word trigram model with a character-level
-  escape for unknown words (``data/ngram_v1.json``, see `ngram`), or, when shorter, ``0xFF`` +
-  the UTF-8 bytes (so it is never more than 1 byte longer than the UTF-8 text). Corruption: the
-  decoder accepts exactly the encoder's outputs (it re-encodes what it decoded and raises unless
-  the bytes match), which rejects nearly all trailing bytes; but a near-optimal code has almost
-  no redundancy, so most truncations and many bit flips decode to another text without error
-  (measured on the eval captions: 82% of truncations, 39% of single-bit flips, 7% of one-byte
-  paddings; in raw mode nothing is checked beyond UTF-8 validity). Use ``+crc8`` below, or integrity
-  checks in the container, where that matters.
+* ``word-ngram-v1`` — (``DEFAULT_CODER``, the codec's default) range coding under a fixed word
+  trigram model with a character-level escape for unknown words (``data/ngram_v1.json``, see
+  `ngram`), or, when shorter, ``0xFF`` + the UTF-8 bytes (so it is never more than 1 byte longer
+  than the UTF-8 text). Corruption: the decoder accepts exactly the encoder's outputs (it re-encodes
+  what it decoded and raises unless the bytes match), which rejects nearly all trailing bytes; but a
+  near-optimal code has almost no redundancy, so most truncations and many bit flips decode to
+  another text without error (measured on the eval captions: 82% of truncations, 39% of single-bit
+  flips, 7% of one-byte paddings; in raw mode nothing is checked beyond UTF-8 validity). Use
+  ``+crc8`` below, or integrity checks in the container, where that matters.
 * ``word-ngram-v1+crc8`` — ``word-ngram-v1`` plus one byte of the text's CRC-32 (`CheckedCoder`):
   one byte more, and a random corruption or truncation is rejected with probability 255/256.
 
@@ -257,7 +257,10 @@ _FACTORIES = {
     WordNGramCoder.name + "+crc8": lambda: CheckedCoder(get_coder(WordNGramCoder.name), 1),
 }
 CODERS: tuple[str, ...] = tuple(_FACTORIES)
-DEFAULT_CODER = ZlibCoder.name
+# The shortest coder with no loss of robustness inside a .pcv2 stream (whose CRC-16 covers the
+# caption): the codec's default. ``zlib`` stays for paper-exact rates (the evaluation configs).
+DEFAULT_CODER = WordNGramCoder.name
+PAPER_CODER = ZlibCoder.name
 
 
 @functools.cache

@@ -34,11 +34,11 @@ import numpy as np
 from PIL import Image
 
 from percov2_jax import rates, sharding
+from percov2_jax.captions.coders import DEFAULT_CODER
 from percov2_jax.codec import bitstream, networks, token_payload
 from percov2_jax.codec.token_payload import TokenCoding, TokenPrior
 from percov2_jax.data.sources import array_to_rgb, to_rgb
 from percov2_jax.entropy import schedules
-from percov2_jax.runs import prior as prior_runs
 from percov2_jax.runs.layout import RunDir
 from percov2_jax.runs.stage1 import load_stage1
 
@@ -71,7 +71,7 @@ class Codec:
 
     def __post_init__(self):
         if self.coding is None:
-            self.coding = TokenCoding(entropy_mode="prior" if self.prior is not None else "uniform")
+            self.coding = TokenCoding(entropy_mode="auto" if self.prior is not None else "uniform")
         if self.resize_policy not in RESIZE_POLICIES:
             raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {self.resize_policy!r}")
         if self.prior is not None:
@@ -98,8 +98,9 @@ class Codec:
         text_checkpoint: str = "",
         **options,
     ) -> Codec:
-        """Load the latest (or ``step``) checkpoint of a stage-1 training run on this process's
-        first local device, or on ``mesh`` (a ``(data, fsdp, tensor)`` mesh of this process's
+        """Load the latest (or ``step``) checkpoint of a stage-1 training run, or a bundle
+        (``percov2 export``, `percov2_jax.codec.bundle`: the same codec, loaded faster), on this
+        process's first local device, or on ``mesh`` (a ``(data, fsdp, tensor)`` mesh of this process's
         devices, from `percov2_jax.sharding.make_mesh`): parameters are placed by the logical-axis
         rule table and `compress_batch` / `decompress_batch` split their batch over
         ``(data, fsdp)``.
@@ -111,13 +112,21 @@ class Codec:
         ``pretrained.checkpoint``), or to replace a run's encoders.
         ``options``: dataclass fields (``sample_steps``, ``guidance_scale``, ``coding`` ...).
         """
-        run = RunDir(workdir)
-        stage1 = load_stage1(run, step, mesh=mesh, encode_captions=True, text_checkpoint=text_checkpoint)
+        from percov2_jax.codec import bundle
+
+        if bundle.is_bundle(workdir):
+            if step is not None:
+                raise ValueError(f"{workdir} is a bundle: it holds one step, step= does not apply")
+            loaded = bundle.load(workdir, mesh=mesh, text_checkpoint=text_checkpoint, with_prior=prior is None)
+            stage1, model_id, token_prior = loaded.stage1, loaded.model_id, loaded.prior
+        else:
+            run = RunDir(workdir)
+            stage1 = load_stage1(run, step, mesh=mesh, encode_captions=True, text_checkpoint=text_checkpoint)
+            model_id = model_fingerprint(stage1.config, stage1.vq_stats)
+            token_prior = None
+            if prior is None and run.prior.has_checkpoint():
+                prior = run.prior
         config = stage1.config
-        model_id = model_fingerprint(config, stage1.vq_stats)
-        token_prior = None
-        if prior is None and run.prior.has_checkpoint():
-            prior = run.prior
         if prior:
             token_prior = load_token_prior(prior, prior_step, expected_stage1_id=model_id)
         # Without encoders (MissingTextEncoder) an unlearned null text is needed only to decode:
@@ -228,7 +237,13 @@ class Codec:
         return np.asarray(self.text([caption])[1], np.float32)[0]
 
     def compress(
-        self, image, caption: str = "", caption_coder: str = "zlib", *, resize_policy: str | None = None, **coding
+        self,
+        image,
+        caption: str = "",
+        caption_coder: str = DEFAULT_CODER,
+        *,
+        resize_policy: str | None = None,
+        **coding,
     ) -> bytes:
         """One image to a .pcv2 byte string. ``coding``: `TokenCoding` fields overriding
         ``self.coding`` (``entropy_mode``, ``schedule``, ``steps``, ``hybrid_groups``,
@@ -236,7 +251,7 @@ class Codec:
         return self.compress_batch([image], [caption], caption_coder, resize_policy=resize_policy, **coding)[0]
 
     def compress_batch(
-        self, images, captions, caption_coder: str = "zlib", *, resize_policy: str | None = None, **coding
+        self, images, captions, caption_coder: str = DEFAULT_CODER, *, resize_policy: str | None = None, **coding
     ) -> list[bytes]:
         """Images of one coded size -> .pcv2 byte strings, each equal to `compress` of that image:
         the encoder runs once on the batch; the token payloads are coded one by one."""
@@ -259,23 +274,29 @@ class Codec:
         coding: TokenCoding,
     ) -> bytes:
         """One image's token map ``[h, w]`` and caption -> a .pcv2 byte string (``size``: the original
-        ``(H, W)``; ``policy``: the resize policy applied, None when none was)."""
+        ``(H, W)``; ``policy``: the resize policy applied, None when none was). Entropy mode
+        ``auto``: the shorter of the uniform and the prior-coded streams (uniform on a tie: it
+        decodes faster, and without the prior when no groups are generated)."""
         from percov2_jax.captions import get_coder
 
-        payload = token_payload.encode(
-            indices,
-            self.rate.codebook_size,
-            coding,
-            self.prior,
-            self.caption_embedding(caption) if coding.needs_prior else None,
-        )
-        header = self.stream_header(indices.shape, size, policy, caption_coder, coding)
-        return bitstream.pack(bitstream.CompressedImage(header, get_coder(caption_coder).encode(caption), payload))
+        caption_bytes = get_coder(caption_coder).encode(caption)
+        streams = []
+        for candidate in coding.candidates():
+            payload = token_payload.encode(
+                indices,
+                self.rate.codebook_size,
+                candidate,
+                self.prior,
+                self.caption_embedding(caption) if candidate.needs_prior else None,
+            )
+            header = self.stream_header(indices.shape, size, policy, caption_coder, candidate)
+            streams.append(bitstream.pack(bitstream.CompressedImage(header, caption_bytes, payload)))
+        return min(streams, key=len)
 
     def stream_header(
         self, grid: tuple[int, int], size: tuple[int, int], policy: str | None, caption_coder: str, coding: TokenCoding
     ) -> bitstream.StreamHeader:
-        """The header of the stream of a ``grid`` token map coded with ``coding``."""
+        """The header of the stream of a ``grid`` token map coded with ``coding`` (not ``auto``)."""
         fields = {}
         if coding.has_schedule:
             schedule = token_payload.build_schedule(coding, *grid)
@@ -373,6 +394,8 @@ def load_token_prior(
     workdir: str | os.PathLike | RunDir, step: int | None = None, expected_stage1_id: int | None = None
 ) -> TokenPrior:
     """A stage-2 prior; refuses one trained on another stage-1 model's tokens."""
+    from percov2_jax.runs import prior as prior_runs
+
     trained_on = prior_runs.read_prior_meta(workdir, step)["stage1_model_id"]
     if expected_stage1_id is not None and trained_on != expected_stage1_id:
         raise ValueError(

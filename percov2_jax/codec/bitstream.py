@@ -497,7 +497,9 @@ def bit_budget(data: bytes | CompressedImage) -> dict:
 
     Keys ``{part}_bits`` and ``{part}_bpp`` (bits per pixel of the original image size) for
     ``part`` in header, caption, tokens, padding, checksum and total (the parts sum to total),
-    plus ``height`` and ``width``. Raises `BitstreamError` for an invalid stream.
+    ``paper_bits`` / ``paper_bpp`` (what the PerCo/PerCoV2 papers count: caption + tokens, no
+    header, padding or checksum), plus ``height`` and ``width``. Raises `BitstreamError` for an
+    invalid stream.
     """
     if isinstance(data, CompressedImage):
         data = pack(data)
@@ -505,6 +507,7 @@ def bit_budget(data: bytes | CompressedImage) -> dict:
     parts["total"] = 8 * len(data)
     pixels = image.header.height * image.header.width
     budget = {"height": image.header.height, "width": image.header.width}
+    parts["paper"] = parts["caption"] + parts["tokens"]
     for part, bits in parts.items():
         budget[f"{part}_bits"] = bits
         budget[f"{part}_bpp"] = bits / pixels

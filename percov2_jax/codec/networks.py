@@ -4,6 +4,8 @@ and the decoder (token indices + caption embeddings -> image).
 Used by `percov2_jax.codec.api.Codec`, by stage-1 training for its reconstruction grids, by
 stage-2 training to make token maps, and by the planner to compile the decoder. The model and
 the latent codec are static arguments (flax modules are hashable); everything else is traced.
+While `percov2_jax.compilation_cache` keeps executables (the ``percov2`` commands), both come
+from its store: a second process neither traces nor compiles them.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from percov2_jax import flow
+from percov2_jax.compilation_cache import stored
 from percov2_jax.sharding import constrain_batch
 
 
+@stored(static_argnums=(0, 1))
 @jax.jit(static_argnums=(0, 1))
 def encode_tokens(model, latent_codec, params, vq_stats, codec_params, images: jax.Array) -> jax.Array:
     """Images ``[B, H, W, 3]`` float32 in [-1, 1] (sides multiples of 64) -> VQ indices ``[B, h, w]``
@@ -72,6 +76,7 @@ def sample_latents(
     return flow.sample(velocity, noise, cond, uncond, num_steps=num_steps, guidance_scale=guidance_scale, shift=shift)
 
 
+@stored(static_argnums=(0, 1, 10, 11, 12))
 @jax.jit(static_argnums=(0, 1, 10, 11, 12))
 def decode_tokens(
     model,

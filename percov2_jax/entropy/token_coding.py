@@ -27,15 +27,18 @@ from percov2_jax.entropy.schedules import Schedule
 def make_step_probabilities(apply_fn: Callable) -> Callable:
     """``fn(params, tokens [1, H, W] int32, revealed [1, H, W] bool, caption) -> probs [H*W, V] float32``.
 
-    ``apply_fn`` is the prior's ``model.apply``; the result is jitted once per grid shape.
+    ``apply_fn`` is the prior's ``model.apply``; the result is jitted once per grid shape, and
+    comes from `percov2_jax.compilation_cache`'s store while it is on.
     """
+    from percov2_jax.compilation_cache import stored
 
     @jax.jit
     def probabilities(params, tokens, revealed, caption):
         logits = apply_fn({"params": params}, tokens, revealed, caption)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).reshape(-1, logits.shape[-1])
 
-    return probabilities
+    module = getattr(apply_fn, "__self__", None)  # the prior, whose config the program depends on
+    return probabilities if module is None else stored(identity=repr(module))(probabilities)
 
 
 def _caption_batch(caption):

@@ -39,7 +39,9 @@ def base_eval_config() -> ml_collections.ConfigDict:
     # not a list: ml_collections overrides only tuples from the command line (--config.modes="[{...}, ...]").
     c.modes = ()
     c.coding = ml_collections.ConfigDict(dict(entropy_mode="", schedule=""))  # "" = the codec's default coding
-    c.caption_coder = "zlib"  # [paper] captions are zlib-coded
+    # [paper] captions are zlib-coded, so the paper-comparison configs (eval_coco30k, eval_kodak)
+    # count caption bits as the papers do; `percov2 compress` defaults to the shorter word-ngram-v1.
+    c.caption_coder = "zlib"
     c.resize_policy = "pad"  # sides that are not multiples of 64 (native sizes): pad | resize
     c.seed = 0  # [ours] decoder noise seed, the same for every image (as `percov2 decompress`)
     c.batch_size = 4  # [ours] images per encoder / decoder call on one process (padded to the mesh's batch axes)

@@ -12,7 +12,7 @@ Keys of a mode (all optional):
 - ``sample_steps`` (int >= 1): Euler steps of the decoder's sampler;
 - ``guidance_scale`` (float): classifier-free guidance on the caption;
 - ``coding`` (dict): `percov2_jax.codec.token_payload.TokenCoding` fields overriding the codec's
-  coding: ``entropy_mode`` ("prior" | "uniform"), ``schedule`` (a schedule name), ``steps`` (int
+  coding: ``entropy_mode`` ("auto" | "prior" | "uniform"), ``schedule`` (a schedule name), ``steps`` (int
   >= 1, the schedule's steps), ``hybrid_groups`` (int), ``temperature`` (float), ``seed`` (int);
 - ``name`` (str): the label in tables and plots (default e.g. ``s20_g3`` or ``s2_g1_uniform_h2``).
 

@@ -150,6 +150,7 @@ def _mode_row(mode: dict, metrics: list[Metric]) -> list[str]:
         _cell(mode.get("guidance_scale")),
         _cell(_coding_text(mode.get("coding"))),
         _bpp_text(values),
+        METRIC_BY_KEY["bpp"].format(values.get("bpp_paper")),
     ] + [m.format(values.get(m.key)) for m in metrics]
 
 
@@ -168,7 +169,8 @@ def _run_lines(run: dict, dataset: dict) -> list[str]:
 
 def summary_markdown(summary: dict) -> str:
     """The run's ``summary.json`` as markdown: title, run details, images line, the per-mode
-    table (only metrics computed for some mode; bpp split as total (caption / tokens / header)),
+    table (only metrics computed for some mode; bpp split as total (caption / tokens / header),
+    and as the papers count it: caption + tokens),
     notes and the metric weights used (so random smoke-test weights are visible)."""
     run = _require(summary, "run", "summary.json")
     dataset = _require(summary, "dataset", "summary.json")
@@ -177,7 +179,7 @@ def summary_markdown(summary: dict) -> str:
     lines = [f"# Evaluation of {run.get('label', '?')} on {dataset.get('name', '?')}", ""]
     lines += _run_lines(run, dataset) + [""]
     lines += [failures_line(_require(summary, "images", "summary.json")), ""]
-    header = ["mode", "steps", "guidance", "coding", "bpp (caption / tokens / header)"]
+    header = ["mode", "steps", "guidance", "coding", "bpp (caption / tokens / header)", "bpp as the papers count"]
     lines += _table(header + [m.header() for m in metrics], [_mode_row(mode, metrics) for mode in modes])
     if any(m.note for m in metrics):
         lines += [""] + [f"- {m.name}: {m.note}" for m in metrics if m.note]

@@ -226,6 +226,8 @@ class Evaluator:
                     "bpp_caption": budget["caption_bpp"],
                     "bpp_tokens": budget["tokens_bpp"],
                     "bpp_header": budget["total_bpp"] - budget["caption_bpp"] - budget["tokens_bpp"],
+                    "bpp_paper": budget["paper_bpp"],
+                    "entropy_mode": bitstream.unpack(streams[row]).header.entropy_mode,
                     "caption": item["caption"],
                 }
                 for name, values in per_image.items():
@@ -316,7 +318,17 @@ def missing_shards(workdir: str, num_items: int, shard_size: int) -> list[int]:
 
 # ------------------------------------------------------------------------------ aggregation
 
-PER_IMAGE_MEANS = ("bpp", "bpp_caption", "bpp_tokens", "bpp_header", "psnr", "ms_ssim", "lpips", "clip_score")
+PER_IMAGE_MEANS = (
+    "bpp",
+    "bpp_caption",
+    "bpp_tokens",
+    "bpp_header",
+    "bpp_paper",
+    "psnr",
+    "ms_ssim",
+    "lpips",
+    "clip_score",
+)
 
 
 def load_shards(workdir: str, num_items: int, shard_size: int, run_fingerprint: str) -> tuple[list, list, dict]:

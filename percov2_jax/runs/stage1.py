@@ -17,7 +17,6 @@ from jax.sharding import Mesh
 
 from percov2_jax import build, rates, sharding
 from percov2_jax.models.percov2 import PerCoV2
-from percov2_jax.runs import checkpointing
 from percov2_jax.runs.layout import RunDir
 
 
@@ -27,7 +26,8 @@ class Stage1Model:
 
     ``params``: the PerCoV2 parameters (EMA weights if the run kept them); ``vq_stats``: the VQ
     codebook and statistics; ``latent_codec`` / ``latent_codec_params``: the frozen VAE (or its
-    tiny stand-in), replicated; ``text``: the caption conditioner of ``config.text``.
+    tiny stand-in), replicated; ``text``: the caption conditioner of ``config.text``;
+    ``weights``: the state field the parameters came from (``ema_params`` or ``params``).
     """
 
     config: ml_collections.ConfigDict
@@ -40,6 +40,7 @@ class Stage1Model:
     text: Any
     mesh: Mesh
     step: int
+    weights: str = "params"
 
 
 def load_stage1(
@@ -49,6 +50,7 @@ def load_stage1(
     mesh: Mesh | None = None,
     encode_captions: bool = False,
     text_checkpoint: str = "",
+    with_text: bool = True,
 ) -> Stage1Model:
     """The latest (or ``step``) checkpoint of a stage-1 run, on this process's first local device or
     on ``mesh`` (a ``(data, fsdp, tensor)`` mesh of this process's devices; parameters placed by the
@@ -57,7 +59,10 @@ def load_stage1(
     ``text``: the run's training conditioner (a precomputed store looks captions up by example
     id), or with ``encode_captions`` what encodes any caption (`build.build_text_conditioner`: the
     SD3 encoders of ``text_checkpoint`` or of the run's config, for a run trained on
-    precomputed embeddings)."""
+    precomputed embeddings); None without ``with_text`` (`percov2_jax.codec.bundle.export` keeps
+    a reference to the encoders, not the encoders)."""
+    from percov2_jax.runs import checkpointing  # orbax: only for a run, not for a bundle
+
     run = RunDir(workdir)
     if not run.checkpoints.is_dir():
         raise FileNotFoundError(f"{run.root}: no checkpoints/ folder (is it a stage-1 training workdir?)")
@@ -72,9 +77,11 @@ def load_stage1(
         raise ValueError("the inference mesh must hold only this process's devices (inference runs per process)")
     rate = build.validate_config(config, process_count=1)
     model = build.build_model(config, rate)
-    text = build.build_text_conditioner(
-        config, encode_captions=encode_captions, text_checkpoint=text_checkpoint, what=f"the stage-1 run {run.root}"
-    )
+    text = None
+    if with_text:
+        text = build.build_text_conditioner(
+            config, encode_captions=encode_captions, text_checkpoint=text_checkpoint, what=f"the stage-1 run {run.root}"
+        )
     latent_codec, codec_params = build.build_latent_codec(config, None, run.patch_autoencoder, mesh=mesh)
     abstract, shardings = sharding.abstract_variables(model, build.init_inputs(model, rate), mesh)
     params = sharding.with_shardings(abstract["params"], shardings["params"])
@@ -93,4 +100,5 @@ def load_stage1(
         text,
         mesh,
         step,
+        weights,
     )

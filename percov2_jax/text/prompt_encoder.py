@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from percov2_jax import pretrained, storage
+from percov2_jax import storage
 
 CLIP_MAX_LENGTH = 77  # SD3's CLIP tokenizers' model_max_length
 
@@ -35,6 +35,8 @@ def load_tokenizers(folder: str | os.PathLike) -> dict[str, Any]:
     (``t5`` absent when the folder has none). Read with ``local_files_only``: never downloads.
     """
     from transformers import AutoTokenizer
+
+    from percov2_jax import pretrained
 
     root = storage.path(folder)
     base = root if (root / "tokenizer").is_dir() else root / "tokenizers"
@@ -117,6 +119,8 @@ class PromptEncoder:
         **kwargs,
     ) -> PromptEncoder:
         """Text encoders from a percov2-jax checkpoint (tokenizers from it, or ``tokenizers_path``)."""
+        from percov2_jax import pretrained  # orbax: imported when encoders are loaded, not for CLIP_MAX_LENGTH
+
         names = ("clip_l", "clip_g", "t5") if use_t5 else ("clip_l", "clip_g")
         encoders = pretrained.load(path, components=names, options=options)
         return cls(encoders, load_tokenizers(tokenizers_path or path), **kwargs)
