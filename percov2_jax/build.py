@@ -225,10 +225,17 @@ def _builtin():
 def build_latent_codec(config, source, fitted_path: str | os.PathLike, mesh=None) -> tuple[Any, Any]:
     """``(module, params)`` of the frozen image <-> latent codec.
 
-    ``sd3``: the AutoencoderKL of ``pretrained.checkpoint``. ``patch_pca``: a PCA patch
-    autoencoder fitted on the first images of the training ``source`` and stored at
-    ``fitted_path`` (the run's ``patch_autoencoder.npz``; reloaded on restart, so a resumed run
-    uses the same codec; with ``source`` None it must exist).
+    ``sd3``: the AutoencoderKL of ``pretrained.checkpoint``. The stand-ins, fitted on the first
+    ``vae.fit_images`` images of the training ``source`` and stored in the run directory, so a
+    resumed run (and the codec) uses the same codec; with ``source`` None the file must exist:
+
+    - ``patch_pca``: a PCA patch autoencoder, at ``fitted_path`` (the run's
+      ``patch_autoencoder.npz``); seconds to fit, but it decodes each 8x8 patch on its own.
+    - ``lapped_conv``: the convolutional autoencoder of ``models/conv_autoencoder.py``, next to
+      ``fitted_path`` as ``conv_autoencoder.npz``; ``vae.fit_steps`` Adam steps (default 1000, about
+      half a minute on two CPU cores) on the images at 1 to 3 times ``image_size``.
+
+    With a ``mesh``, a stand-in's parameters come back replicated on it.
     """
     kind = config.vae.kind
     if kind == "sd3":
@@ -237,25 +244,75 @@ def build_latent_codec(config, source, fitted_path: str | os.PathLike, mesh=None
         from percov2_jax import pretrained
 
         return pretrained.load(config.pretrained.checkpoint, components=("vae",), mesh=mesh)["vae"]
+    path = storage.path(fitted_path)
     if kind == "patch_pca":
         from percov2_jax.models.patch_autoencoder import PatchAutoencoder, PatchAutoencoderConfig, fit_patch_pca
 
         module = PatchAutoencoder(PatchAutoencoderConfig())
-        path = storage.path(fitted_path)
-        if path.exists():
-            with np.load(io.BytesIO(storage.read_bytes(path))) as arrays:
-                params = {k: arrays[k] for k in arrays.files}
-        elif source is None:
-            raise FileNotFoundError(f"{path} (the run's fitted latent codec) is missing")
-        else:
-            count = min(len(source), int(config.vae.get("fit_images", 64)))
-            params = fit_patch_pca((source[i]["image"] for i in range(count)), module.config)
-            if jax.process_index() == 0:
-                buffer = io.BytesIO()
-                np.savez(buffer, **params)
-                storage.write_bytes(path, buffer.getvalue())
-        return module, jax.tree_util.tree_map(jnp.asarray, params)
-    raise ValueError(f"unknown vae.kind {kind!r}; choose sd3 or patch_pca")
+
+        def fit(images):
+            return fit_patch_pca(images, module.config)
+
+    elif kind == "lapped_conv":
+        from percov2_jax.models.conv_autoencoder import (
+            FITTED_FILE,
+            ConvAutoencoder,
+            ConvAutoencoderConfig,
+            fit_conv_autoencoder,
+        )
+
+        module = ConvAutoencoder(ConvAutoencoderConfig())
+        path = path.with_name(FITTED_FILE)
+        size = int(config.image_size)
+
+        def fit(images):
+            return fit_conv_autoencoder(
+                images,
+                module.config,
+                short_sides=tuple(int(size * f) for f in (1.0, 1.25, 1.5, 2.0, 3.0)),
+                steps=int(config.vae.get("fit_steps", 1000)),
+                seed=int(config.seed),
+                progress=jax.process_index() == 0,
+            )
+
+    else:
+        raise ValueError(f"unknown vae.kind {kind!r}; choose sd3, patch_pca or lapped_conv")
+    params = _fitted_codec_params(module, path, source, int(config.vae.get("fit_images", 64)), fit)
+    if mesh is not None:
+        from percov2_jax import sharding
+
+        return module, sharding.replicate(params, mesh)
+    return module, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def _fitted_codec_params(module, path, source, fit_images: int, fit) -> dict[str, Any]:
+    """A stand-in codec's parameters (NumPy): read from ``path`` (an ``.npz`` of ``/``-joined
+    names), else fitted on the first ``fit_images`` images of ``source`` and written there by
+    process 0. Stored arrays must have the module's names and shapes."""
+    from flax import traverse_util
+
+    from percov2_jax.models.layers import unboxed
+
+    if path.exists():
+        with np.load(io.BytesIO(storage.read_bytes(path))) as arrays:
+            params = traverse_util.unflatten_dict({k: arrays[k] for k in arrays.files}, sep="/")
+        probe = jnp.zeros((1, 16, 16, 3), jnp.float32)
+        want = jax.eval_shape(lambda: unboxed(module.init(jax.random.key(0), probe))["params"])
+        got = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(want) or any(
+            a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want))
+        ):
+            raise ValueError(f"{path} does not hold {type(module).__name__} parameters of this config")
+        return params
+    if source is None:
+        raise FileNotFoundError(f"{path} (the run's fitted latent codec) is missing")
+    count = min(len(source), fit_images)
+    params = fit(source[i]["image"] for i in range(count))
+    if jax.process_index() == 0:
+        buffer = io.BytesIO()
+        np.savez(buffer, **traverse_util.flatten_dict(params, sep="/"))
+        storage.write_bytes(path, buffer.getvalue())
+    return params
 
 
 def load_pretrained_transformer(config, model: PerCoV2, mesh) -> Any | None:

@@ -19,7 +19,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "percov2_jax"
 
 LAYERS = {
-    **dict.fromkeys(["models", "entropy", "captions", "metrics", "flow", "rates", "storage"], 0),
+    **dict.fromkeys(["models", "entropy", "captions", "metrics", "flow", "rates", "storage", "compilation_cache"], 0),
     **dict.fromkeys(["sharding", "multihost", "flops", "convert", "pretrained", "text", "data", "build", "runs"], 1),
     "codec": 2,
     "train": 3,

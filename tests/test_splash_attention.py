@@ -151,3 +151,16 @@ def test_shard_map_on_four_devices():
     result = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert "mesh ok" in result.stdout
+
+
+def test_auto_chooses_cudnn_on_gpus_in_16_bit_floats_only():
+    """The default ``"auto"``: cuDNN's kernel for bf16/fp16 on a GPU with a head size it takes,
+    XLA's softmax attention for everything else; on CPU it is exactly XLA's result."""
+    choose = attention.auto_implementation
+    assert choose(jnp.bfloat16, 64, "gpu") == choose(jnp.float16, 128, "cuda") == "cudnn"
+    assert choose(jnp.float32, 64, "gpu") is None and choose(jnp.bfloat16, 72 + 1, "gpu") is None
+    assert choose(jnp.bfloat16, 64, "tpu") is None and choose(jnp.bfloat16, 64, "cpu") is None
+    q, k, v = _qkv()
+    np.testing.assert_array_equal(
+        attention.dot_product_attention(q, k, v, "auto"), attention.dot_product_attention(q, k, v, None)
+    )

@@ -12,7 +12,7 @@ pixels, the same model ids.
     stage1.npz         the PerCoV2 parameters the codec decodes with (the run's weight EMA when
                        it kept one, as `percov2_jax.runs.stage1.load_stage1` chooses) under
                        ``params/...`` and the VQ statistics under ``vq_stats/...``
-    latent_codec.npz   the frozen latent codec: the SD3 VAE, or the PCA stand-in of tiny runs
+    latent_codec.npz   the frozen latent codec: the SD3 VAE, or the fitted stand-in of tiny runs
     prior.npz          the stage-2 prior's parameters (absent when the bundle has no prior)
 
 Why not the run itself: a run's checkpoint is an orbax train state (optimizer moments, data
@@ -325,6 +325,7 @@ def _load_prior(root: epath.Path, manifest: dict):
 
 LATENT_CODECS = {
     "PatchAutoencoder": ("percov2_jax.models.patch_autoencoder", "PatchAutoencoder", "PatchAutoencoderConfig"),
+    "ConvAutoencoder": ("percov2_jax.models.conv_autoencoder", "ConvAutoencoder", "ConvAutoencoderConfig"),
     "AutoencoderKL": ("percov2_jax.models.vae", "AutoencoderKL", "AutoencoderKLConfig"),
 }
 

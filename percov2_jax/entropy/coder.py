@@ -86,18 +86,17 @@ def quantize_probabilities(
 
     - Same inputs, any machine: the same tables (the rounding is exact IEEE/integer arithmetic,
       NumPy sorts only integers and the result does not depend on the sort algorithm).
-    - Same binary on the same device kind: the prior's probabilities are bit-identical in
-      practice, so encoder and decoder tables are identical and decoding is exact.
-    - Across device kinds (CPU vs TPU/GPU) or library versions: NOT guaranteed. A difference of a
-      few float32 ulps changes a table only when some ``p_i`` lies within those ulps of a grid
-      cell boundary. Measured on softmax rows from flat to very peaked: a 1-ulp change of every
-      entry changes the table of 0.42% of rows at V = 8192, 0.06% at V = 1024, 0.02% at
-      V = 256; a 1-ulp change of one entry changed none of 35,000 rows (its rounding flips with
-      probability <= 2**-(23 - mantissa_bits)). Real cross-device differences (different matmul
-      precision, fused kernels) are usually far larger than ulps and then mismatches are
-      frequent. A mismatch makes decoding produce wrong tokens; `TokenDecoder.finish` detects it
-      (re-encoding check) unless the wrong tokens re-encode to the same bytes, and the
-      bitstream checksum catches the rest.
+    - Same binary, device kind and XLA compile options: the prior's probabilities were
+      bit-identical in every condition measured on CPU (threads, host devices, batching, sharding,
+      stored executables), so encoder and decoder tables are identical and decoding is exact. On
+      a GPU two processes can differ (autotuning) unless ``--xla_gpu_deterministic_ops=true``.
+    - Otherwise (other XLA options, another CPU or jax version, GPU vs CPU): NOT guaranteed, and
+      no rounding grid can make it so, since a difference of a few ulps changes a table whenever
+      some ``p_i`` lies near a cell boundary. Measured (``experiments/table_agreement.py``, the
+      bitstream docs): 40-100 ulp differences change 0.1-0.4% of rows, so 5-75% of maps; a GPU at
+      default matmul precision changes most rows. A mismatch makes decoding produce wrong tokens;
+      `TokenDecoder.finish` detects it (re-encoding check) unless the wrong tokens re-encode to
+      the same bytes, and the bitstream checksum catches the rest.
 
     ``mantissa_bits`` trades fidelity (relative rounding error <= 2**-(mantissa_bits + 1)) for
     robustness; the default 3 keeps the measured table cost near 0.001 bits/token at V = 8192.

@@ -23,6 +23,23 @@ def pallas_interpret() -> bool:
     return jax.default_backend() != "tpu" if value == "auto" else value == "1"
 
 
+# cuDNN's fused attention takes these head sizes (multiples of 8 up to 128, and 256) in 16-bit
+# floats; elsewhere "auto" keeps XLA's softmax attention.
+_CUDNN_HEAD_DIMS = (*range(8, 129, 8), 256)
+
+
+def auto_implementation(dtype, head_dim: int, backend: str | None = None) -> str | None:
+    """What ``implementation="auto"`` runs: ``"cudnn"`` on a GPU for bfloat16/float16 inputs with
+    a head size the kernel takes, else None (XLA's softmax attention). Measured on an H200 at
+    SD3-medium size (docs/performance.md): the cuDNN kernel halves the MM-DiT forward, within
+    bf16 rounding of XLA's result. TPUs keep XLA's attention: "splash" is a choice to make after
+    measuring (`experiments/accelerator_bench.py`)."""
+    backend = backend or jax.default_backend()
+    if backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim in _CUDNN_HEAD_DIMS:
+        return "cudnn"
+    return None
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -43,7 +60,10 @@ def dot_product_attention(
     exactness checks against the reference) takes a plain einsum path.
     ``implementation="splash"`` uses the Pallas TPU splash kernel (``models/splash.py``; no
     ``bias``/``mask``/``is_causal``), in interpret mode when the default backend is not TPU.
+    ``"auto"``: `auto_implementation` chooses at trace time.
     """
+    if implementation == "auto":
+        implementation = auto_implementation(q.dtype, q.shape[-1])
     if implementation == "splash":
         if bias is not None or mask is not None or is_causal:
             raise ValueError(

@@ -168,7 +168,12 @@ def latent_codec(config):
 
         module = PatchAutoencoder(PatchAutoencoderConfig())
         return module, (jnp.zeros((1, 16, 16, 3), jnp.float32),)
-    raise ValueError(f"unknown vae.kind {kind!r}; choose sd3 or patch_pca")
+    if kind == "lapped_conv":
+        from percov2_jax.models.conv_autoencoder import ConvAutoencoder, ConvAutoencoderConfig
+
+        module = ConvAutoencoder(ConvAutoencoderConfig())
+        return module, (jnp.zeros((1, 16, 16, 3), jnp.float32),)
+    raise ValueError(f"unknown vae.kind {kind!r}; choose sd3, patch_pca or lapped_conv")
 
 
 class Planner:

@@ -8,7 +8,8 @@ A stage-1 run (``python -m percov2_jax.train``)::
       tensorboard/                    TensorBoard event files (scalars, images)
       reconstructions.png             the newest grid of originals and reconstructions
       images/reconstructions_<step>.png   every grid
-      patch_autoencoder.npz           the fitted PCA stand-in for the VAE (tiny configs only)
+      patch_autoencoder.npz           the fitted PCA stand-in for the VAE (vae.kind "patch_pca")
+      conv_autoencoder.npz            the fitted convolutional stand-in (vae.kind "lapped_conv")
       profile/plugins/profile/...     jax.profiler traces of config.profile's steps
       prior/                          the default place of the stage-2 run, itself a RunDir
 
@@ -31,6 +32,7 @@ TENSORBOARD = "tensorboard"
 IMAGES = "images"
 LATEST_GRID = "reconstructions.png"
 PATCH_AUTOENCODER = "patch_autoencoder.npz"
+CONV_AUTOENCODER = "conv_autoencoder.npz"  # models.conv_autoencoder.FITTED_FILE
 PRIOR = "prior"
 PROFILE = "profile"
 
@@ -86,6 +88,10 @@ class RunDir:
     @property
     def patch_autoencoder(self) -> epath.Path:
         return self.root / PATCH_AUTOENCODER
+
+    @property
+    def conv_autoencoder(self) -> epath.Path:
+        return self.root / CONV_AUTOENCODER
 
     @property
     def prior(self) -> RunDir:

@@ -51,15 +51,15 @@ def base_config() -> ml_collections.ConfigDict:
     # [ours] a name in models.layers.REMAT_POLICIES. Planned for SD3-medium at 5 images per chip:
     # 12.2 GiB per chip (fits v4, v5e, v5p); "none" needs 53.4 GiB (v5p only) and saves the recompute.
     c.model.remat_policy = "dots_no_batch"
-    c.model.attention_implementation = ml_collections.FieldReference(
-        None, field_type=str
-    )  # None=XLA, "cudnn" GPU, "splash" TPU
+    # [ours] "auto": cuDNN's fused kernel on GPUs in bf16/fp16, XLA's softmax attention elsewhere
+    # (models.attention.auto_implementation); None or "xla", "cudnn" (GPU), "splash" (TPU) choose one
+    c.model.attention_implementation = ml_collections.FieldReference("auto", field_type=str)
 
     c.pretrained = ml_collections.ConfigDict()
     c.pretrained.checkpoint = ""  # percov2-jax checkpoint from `percov2 convert` (transformer, vae, text)
 
     c.vae = ml_collections.ConfigDict()
-    c.vae.kind = "sd3"  # "sd3" (AutoencoderKL from pretrained.checkpoint) or "patch_pca" (tiny stand-in)
+    c.vae.kind = "sd3"  # "sd3" (AutoencoderKL from pretrained.checkpoint); stand-ins "patch_pca", "lapped_conv"
     c.vae.sample_posterior = True  # [SD3] scripts sample z ~ q(z|x)
 
     c.text = ml_collections.ConfigDict()
