@@ -165,11 +165,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# bfloat16 vs float32: percov2-jax and diffusers{quick}",
         "",
-        f"Command: `{report['command']}`",
-        "",
-        f"Machine: {results_io.describe_machine(report['machine'])} "
-        f"{results_io.describe_versions(report['versions'])}.",
-        "",
+        *results_io.provenance(report),
         "Random variance-preserving weights, the same on both sides. Each cell: max |bf16 - f32| / max |f32| "
         "/ mean |bf16 - f32| / mean |f32|, against the implementation's own float32 output.",
         "",

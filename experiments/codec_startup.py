@@ -195,11 +195,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Codec start-up: `percov2 compress` / `decompress` as commands" + (" (QUICK)" if quick else ""),
         "",
-        f"Command: `{report['command']}`",
-        "",
-        f"Machine: {results_io.describe_machine(report['machine'])} "
-        f"{results_io.describe_versions(report['versions'])}.",
-        "",
+        *results_io.provenance(report),
         *results_io.busy_warning(report["machine"], "times are inflated and noisy"),
         f"Model: `{report['config']['workdir']}` ({report['model']}); one {w}x{h} photo, "
         f"its caption {report['caption']!r}; {report['decode_steps']} Euler steps. Every time is a fresh "

@@ -239,11 +239,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Peak host memory of `percov2 convert`{quick}",
         "",
-        f"Command: `{report['command']}`",
-        "",
-        f"Machine: {results_io.describe_machine(report['machine'])} "
-        f"{results_io.describe_versions(report['versions'])}.",
-        "",
+        *results_io.provenance(report),
         *results_io.busy_warning(report["machine"], "wall times are slower; memory is not affected"),
         "A random diffusers SD3 pipeline folder converted by `percov2 convert` in a subprocess; peak RSS is the "
         "child's `ru_maxrss` (os.wait4 in a small launcher process). Baseline: the same command converting a tiny VAE "

@@ -92,6 +92,17 @@ def describe_machine(mach: dict) -> str:
     )
 
 
+def provenance(report: dict) -> list[str]:
+    """Markdown lines naming the command, the machine and the versions of a report that holds
+    ``command``, ``machine`` and ``versions``, each followed by a blank line."""
+    return [
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {describe_machine(report['machine'])} {describe_versions(report['versions'])}.",
+        "",
+    ]
+
+
 def busy_warning(mach: dict, consequence: str) -> list[str]:
     """Markdown lines warning that the machine was busy at the start (none if it was idle)."""
     load = mach["load_average_at_start"][0]

@@ -646,11 +646,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Do the prior's quantised tables agree across run conditions?" + (" (QUICK)" if quick else ""),
         "",
-        f"Command: `{report['command']}`",
-        "",
-        f"Machine: {results_io.describe_machine(report['machine'])} "
-        f"{results_io.describe_versions(report['versions'])}.",
-        "",
+        *results_io.provenance(report),
         *results_io.busy_warning(report["machine"], "timings only; agreement does not depend on load"),
         f"Fixture `{os.path.relpath(FIXTURE, ROOT)}` (sha256 {report['fixture_digest'][:12]}): the project's "
         f"MIM prior (width {PRIOR['width']}, {PRIOR['num_layers']} layers, {PRIOR['num_heads']} heads) trained "

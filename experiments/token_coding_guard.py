@@ -129,11 +129,7 @@ def markdown(report: dict) -> str:
         "# Token coding on unseen photographs: uniform, prior, auto and a probability floor"
         + (" (QUICK)" if quick else ""),
         "",
-        f"Command: `{report['command']}`",
-        "",
-        f"Machine: {results_io.describe_machine(report['machine'])} "
-        f"{results_io.describe_versions(report['versions'])}.",
-        "",
+        *results_io.provenance(report),
         f"Model: `{report['config']['stage1']}` and its prior; rate {report['rate']} (V = {report['vocab']}); "
         f"qlds schedule, empty captions; {report['config']['side']} px maps and their four quarters.",
         "",

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_captioners import tiny_blip2, word_tokenizer
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -20,18 +21,6 @@ pytest.importorskip("transformers")
 WORDS = ["<pad>", "<unk>", "</s>", "<s>", *"a cat dog on sofa red blue tree house man sky road with".split()]
 PAD, UNK, EOS, BOS = range(4)
 SIZE = 32  # the models' input side, pixels
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer over `WORDS` (no files needed)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
 
 
 def scramble(model, skip: tuple[str, ...] = ()) -> None:
@@ -48,32 +37,7 @@ def scramble(model, skip: tuple[str, ...] = ()) -> None:
 
 def save_tiny_blip2(folder) -> None:
     """A random 1-layer BLIP-2 (OPT decoder) with its Blip2Processor, saved to ``folder``."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
-
-    tokenizer = tiny_tokenizer()
-    # Blip2Processor adds the "<image>" token the model's query outputs replace (transformers 5).
-    processor = Blip2Processor(BlipImageProcessor(size={"height": SIZE, "width": SIZE}), tokenizer, num_query_tokens=4)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = Blip2Config(
-        vision_config=dict(small, image_size=SIZE, patch_size=16),
-        qformer_config=dict(small, encoder_hidden_size=32, vocab_size=16),
-        text_config=dict(
-            model_type="opt",
-            hidden_size=32,
-            ffn_dim=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=len(tokenizer),
-            word_embed_proj_dim=32,
-            max_position_embeddings=64,
-            bos_token_id=BOS,
-            eos_token_id=EOS,
-            pad_token_id=PAD,
-        ),
-        num_query_tokens=4,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    model = Blip2ForConditionalGeneration(config).eval()
+    model, processor = tiny_blip2(WORDS, SIZE)
     scramble(model)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -90,7 +54,7 @@ def save_tiny_vit_gpt2(folder) -> None:
         ViTImageProcessor,
     )
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = word_tokenizer(WORDS)
     encoder = ViTConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=SIZE, patch_size=16
     )

@@ -414,44 +414,10 @@ def test_captioner_needs_a_local_folder(tmp_path):
 def save_tiny_blip2(folder) -> None:
     """A random 1-layer BLIP-2 (OPT) whose language model always says "cat", with its processor."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        BlipImageProcessor,
-        PreTrainedTokenizerFast,
-    )
+    from tiny_captioners import tiny_blip2
 
     words = ["<pad>", "<unk>", "</s>", "<s>", "a", "cat", "dog"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    processor = Blip2Processor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer, num_query_tokens=4)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = Blip2Config(
-        vision_config=dict(small, image_size=32, patch_size=16),
-        qformer_config=dict(small, encoder_hidden_size=32, vocab_size=16),
-        text_config=dict(
-            model_type="opt",
-            hidden_size=32,
-            ffn_dim=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=len(tokenizer),
-            word_embed_proj_dim=32,
-            max_position_embeddings=64,
-            bos_token_id=3,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        num_query_tokens=4,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    torch.manual_seed(0)
-    model = Blip2ForConditionalGeneration(config).eval()
+    model, processor = tiny_blip2(words)
     decoder = model.language_model.model.decoder
     with torch.no_grad():  # constant hidden state e; the (tied) output rows are 0 except "cat" = e
         e = torch.linspace(0.5, 1.5, 32)
