@@ -14,11 +14,12 @@ from the start, compiles included) covers its estimated cost; the others read "s
 
 - ``matmul``: 8192³ bf16 in both frameworks; the faster is the measured peak.
 - ``forward``: the MM-DiT forward with PerCoV2's widened input (16 latent + 320 token-feature
-  channels) on ``2 x --decode-batch`` images, bf16 weights and activations.
+  channels) on ``2 x --decode-batch`` images, bf16 weights and activations, with the config's
+  attention (``"auto"``: cuDNN on a GPU).
 - ``train``: one flow-matching step of the bare SD3 transformer (logit-normal sigmas, forward, MSE
   to the velocity, backward, clipping to norm 1, AdamW). diffusers as its SD3 scripts train it
   (float32 weights, bf16 autocast, no gradient checkpointing) at the largest of ``--train-batches``
-  that fits; JAX at that batch with the config's dtypes and remat policy.
+  that fits; JAX at that batch with the config's dtypes, attention and remat policy.
 - ``stage1``: the project's stage-1 step (``percov2_jax.train.step.make_train_step``: float32 VAE
   encode, hyper-encoder, VQ, flow loss, clipped AdamW, remat) at the largest of
   ``--stage1-batches`` whose compiled memory fits; JAX only, with its MFU.
@@ -27,7 +28,8 @@ from the start, compiles included) covers its estimated cost; the others read "s
   (``FlowMatchEulerDiscreteScheduler``, the same transformer, ``AutoencoderKL.decode``).
 - ``vae_encode``, ``vae_decode``: the SD3 VAE at 512², bf16, ``--decode-batch`` images.
 - ``attention``: each attention kernel the chip has (XLA; cuDNN on GPU; splash on TPU) on the
-  forward's joint sequence, against ``scaled_dot_product_attention``; max abs difference from XLA.
+  forward's joint sequence, against ``scaled_dot_product_attention``; max abs difference from XLA,
+  of the output and (relative to their scale) of the gradients.
 - ``forward_fast``: the forward with the chip's fast attention kernel.
 - ``forward_compile``, ``decode_compile``, ``train_compile``: torch.compile (inductor, default
   mode; decoding reuses the forward's compiled module: same shapes). A failure is reported.
@@ -69,6 +71,7 @@ import results_io
 from percov2_jax import build, flow
 from percov2_jax import sharding as sharding_lib
 from percov2_jax.flops import mmdit_forward_flops, peak_flops_per_device, traced_matmul_flops
+from percov2_jax.models.attention import auto_implementation
 from percov2_jax.models.layers import unboxed
 from percov2_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
@@ -94,9 +97,10 @@ TASKS = tuple(ESTIMATE_S)
 COMPILE_COLUMNS = {"forward_compile": "forward", "decode_compile": "decode", "train_compile": "train"}
 FAST_ATTENTION = {"gpu": "cudnn", "tpu": "splash"}
 FIT = 0.9  # share of the free device memory a compiled step may use
-# Per-image bytes of the SD3-medium stage-1 step at 512² (remat dots_no_batch), for the first batch
+# Per-image bytes of the SD3-medium stage-1 step at 512² (remat dots_no_batch; measured on an H200:
+# 20.3 GiB at 12 images, 24.6 at 16, cuDNN attention), for the first batch
 # tried; XLA's memory analysis of that compile corrects it.
-STAGE1_BYTES_PER_IMAGE_GUESS = 1.6 * 2**30
+STAGE1_BYTES_PER_IMAGE_GUESS = 1.2 * 2**30
 
 
 # ------------------------------------------------------------------------------ timing
@@ -318,7 +322,13 @@ def jax_flow_step(setup: Setup, batch: int) -> dict:
     from percov2_jax.train.optimizer import make_optimizer
 
     m, c = setup.config.model, setup.plain
-    module = SD3Transformer2DModel(c, dtype=jnp.dtype(m.dtype), scan_layers=True, remat_policy=str(m.remat_policy))
+    module = SD3Transformer2DModel(
+        c,
+        dtype=jnp.dtype(m.dtype),
+        scan_layers=True,
+        remat_policy=str(m.remat_policy),
+        attention_implementation=m.attention_implementation,
+    )
     params = {"transformer": random_variables(module, example_inputs(c, 1, context_length=8), seed=6)["params"]}
     tx, _, _ = make_optimizer(setup.config.optim, params)  # the position table stays frozen
     keys = jax.random.split(jax.random.key(7), 3)
@@ -484,7 +494,8 @@ def bench_attention(setup: Setup, side: TorchSide | None, batch: int, implementa
         with torch.inference_mode():
             torch_stats = timed_calls(sdpa, side.sync, setup.quick)
             torch_out = sdpa().transpose(1, 2).float().cpu().numpy()
-    rows, reference = [], None
+    rows, reference, reference_grads = [], None, None
+    cotangent = jax.random.normal(jax.random.key(16), shape, BF16)
     for impl in implementations:
         row = {"settings": settings}
         try:
@@ -493,6 +504,13 @@ def bench_attention(setup: Setup, side: TorchSide | None, batch: int, implementa
             reference = out if reference is None else reference
             row["jax"] = jax_timed(fn, (q, k, v), setup.quick)
             row["max_abs_diff_vs_xla"] = float(np.abs(out - reference).max())
+            # The backward too: at this odd joint length cuDNN runs on lengths padded to even ones.
+            loss = lambda q, k, v, fn=fn: jnp.vdot(cotangent, fn(q, k, v)).astype(jnp.float32)
+            grads = [np.asarray(g, np.float32) for g in jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)]
+            reference_grads = grads if reference_grads is None else reference_grads
+            row["grad_max_abs_diff_vs_xla"] = max(
+                float(np.abs(g - r).max() / np.abs(r).max()) for g, r in zip(grads, reference_grads, strict=True)
+            )
             if torch_out is not None:
                 row["max_abs_diff_torch_vs_this"] = float(np.abs(torch_out - out).max())
         except Exception as e:  # noqa: BLE001 - a kernel the chip lacks is a result
@@ -698,7 +716,11 @@ class Bench:
 
     def forward(self, key: str = "forward", implementation: str | None = None) -> None:
         row, b = self.rows[key], 2 * self.args.decode_batch
-        row["settings"] = {"batch": b, "attention": implementation or "xla", "weights": "bfloat16"}
+        implementation = implementation or self.setup.config.model.attention_implementation  # the default
+        chosen = implementation
+        if implementation == "auto":
+            chosen = f"auto: {auto_implementation(BF16, self.setup.widened.attention_head_dim) or 'xla'}"
+        row["settings"] = {"batch": b, "attention": chosen or "xla", "weights": "bfloat16"}
         row["model_flops"] = self.setup.forward_flops(b)
         row["jax"] = jax_forward(self.setup, b, implementation)
         if key == "forward":
@@ -899,6 +921,8 @@ def markdown(report: dict) -> str:
     lines = [f"# percov2-jax vs diffusers on {dev['device_kind']}", ""]
     lines += ["**QUICK run: tiny sizes, no torch.compile; the numbers mean nothing.**", ""] if quick else []
     lines += [
+        f"Command: `{report['command']}`",
+        "",
         f"Host: {results_io.describe_machine(report['machine'])}",
         "",
         f"Versions: {results_io.describe_versions(report['versions'])}.",
@@ -912,6 +936,8 @@ def markdown(report: dict) -> str:
         j, notes = row.get("jax") or {}, [row["status"]] if row.get("status") else []
         for column in ("jax", "torch_eager", "torch_compile"):
             notes += [f"{column} failed: {row[column]['error'][:200]}"] if "error" in (row.get(column) or {}) else []
+        if "attention" in (row.get("settings") or {}):
+            notes.append(f"attention {row['settings']['attention']}")
         if j.get("mfu_measured") is not None:
             notes.append(f"JAX {j['model_tflops']:.3g} TFLOP/s, MFU {_pct(j['mfu_measured'])} of measured peak")
         if "images_per_s" in j:
@@ -919,6 +945,8 @@ def markdown(report: dict) -> str:
             notes.append(f"images/s: JAX {j['images_per_s']:.2f}" + (f", PyTorch {t:.2f}" if t else ""))
         if "max_abs_diff_vs_xla" in row:
             notes.append(f"max abs diff vs XLA {row['max_abs_diff_vs_xla']:.1e}")
+        if "grad_max_abs_diff_vs_xla" in row:
+            notes.append(f"gradients: max abs diff vs XLA {row['grad_max_abs_diff_vs_xla']:.1e} of their scale")
         if "max_abs_diff_torch_vs_this" in row:
             notes.append(f"PyTorch vs this {row['max_abs_diff_torch_vs_this']:.1e}")
         compile_s = f"{j['compile_s']:.1f}" if "compile_s" in j else "—"

@@ -164,3 +164,31 @@ def test_auto_chooses_cudnn_on_gpus_in_16_bit_floats_only():
     np.testing.assert_array_equal(
         attention.dot_product_attention(q, k, v, "auto"), attention.dot_product_attention(q, k, v, None)
     )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [(37, 37), (36, 21), (37, 20)])
+def test_odd_lengths_padded_for_cudnn_equal_unpadded_attention(lengths, causal):
+    """cuDNN's kernel has no backward pass for odd lengths, so its path pads them to even ones
+    (a zero query row sliced off, a zero key hidden by the padding mask). The padded call, run
+    here through XLA's kernel (which takes the same sequence-length arguments), must equal
+    unpadded attention in value and in every gradient, with a boolean mask too."""
+    lq, lk = lengths
+    q, k, v = _qkv(3, lq=lq, lk=lk)
+    mask = jax.random.bernoulli(jax.random.key(4), 0.7, (B, 1, lq, lk)).at[..., 0].set(True)
+    cot = jax.random.normal(jax.random.key(5), q.shape)
+    for m in (None, mask):
+        is_causal = causal and lq == lk
+
+        def plain(q, k, v, m=m, is_causal=is_causal):
+            return jnp.vdot(cot, jax.nn.dot_product_attention(q, k, v, mask=m, is_causal=is_causal))
+
+        def padded(q, k, v, m=m, is_causal=is_causal):
+            out = attention._padded_to_even(q, k, v, None, m, None, is_causal, "xla")
+            assert out.shape == q.shape
+            return jnp.vdot(cot, out)
+
+        want, got = jax.value_and_grad(plain, (0, 1, 2))(q, k, v), jax.value_and_grad(padded, (0, 1, 2))(q, k, v)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        for g, w in zip(got[1], want[1], strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))

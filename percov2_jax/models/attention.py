@@ -75,6 +75,8 @@ def dot_product_attention(
 
             return splash_attention(q, k, v, scale=scale, interpret=pallas_interpret())
     elif q.dtype != jnp.float64:
+        if implementation == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
+            return _padded_to_even(q, k, v, bias, mask, scale, is_causal, implementation)
         return jax.nn.dot_product_attention(
             q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal, implementation=implementation
         )
@@ -89,6 +91,45 @@ def dot_product_attention(
         allowed = allowed & mask
     logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
     return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def _padded_to_even(q, k, v, bias, mask, scale, is_causal, implementation):
+    """``jax.nn.dot_product_attention`` over query and key lengths padded to even ones.
+
+    cuDNN's fused kernel has no backward pass for an odd query or key length: jax raises
+    ``NotImplementedError: Unsupported sequence length`` at the first training step, while the
+    forward takes any length (SD3's joint sequence, 1,024 image + 333 text tokens, is odd). An odd
+    query length gets one zero row, sliced off the output; an odd key length gets one zero key that
+    the kernel's own padding mask (``key_value_seq_lengths``) hides, so every real query attends to
+    exactly its keys and the result equals unpadded attention. ``bias``/``mask`` are padded to
+    match (0 / attend on the extra query row, hidden on the extra key column).
+    """
+    b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    pq, pk = lq % 2, lk % 2
+
+    def rows(x, amount):
+        return jnp.pad(x, [(0, 0), (0, amount)] + [(0, 0)] * (x.ndim - 2)) if amount else x
+
+    def logits_shaped(x, fill):
+        if x is None:
+            return None
+        pads = [(0, 0)] * (x.ndim - 2)
+        pads += [(0, pq if x.shape[-2] == lq else 0), (0, pk if x.shape[-1] == lk else 0)]
+        return jnp.pad(x, pads, constant_values=fill)
+
+    out = jax.nn.dot_product_attention(
+        rows(q, pq),
+        rows(k, pk),
+        rows(v, pk),
+        bias=logits_shaped(bias, 0),
+        mask=None if mask is None else logits_shaped(mask, True),
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_lengths=jnp.full((b,), lq, jnp.int32),
+        key_value_seq_lengths=jnp.full((b,), lk, jnp.int32),
+        implementation=implementation,
+    )
+    return out[:, :lq]
 
 
 def _heads(x: jax.Array, num_heads: int) -> jax.Array:
