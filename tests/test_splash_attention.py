@@ -192,3 +192,28 @@ def test_odd_lengths_padded_for_cudnn_equal_unpadded_attention(lengths, causal):
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
         for g, w in zip(got[1], want[1], strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))
+
+
+def test_cpu_attention_in_query_blocks_equals_unblocked_attention():
+    """Long unmasked sequences on CPU run in blocks of queries (``lax.map``); in value and gradients
+    that equals ``jax.nn.dot_product_attention`` to float32 rounding, with a last partial block."""
+    lq, lk = 600, 520  # 600 = 4 blocks of 128 + 88; 600 * 520 pairs take the blocked path
+    assert attention._cpu_chunks(lq, lk) and not attention._cpu_chunks(64, 64)
+    q, k, v = (x[:, :, :1, :16] for x in _qkv(6, lq=lq, lk=lk))
+    fn = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, "auto", scale=0.3))
+    assert "stablehlo.while" in fn.lower(q, k, v).as_text()  # the blocked path
+    cot = jax.random.normal(jax.random.key(7), q.shape)
+    want = jax.value_and_grad(lambda *a: jnp.vdot(cot, jax.nn.dot_product_attention(*a, scale=0.3)), (0, 1, 2))
+    got = jax.value_and_grad(lambda *a: jnp.vdot(cot, fn(*a)), (0, 1, 2))
+    (w, w_grads), (g, g_grads) = want(q, k, v), got(q, k, v)
+    np.testing.assert_allclose(fn(q, k, v), jax.nn.dot_product_attention(q, k, v, scale=0.3), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(g, w, rtol=1e-5)
+    for a, b in zip(g_grads, w_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    np.testing.assert_allclose(
+        np.asarray(attention.dot_product_attention(*bf16, None), np.float32),
+        np.asarray(jax.nn.dot_product_attention(*bf16), np.float32),
+        rtol=0,
+        atol=2e-2,
+    )

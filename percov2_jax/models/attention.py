@@ -75,6 +75,9 @@ def dot_product_attention(
 
             return splash_attention(q, k, v, scale=scale, interpret=pallas_interpret())
     elif q.dtype != jnp.float64:
+        plain = bias is None and mask is None and not is_causal
+        if implementation in (None, "xla") and plain and _cpu_chunks(q.shape[1], k.shape[1]):
+            return _query_chunked(q, k, v, scale)
         if implementation == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
             return _padded_to_even(q, k, v, bias, mask, scale, is_causal, implementation)
         return jax.nn.dot_product_attention(
@@ -91,6 +94,44 @@ def dot_product_attention(
         allowed = allowed & mask
     logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
     return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(logits, axis=-1), v)
+
+
+# On CPU, attention over long sequences runs in blocks of this many queries (see _query_chunked),
+# from this many query-key pairs on; shorter ones keep jax.nn.dot_product_attention.
+CPU_QUERY_CHUNK = 128
+CPU_CHUNKED_FROM = 512 * 512
+
+
+def _cpu_chunks(lq: int, lk: int) -> bool:
+    return lq > CPU_QUERY_CHUNK and lq * lk >= CPU_CHUNKED_FROM and jax.default_backend() == "cpu"
+
+
+def _query_chunked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None) -> jax.Array:
+    """Unmasked softmax attention ``[B, Lq, N, Hd]``, computed ``CPU_QUERY_CHUNK`` queries at a
+    time (``lax.map``; the last block zero-padded and sliced off), float32 logits and softmax.
+
+    Why: on XLA:CPU, ``jax.nn.dot_product_attention`` materialises every ``[B, N, Lq, Lk]`` logit
+    before the softmax, which at thousands of tokens leaves the caches; a block of 128 queries'
+    logits stays in them. At 1,552 tokens, 4 heads of 16 (the demo codec's MM-DiT and prior at
+    768x512) this is about 3-4x faster on 2 cores, and it equals the unblocked result to float32
+    rounding (tests/test_splash_attention.py).
+    """
+    b, lq, n, hd = q.shape
+    c = CPU_QUERY_CHUNK
+    blocks = -(-lq // c)
+    scale = 1.0 / np.sqrt(hd) if scale is None else scale
+    qt = jnp.pad(q, [(0, 0), (0, blocks * c - lq), (0, 0), (0, 0)]).reshape(b, blocks, c, n, hd)
+    kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, N, Lk, Hd]
+
+    def block(qb):  # [B, c, N, Hd] -> [B, N, c, Hd]
+        logits = jnp.einsum("bqnd,bnkd->bnqk", qb, kt, preferred_element_type=jnp.float32) * scale
+        weights = jnp.exp(logits - logits.max(-1, keepdims=True))
+        out = jnp.einsum("bnqk,bnkd->bnqd", weights, vt.astype(jnp.float32))
+        return out / weights.sum(-1, keepdims=True)
+
+    out = jax.lax.map(block, jnp.moveaxis(qt, 1, 0))  # [blocks, B, N, c, Hd]
+    out = jnp.transpose(out, (1, 0, 3, 2, 4)).reshape(b, blocks * c, n, hd)
+    return out[:, :lq].astype(q.dtype)
 
 
 def _padded_to_even(q, k, v, bias, mask, scale, is_causal, implementation):
