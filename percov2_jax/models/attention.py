@@ -99,7 +99,7 @@ def dot_product_attention(
 # On CPU, attention over long sequences runs in blocks of this many queries (see _query_chunked),
 # from this many query-key pairs on; shorter ones keep jax.nn.dot_product_attention.
 CPU_QUERY_CHUNK = 128
-CPU_CHUNKED_FROM = 512 * 512
+CPU_CHUNKED_FROM = 256 * 256
 
 
 def _cpu_chunks(lq: int, lk: int) -> bool:
@@ -112,9 +112,11 @@ def _query_chunked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float | None
 
     Why: on XLA:CPU, ``jax.nn.dot_product_attention`` materialises every ``[B, N, Lq, Lk]`` logit
     before the softmax, which at thousands of tokens leaves the caches; a block of 128 queries'
-    logits stays in them. At 1,552 tokens, 4 heads of 16 (the demo codec's MM-DiT and prior at
-    768x512) this is about 3-4x faster on 2 cores, and it equals the unblocked result to float32
-    rounding (tests/test_splash_attention.py).
+    logits stays in them. Measured on 2 cores: 3-4x faster at 1,552 tokens with 4 heads of 16 (the
+    demo codec's MM-DiT and prior at 768x512), 2x at 410 tokens with 6 heads of 64 (the CPU
+    benchmark's sampling) and at 1,024 tokens with one head of 64 (a VAE mid-block); gradients
+    within 10% either way below 1,000 tokens, 2x faster at 1,024. It equals the unblocked result to
+    float32 rounding (tests/test_splash_attention.py).
     """
     b, lq, n, hd = q.shape
     c = CPU_QUERY_CHUNK

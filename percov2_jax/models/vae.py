@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from percov2_jax.models.attention import dot_product_attention
-from percov2_jax.models.layers import Dtype, config_from_dict, config_to_dict, conv, dense, group_norm
+from percov2_jax.models.layers import Dtype, _boxed, config_from_dict, config_to_dict, dense, group_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,94 @@ class AutoencoderKLConfig:
         return config_to_dict(self, "AutoencoderKL")
 
 
+class Conv2D(nn.Module):
+    """NHWC convolution with ``layers.conv``'s parameters (kernel ``[kh, kw, in, out]``, bias). 1x1
+    convs are a dot everywhere; on CPU two more shapes are computed the way XLA:CPU runs them
+    fastest (``experiments/cpu_vae_profile.py`` measures them; on accelerators, unmeasured, they
+    stay plain convolutions):
+
+    - 1x1: a dot over the channels (XLA:CPU's YNNPACK ran the decoder's 64 -> 32 shortcut at
+      256² as a convolution at a tenth of its matmul speed);
+    - 3x3, stride 1, at most 4 input channels (``conv_in`` on RGB): the 9 shifted copies of the
+      input side by side, then one dot (27 x out) instead of a 3-channel convolution;
+    - ``upsample``: nearest-neighbour x2, then the conv, run as a sub-pixel convolution: one 2x2
+      conv on the low-resolution input with 4 x out channels (one per output phase, their kernels
+      sums of the 3x3 taps), then interleaved: 16 instead of 36 multiply-adds per input pixel,
+      and the x4 upsampled map is never written;
+    - anything else: ``lax.conv_general_dilated``, as ``nn.Conv``.
+    """
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: Any = ((1, 1), (1, 1))
+    upsample: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, c, axes = self.kernel_size, x.shape[-1], (None, None, "conv_in", "conv_out")
+        kernel = self.param(
+            "kernel", _boxed(nn.initializers.lecun_normal(), axes), (k, k, c, self.features), self.param_dtype
+        )
+        bias = self.param(
+            "bias", _boxed(nn.initializers.zeros_init(), ("conv_out",)), (self.features,), self.param_dtype
+        )
+        x, bias = x.astype(self.dtype), bias.astype(self.dtype)
+        cpu = jax.default_backend() == "cpu"
+        if self.upsample:
+            if (k, self.strides, self.padding) != (3, 1, ((1, 1), (1, 1))):
+                raise ValueError("Conv2D(upsample=True) is a 3x3 stride-1 conv with padding 1")
+            if cpu:
+                return _upsample_conv3x3(x, kernel, self.dtype) + bias
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        if k == 1 and self.strides == 1 and self.padding in ("VALID", "SAME", ((0, 0), (0, 0))):
+            return jnp.dot(x, kernel[0, 0].astype(self.dtype)) + bias
+        if cpu and k == 3 and self.strides == 1 and c <= 4 and self.padding == ((1, 1), (1, 1)):
+            b, h, w, _ = x.shape
+            padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            patches = jnp.concatenate([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=-1)
+            return jnp.dot(patches, kernel.reshape(9 * c, self.features).astype(self.dtype)) + bias
+        y = jax.lax.conv_general_dilated(
+            x,
+            kernel.astype(self.dtype),
+            (self.strides, self.strides),
+            self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + bias
+
+
+def _upsample_conv3x3(x: jax.Array, kernel: jax.Array, dtype: Dtype) -> jax.Array:
+    """``conv3x3(nearest_x2(x))`` with padding 1, as a 2x2 conv on ``x`` (padding 1) and an interleave.
+
+    Output row ``2i + p`` sees input rows ``(i - 1, i)`` with taps ``(w0, w1 + w2)`` for ``p = 0``
+    and rows ``(i, i + 1)`` with ``(w0 + w1, w2)`` for ``p = 1``; the 2x2 conv over the padded input
+    gives, at row ``t``, rows ``(t - 1, t)``: phase ``p`` of row ``i`` is its row ``i + p``. The same
+    holds for the columns.
+    """
+    b, h, w, c = x.shape
+    out = kernel.shape[-1]
+
+    def phases(k, axis):  # 3 taps along ``axis`` -> [2 phases, ..., 2 taps, ...]
+        k0, k1, k2 = jnp.split(k, 3, axis=axis)
+        return jnp.stack([jnp.concatenate([k0, k1 + k2], axis), jnp.concatenate([k0 + k1, k2], axis)])
+
+    folded = phases(phases(kernel, 0), 2)  # [q, p, 2, 2, c, out]
+    folded = jnp.transpose(folded, (2, 3, 4, 1, 0, 5)).reshape(2, 2, c, 4 * out)  # out channels (p, q, o)
+    y = jax.lax.conv_general_dilated(
+        x, folded.astype(dtype), (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ).reshape(b, h + 1, w + 1, 2, 2, out)
+    rows = [jnp.stack([y[:, p : p + h, q : q + w, p, q] for q in (0, 1)], axis=3) for p in (0, 1)]
+    return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, out)
+
+
+def conv(features: int, kernel_size: int, *, name: str | None, dtype: Dtype, param_dtype: Dtype, **kw) -> Conv2D:
+    """A ``Conv2D`` (``strides``, ``padding``, ``upsample`` as keywords)."""
+    return Conv2D(features, kernel_size, name=name, dtype=dtype, param_dtype=param_dtype, **kw)
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm -> SiLU -> conv3x3 -> GroupNorm -> SiLU -> conv3x3, plus (1x1-projected) input."""
 
@@ -117,7 +205,7 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour x2, then conv3x3."""
+    """Nearest-neighbour x2, then conv3x3 (run as a sub-pixel conv, see ``Conv2D``)."""
 
     channels: int
     dtype: Dtype = jnp.float32
@@ -125,10 +213,7 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return conv(
-            self.channels, 3, padding=((1, 1), (1, 1)), name="conv", dtype=self.dtype, param_dtype=self.param_dtype
-        )(x)
+        return conv(self.channels, 3, upsample=True, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
 class SpatialSelfAttention(nn.Module):
