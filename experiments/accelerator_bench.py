@@ -67,9 +67,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import results_io
+from stage1_program import Stage1Program
 
 from percov2_jax import build, flow
-from percov2_jax import sharding as sharding_lib
 from percov2_jax.flops import mmdit_forward_flops, peak_flops_per_device, traced_matmul_flops
 from percov2_jax.models.attention import auto_implementation
 from percov2_jax.models.layers import unboxed
@@ -526,49 +526,15 @@ def bench_attention(setup: Setup, side: TorchSide | None, batch: int, implementa
 
 def bench_stage1(setup: Setup, candidates: list[int]) -> dict:
     """The project's stage-1 step at the largest candidate batch whose compiled memory fits."""
-    from percov2_jax.train.loop import step_config
-    from percov2_jax.train.state import TrainState, build_state_spec
-    from percov2_jax.train.step import make_train_step
-
-    config, t = setup.config, setup.plain
-    mesh = sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    replicated, bs = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
-    model = build.build_model(config, setup.rate)
-    inputs = build.init_inputs(model, setup.rate)
-    spec = build_state_spec(model, inputs, config.optim, mesh, ema=False)
-    variables = random_variables(model, inputs, ("params", "vq"), seed=14)
-    params = jax.device_put(variables["params"], spec.shardings.params)
-    state = TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        params=params,
-        opt_state=jax.jit(spec.tx.init, out_shardings=spec.shardings.opt_state)(params),
-        vq_stats=jax.device_put(variables["vq_stats"], spec.shardings.vq_stats),
-    )
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    del variables, params
-    codec = AutoencoderKL(AutoencoderKLConfig(**setup.vae_fields))  # float32, as a converted checkpoint runs
-    vae_params = random_variables(codec, (jnp.zeros((1, 8, 8, 3)),), shardings=replicated, seed=15)["params"]
-    null = (jnp.zeros((1, setup.text_len, t.joint_attention_dim)), jnp.zeros((1, t.pooled_projection_dim)))
-    frozen = {"vae": vae_params, "null_text": jax.device_put(null, replicated)}
-    frozen_shardings = {"vae": jax.tree.map(lambda x: x.sharding, vae_params), "null_text": (replicated, replicated)}
-    key = jax.device_put(jax.random.key_data(jax.random.key(16)), replicated)
-    shapes = {
-        "image": (setup.image, setup.image, 3),
-        "encoder_hidden_states": (setup.text_len, t.joint_attention_dim),
-        "pooled_projections": (t.pooled_projection_dim,),
-    }
-
-    def batch_of(b: int) -> dict:
-        return {k: jax.ShapeDtypeStruct((b, *s), jnp.float32, sharding=bs) for k, s in shapes.items()}
-
-    step = make_train_step(model, codec, spec, step_config(config), mesh, frozen_shardings)
+    program = Stage1Program(setup, random_variables)
+    step, t = program.step(), setup.plain
     free, tried = free_device_bytes(), {}
     size = (setup.tokens + setup.text_len) * t.inner_dim * t.num_layers / (1357 * 1536 * 24)
     per_image = STAGE1_BYTES_PER_IMAGE_GUESS * max(size, (setup.image / 512) ** 2)
-    fixed = 2 * param_bytes  # gradients and the update's temporaries, beside the state
+    fixed = 2 * program.param_bytes  # gradients and the update's temporaries, beside the state
     batch = candidates[0] if free is None else fitting(candidates, fixed, per_image, free)
     while True:
-        compiled, compile_s = jax_compile(step, state, batch_of(batch), frozen, key)
+        compiled, compile_s = jax_compile(step, *program.args(batch))
         need = extra_bytes(compiled)
         tried[batch] = {"compile_s": compile_s, "extra_bytes": need}
         if free is None or need is None or need < FIT * free:
@@ -580,21 +546,8 @@ def bench_stage1(setup: Setup, candidates: list[int]) -> dict:
             )
         per_image = max((need - fixed) / batch, per_image / 4)
         batch = fitting(smaller, fixed, per_image, free)
-    keys = jax.random.split(jax.random.key(17), 3)
-    data = {k: jax.random.normal(keys[i], (batch, *s)) for i, (k, s) in enumerate(shapes.items())}
-    data = jax.device_put({**data, "image": jnp.tanh(data["image"])}, bs)
-    holder = [state]
-    del state
-
-    def call():
-        holder[0], metrics = compiled(holder[0], data, frozen, key)
-        return metrics["loss"]
-
-    stats = timed_calls(call, jax.block_until_ready, setup.quick)
-    # Model FLOPs: the same step without remat (recomputation is work MFU does not credit).
-    no_remat = build.build_model(with_model_options(config, remat_policy="none"), setup.rate)
-    no_remat_step = make_train_step(no_remat, codec, spec, step_config(config), mesh, frozen_shardings)
-    m = config.model
+    stats = timed_calls(program.call(compiled, batch), jax.block_until_ready, setup.quick)
+    m = setup.config.model
     return {
         "settings": {
             "batch": batch,
@@ -605,7 +558,7 @@ def bench_stage1(setup: Setup, candidates: list[int]) -> dict:
             "precision": f"{m.dtype} compute, {m.param_dtype} weights, float32 VAE, remat {m.remat_policy}",
         },
         "jax": {"compile_s": tried[batch]["compile_s"], **stats, "images_per_s": batch / (stats["median_ms"] * 1e-3)},
-        "model_flops": float(traced_matmul_flops(no_remat_step, holder[0], batch_of(batch), frozen, key)),
+        "model_flops": program.model_flops(batch),
         "transformer_flops_3x_forward": 3.0 * setup.forward_flops(batch),
     }
 

@@ -45,6 +45,7 @@ def validate_config(config, process_count: int | None = None, mesh=None) -> rate
         raise ValueError(f"text.caption_dropout must be in [0, 1), got {config.text.caption_dropout}")
     if int(config.train.num_steps) <= 0:
         raise ValueError(f"train.num_steps must be positive, got {config.train.num_steps}")
+    vae_dtype(config)
     return rate
 
 
@@ -222,10 +223,27 @@ def _builtin():
     return BuiltinPhotos()
 
 
-def build_latent_codec(config, source, fitted_path: str | os.PathLike, mesh=None) -> tuple[Any, Any]:
+VAE_DTYPES = ("float32", "bfloat16")
+
+
+def vae_dtype(config) -> str | None:
+    """``vae.dtype`` checked: ``"float32"`` or ``"bfloat16"`` for the SD3 VAE; None for a stand-in
+    (which keeps its own float32) when the field is float32 or absent (configs from before it)."""
+    name = str(config.vae.get("dtype", "float32"))
+    if name not in VAE_DTYPES:
+        raise ValueError(f"vae.dtype must be one of {VAE_DTYPES}, got {name!r}")
+    if config.vae.kind != "sd3" and name == "float32":
+        return None
+    return name
+
+
+def build_latent_codec(
+    config, source, fitted_path: str | os.PathLike, mesh=None, *, dtype: str | None = None
+) -> tuple[Any, Any]:
     """``(module, params)`` of the frozen image <-> latent codec.
 
-    ``sd3``: the AutoencoderKL of ``pretrained.checkpoint``. The stand-ins, fitted on the first
+    ``sd3``: the AutoencoderKL of ``pretrained.checkpoint``, with parameters and compute in
+    ``dtype`` (a dtype name; None: as stored; the trainer passes ``vae.dtype``). The stand-ins, fitted on the first
     ``vae.fit_images`` images of the training ``source`` and stored in the run directory, so a
     resumed run (and the codec) uses the same codec; with ``source`` None the file must exist:
 
@@ -243,7 +261,10 @@ def build_latent_codec(config, source, fitted_path: str | os.PathLike, mesh=None
             raise ValueError("vae.kind='sd3' needs pretrained.checkpoint (made by percov2 convert)")
         from percov2_jax import pretrained
 
-        return pretrained.load(config.pretrained.checkpoint, components=("vae",), mesh=mesh)["vae"]
+        options = {} if dtype is None else {"vae": {"dtype": jnp.dtype(dtype), "param_dtype": jnp.dtype(dtype)}}
+        return pretrained.load(config.pretrained.checkpoint, components=("vae",), mesh=mesh, options=options)["vae"]
+    if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+        raise ValueError(f"vae.dtype {dtype!r}: the {kind} stand-in runs in float32; only vae.kind 'sd3' takes another")
     path = storage.path(fitted_path)
     if kind == "patch_pca":
         from percov2_jax.models.patch_autoencoder import PatchAutoencoder, PatchAutoencoderConfig, fit_patch_pca

@@ -377,7 +377,11 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z)
 
     def encode_to_latents(self, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """``[B, H, W, 3]`` images in [-1, 1] -> float32 diffusion latents ``[B, H/8, W/8, C]``: the
+        posterior mean, or a sample with ``rng``, shifted and scaled."""
         mean, logvar = self.encode(images)
+        # Sampled and scaled in float32 whatever the compute dtype: bf16 noise would be coarse.
+        mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
         z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
         return scale_latents(z, self.config)
 

@@ -156,12 +156,14 @@ def compile_cost(name: str, jitted, args: tuple, model_flops: float) -> Compiled
 
 
 def latent_codec(config):
-    """The frozen image <-> latent codec module of ``config.vae.kind`` (no weights)."""
+    """The frozen image <-> latent codec module of ``config.vae.kind`` (no weights), in
+    ``vae.dtype`` as the trainer runs it."""
     kind = config.vae.kind
     if kind == "sd3":
         from percov2_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, example_inputs
 
-        module = AutoencoderKL(AutoencoderKLConfig(**SD3_VAE))
+        dtype = jnp.dtype(build.vae_dtype(config))
+        module = AutoencoderKL(AutoencoderKLConfig(**SD3_VAE), dtype=dtype, param_dtype=dtype)
         return module, example_inputs(module.config)
     if kind == "patch_pca":
         from percov2_jax.models.patch_autoencoder import PatchAutoencoder, PatchAutoencoderConfig

@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.vae = ml_collections.ConfigDict()
     c.vae.kind = "sd3"  # "sd3" (AutoencoderKL from pretrained.checkpoint); stand-ins "patch_pca", "lapped_conv"
     c.vae.sample_posterior = True  # [SD3] scripts sample z ~ q(z|x)
+    # [SD3 scripts] the frozen VAE's parameters and compute in the training step ("sd3" only):
+    # diffusers' SD3 scripts keep it in float32; "bfloat16" halves its memory and runs its
+    # convolutions at the bf16 rate (the latents are sampled and scaled in float32 either way)
+    c.vae.dtype = "float32"
 
     c.text = ml_collections.ConfigDict()
     c.text.kind = "sd3"  # "sd3" | "precomputed" | "hashed" (see percov2_jax.text.conditioners)

@@ -54,7 +54,7 @@ class Trainer:
         self.model = build.build_model(config, self.rate)
         self.source = build.build_data_source(config)
         self.codec, vae_params = build.build_latent_codec(
-            config, self.source, self.run.patch_autoencoder, mesh=self.mesh
+            config, self.source, self.run.patch_autoencoder, mesh=self.mesh, dtype=build.vae_dtype(config)
         )
         self.text = build.build_text_conditioner(config, mesh=self.mesh)
         build.require_text_for(self.text, self.source)
