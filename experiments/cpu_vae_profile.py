@@ -37,14 +37,11 @@ with ``--quick``).
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import glob
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -52,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import results_io
 import torch
+import xla_cpu_trace
 from bench_vs_diffusers import build_vae, nchw, nhwc, rel_err
 
 from percov2_jax.models import vae
@@ -61,7 +59,6 @@ from percov2_jax.models.layers import conv as flax_conv
 # default also hands it every convolution and dot.
 YNN_REDUCE_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 YNN_NONE = {"xla_cpu_experimental_ynn_fusion_type": ""}
-TRACE = {"xla_cpu_enable_xprof_traceme": True}
 
 
 # ------------------------------------------------------------------------------ formulations
@@ -251,154 +248,19 @@ def compile_part(module, params, arg, part: str, options: dict, names: dict):
     return lowered.compile(compiler_options=options)
 
 
-# ------------------------------------------------------------------------------ timing
-
-
-def alternate(fns: dict[str, Callable[[], object]], rounds: int, block: int) -> tuple[dict[str, dict], list[float]]:
-    """Each round: for every fn in turn, one untimed call then ``block`` timed calls. Median etc. in
-    ms per fn, and the 1-minute load average after each round."""
-    times, loads = {k: [] for k in fns}, []
-    with torch.no_grad():
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                fn()
-                for _ in range(block):
-                    start = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - start)
-            loads.append(os.getloadavg()[0])
-    return {k: results_io.spread_ms(v, raw=True) for k, v in times.items()}, loads
+# ------------------------------------------------------------------------------ profile
 
 
 def jax_call(compiled, params, arg):
     return lambda: jax.block_until_ready(compiled(params, arg))
 
 
-# ------------------------------------------------------------------------------ profile
-
-
-def hlo_summary(text: str) -> dict:
-    """Counts over the optimised HLO's entry computation and its fusions."""
-    entry = text[text.index("\nENTRY") :]
-    ops = collections.Counter(m.group(1) for m in re.finditer(r"= \S+ ([a-z][\w-]*)\(", entry))
-    convs = re.findall(r"= (\S+) convolution\((.*?)window=\{([^}]*)\}, dim_labels=(\S+?)[,\s]", text)
-    kinds = collections.Counter(m.group(1) for m in re.finditer(r'"kind":"(__\w+)"', entry))
-    fusion_kinds = collections.Counter(m.group(1) for m in re.finditer(r"fusion\(.*?kind=(k\w+)", entry))
-    return {
-        "entry_ops": dict(ops),
-        "fusions_by_kind": dict(fusion_kinds),
-        "library_fusions": dict(kinds),
-        "convolutions": len(convs),
-        "conv_dim_labels": dict(collections.Counter(c[3] for c in convs)),
-        "copies": sum(len(re.findall(rf" {op}\(", text)) for op in ("copy",)),
-        "transposes": len(re.findall(r" transpose\(", text)),
-        "pads": len(re.findall(r" pad\(", text)),
-        "reduces": len(re.findall(r" reduce\(", text)),
-        "dots": len(re.findall(r" dot\(", text)),
-    }
-
-
-def _instruction_kinds(text: str) -> dict[str, str]:
-    """Entry instruction name -> what it computes: ``conv <input> * <kernel> <window>``, reduce, ..."""
-    comps = {m.group(1): m.group(2) for m in re.finditer(r"^%([\w.\-]+) \(.*?\{\n(.*?)\n\}", text, re.S | re.M)}
-    entry = text[text.index("\nENTRY") :]
-    out = {}
-    for m in re.finditer(r"%(\S+) = (\S+) ([a-z][\w-]*)\((.*)", entry):
-        name, op, rest = m.group(1), m.group(3), m.group(4)
-        called = re.search(r"calls=%([\w.\-]+)", rest)
-        body = comps.get(called.group(1), "") if (op == "fusion" and called) else f" {op}("
-        out[name] = _body_kind(body, text)
-    return out
-
-
-def _body_kind(body: str, text: str) -> str:
-    conv = re.search(r"convolution\(%(\S+), %(\S+)\), window=\{([^}]*)\}", body)
-    if conv:
-        shapes = [re.search(rf"%{re.escape(n)} = (\w+\[[\d,]*\])", body) for n in conv.group(1, 2)]
-        lhs, rhs = (s.group(1) if s else "?" for s in shapes)
-        return f"conv {lhs} * {rhs} ({conv.group(3)})"
-    for op, kind in (
-        (" dot(", "dot"),
-        (" reduce(", "reduce"),
-        (" copy(", "copy/transpose"),
-        (" transpose(", "copy/transpose"),
-    ):
-        if op in body:
-            return kind
-    return "elementwise"
-
-
 def trace_breakdown(compiled, params, arg, calls: int) -> dict:
     """Per-thunk times (ms per call) from a profiler trace, summed by kind; convolutions by shape."""
-    kinds = _instruction_kinds(compiled.as_text())
-    for _ in range(2):
-        jax.block_until_ready(compiled(params, arg))
-    with tempfile.TemporaryDirectory() as folder:
-        start = time.perf_counter()
-        with jax.profiler.trace(folder):
-            for _ in range(calls):
-                jax.block_until_ready(compiled(params, arg))
-        wall = (time.perf_counter() - start) / calls
-        data = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
-    by_kind, by_conv = collections.Counter(), collections.Counter()
-    for plane in data.planes:
-        for line in plane.lines:
-            if line.name == "python":
-                continue
-            for event in line.events:
-                kind = kinds.get(event.name)
-                if kind is None:  # executor and thread-pool bookkeeping
-                    continue
-                ms = event.duration_ns / 1e6 / calls
-                by_kind[kind.split(" ")[0]] += ms
-                if kind.startswith("conv"):
-                    by_conv[kind[5:]] += ms
-    traced = sum(by_kind.values())
-    return {
-        "wall_ms_under_trace": wall * 1e3,
-        "traced_ms": traced,
-        "untraced_ms": max(wall * 1e3 - traced, 0.0),
-        "by_kind_ms": dict(by_kind.most_common()),
-        "conv_by_shape_ms": dict(by_conv.most_common()),
-    }
-
-
-def torch_breakdown(fn: Callable[[], object], calls: int) -> dict:
-    """torch.profiler self CPU ms per call: per aten op, and the convolutions by input shape."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad():
-        fn()
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            for _ in range(calls):
-                fn()
-    ops = {e.key: e.self_cpu_time_total / 1e3 / calls for e in prof.key_averages() if e.self_cpu_time_total > 0}
-    convs = {}
-    for e in prof.key_averages(group_by_input_shape=True):
-        if e.key == "aten::mkldnn_convolution":
-            x, w = e.input_shapes[0], e.input_shapes[1]
-            key = f"{x} * {w}"
-            convs[key] = convs.get(key, 0.0) + e.self_cpu_time_total / 1e3 / calls
-    top = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:12])
-    return {
-        "total_ms": sum(ops.values()),
-        "top_ops_ms": top,
-        "conv_by_shape_ms": dict(sorted(convs.items(), key=lambda kv: -kv[1])),
-    }
-
-
-def xla_cpu_flags() -> list[str]:
-    """The ``xla_cpu_*`` option names this jaxlib knows (from its shared library's strings)."""
-    import jaxlib
-
-    folder = os.path.dirname(jaxlib.__file__)
-    names = set()
-    for path in glob.glob(os.path.join(folder, "*.so")):
-        if os.path.getsize(path) < 50e6:
-            continue
-        with open(path, "rb") as f:  # whole NUL-terminated strings: the option names themselves
-            names.update(m.decode() for m in re.findall(rb"\x00(xla_cpu_[a-z0-9_]{3,80})\x00", f.read()))
-    return sorted(names)
+    trace = xla_cpu_trace.thunk_trace(compiled.as_text(), jax_call(compiled, params, arg), calls)
+    convs = {k[5:]: ms for k, ms in trace["by_shape_ms"].items() if k.startswith("conv ")}
+    keep = ("wall_ms_under_trace", "traced_ms", "untraced_ms", "by_kind_ms")
+    return {**{k: trace[k] for k in keep}, "conv_by_shape_ms": convs}
 
 
 # ------------------------------------------------------------------------------ main
@@ -430,20 +292,20 @@ def run(args) -> dict:
             variants[name] = {
                 "compile_s": time.perf_counter() - start,
                 "rel_err_vs_torch": rel_err(compiled[name](params, arg), ref),
-                "hlo": hlo_summary(compiled[name].as_text()),
+                "hlo": xla_cpu_trace.hlo_summary(compiled[name].as_text()),
             }
         fns = {"torch eager": torch_fn, **{k: jax_call(c, params, arg) for k, c in compiled.items()}}
-        times, loads = alternate(fns, args.rounds, args.block)
+        times, loads = xla_cpu_trace.alternate(fns, args.rounds, args.block)
         for name in args.variants:
             variants[name]["time"] = times[name]
         print("  profiling", flush=True)
-        traced = compile_part(module, params, arg, part, TRACE, {})
+        traced = compile_part(module, params, arg, part, xla_cpu_trace.TRACE, {})
         profile = {
             "jax_current": trace_breakdown(traced, params, arg, args.profile_calls),
-            "torch_eager": torch_breakdown(torch_fn, args.profile_calls),
+            "torch_eager": xla_cpu_trace.torch_profile(torch_fn, args.profile_calls),
         }
         if "current, YNN reductions only" in args.variants:
-            traced = compile_part(module, params, arg, part, {**TRACE, **YNN_REDUCE_ONLY}, {})
+            traced = compile_part(module, params, arg, part, {**xla_cpu_trace.TRACE, **YNN_REDUCE_ONLY}, {})
             profile["jax_current_ynn_reductions_only"] = trace_breakdown(traced, params, arg, args.profile_calls)
         out["parts"][part] = {
             "torch_eager": times["torch eager"],
@@ -575,7 +437,7 @@ def main(argv=None):
     }
     started = time.perf_counter()
     report.update(run(args))
-    report["xla_cpu_flags"] = xla_cpu_flags()
+    report["xla_cpu_flags"] = xla_cpu_trace.xla_cpu_flags()
     report["total_s"] = time.perf_counter() - started
     results_io.finish_machine(report["machine"])
     results_io.write_report(args.out, results_io.stem("cpu_vae_profile", args.quick), report, markdown(report))
