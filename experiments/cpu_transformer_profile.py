@@ -59,6 +59,20 @@ from bench_vs_diffusers import (
 )
 from bench_vs_diffusers import parse_args as bench_args
 
+# XLA:CPU with YNNPACK limited to reductions: XLA's own kernels run dots and convolutions.
+YNN_REDUCE_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+ALT = "JAX, YNNPACK for reductions only"
+# Kernel libraries XLA:CPU may hand a dot to (``matmul_libraries`` reports which one ran).
+LIBRARIES = {
+    "default": {},
+    "YNNPACK for reductions only": YNN_REDUCE_ONLY,
+    "oneDNN dots": {
+        "xla_cpu_use_onednn": True,
+        "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+        **YNN_REDUCE_ONLY,
+    },
+}
+MATMUL_SHAPES = [(512, 384, 384), (308, 384, 384), (512, 384, 1536), (512, 1536, 384)]
 PARTS = ("dense matmuls", "attention", "elementwise and norms", "copies and transposes", "loss and optimizer")
 # The attention module's own linear layers (and q/k norms): everything else under ``/attn/`` is
 # the attention core.
@@ -124,15 +138,16 @@ def forward_workload(args, torch_model, compiled_model, module, params) -> dict:
     def lower(options):
         return jax.jit(lambda p, *a: module.apply({"params": p}, *a)).lower(*jargs).compile(compiler_options=options)
 
-    compiled = lower({})
+    compiled, alt = lower({}), lower(YNN_REDUCE_ONLY)
     traced = lower(xla_cpu_trace.TRACE)
     with torch.no_grad():
         ref = torch_model(*xt, return_dict=False)[0]
         fns = {
             "JAX": lambda: jax.block_until_ready(compiled(*jargs)),
+            ALT: lambda: jax.block_until_ready(alt(*jargs)),
             "torch eager": lambda: torch_model(*xt, return_dict=False)[0],
         }
-        parity = {"JAX": rel_err(compiled(*jargs), nhwc(ref))}
+        parity = {"JAX": rel_err(compiled(*jargs), nhwc(ref)), ALT: rel_err(alt(*jargs), nhwc(ref))}
         if compiled_model is not None:
             fns["torch.compile"] = lambda: compiled_model(*xt, return_dict=False)[0]
             parity["torch.compile"] = rel_err(nhwc(fns["torch.compile"]()), nhwc(ref))
@@ -170,6 +185,7 @@ def train_workload(args, torch_model, compiled_factory, module, params) -> dict:
         return compiled, run, losses
 
     _, jax_step, jax_losses = jax_runner({})
+    _, alt_step, alt_losses = jax_runner(YNN_REDUCE_ONLY)
     traced, traced_step, _ = jax_runner(xla_cpu_trace.TRACE)
     xt, target_t = torch_inputs(x), nchw(target)
 
@@ -194,7 +210,7 @@ def train_workload(args, torch_model, compiled_factory, module, params) -> dict:
 
         return run, losses
 
-    fns, firsts = {"JAX": jax_step}, {"JAX": jax_losses}
+    fns, firsts = {"JAX": jax_step, ALT: alt_step}, {"JAX": jax_losses, ALT: alt_losses}
     fns["torch eager"], firsts["torch eager"] = torch_runner(False)
     if compiled_factory is not None:
         fns["torch.compile"], firsts["torch.compile"] = torch_runner(True)
@@ -204,6 +220,31 @@ def train_workload(args, torch_model, compiled_factory, module, params) -> dict:
     ref = firsts["torch eager"][0]
     parity = {k: rel_scalar(v[0], ref) for k, v in firsts.items() if k != "torch eager"}
     return measure(args, fns, parity, traced.as_text(), traced_step, grad=True)
+
+
+def matmul_libraries(args) -> dict:
+    """One float32 matmul ``[M, K] x [K, N]`` per shape, compiled with each of ``LIBRARIES``' options
+    and timed against ``torch.matmul`` in alternating blocks; which library fusions the compiled
+    HLO holds (none: XLA's own Eigen dot)."""
+    shapes = [(32, 64, 256)] if args.quick else MATMUL_SHAPES
+    out = {}
+    for m, k, n in shapes:
+        rng = np.random.RandomState(m + k + n)
+        a, b = rng.randn(m, k).astype(np.float32), rng.randn(k, n).astype(np.float32)
+        ja, jb = jax.device_put(a), jax.device_put(b)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        fns, ran, errors = {"torch": lambda ta=ta, tb=tb: ta @ tb}, {}, {}
+        for name, options in LIBRARIES.items():
+            try:
+                compiled = jax.jit(jnp.matmul).lower(ja, jb).compile(compiler_options=options)
+            except Exception as e:  # an option this jaxlib does not know
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                continue
+            ran[name] = xla_cpu_trace.hlo_summary(compiled.as_text())["library_fusions"]
+            fns[name] = lambda c=compiled, ja=ja, jb=jb: jax.block_until_ready(c(ja, jb))
+        times, _ = xla_cpu_trace.alternate(fns, args.rounds, 1 if args.quick else 20)
+        out[f"{m}x{k} by {k}x{n}"] = {"time": times, "library_fusions": ran, "errors": errors}
+    return out
 
 
 def measure(args, fns: dict, parity: dict, hlo_text: str, traced_call, grad: bool) -> dict:
@@ -223,7 +264,7 @@ def measure(args, fns: dict, parity: dict, hlo_text: str, traced_call, grad: boo
         "jax_trace_by_kind_ms": trace["by_kind_ms"],
     }
     for name, fn in fns.items():
-        if name == "JAX":
+        if name.startswith("JAX"):
             continue
         prof = xla_cpu_trace.torch_profile(fn, args.profile_calls, grad=grad, scopes=("Optimizer.step",))
         out["wall_under_profiler_ms"][name] = prof["wall_ms_under_profiler"]
@@ -260,7 +301,7 @@ def markdown(report: dict) -> str:
     lines += results_io.busy_warning(report["machine"], "every time below shares the cores with that load.")
     for title, key in (("MM-DiT forward", "forward"), ("training step (fwd + bwd + AdamW)", "train")):
         r = report["workloads"][key]
-        sides = list(r["time"])
+        sides, profiled = list(r["time"]), list(r["parts_ms"])
         eager = r["time"]["torch eager"]["median_ms"]
         lines += [
             f"## {title}",
@@ -278,13 +319,13 @@ def markdown(report: dict) -> str:
             "",
             "Parts (ms per call; JAX from the thunk trace, torch from torch.profiler self times):",
             "",
-            "| part | " + " | ".join(sides) + " |",
-            "|---|" + "---:|" * len(sides),
+            "| part | " + " | ".join(profiled) + " |",
+            "|---|" + "---:|" * len(profiled),
         ]
         for part in PARTS:
-            lines.append(f"| {part} | " + " | ".join(f"{r['parts_ms'][s][part]:.1f}" for s in sides) + " |")
+            lines.append(f"| {part} | " + " | ".join(f"{r['parts_ms'][s][part]:.1f}" for s in profiled) + " |")
         for label, key in (("profiled, total", "profiled_ms"), ("wall under the profiler", "wall_under_profiler_ms")):
-            lines.append(f"| {label} | " + " | ".join(f"{r[key][s]:.1f}" for s in sides) + " |")
+            lines.append(f"| {label} | " + " | ".join(f"{r[key][s]:.1f}" for s in profiled) + " |")
         lines += [
             "",
             "Dense matmuls (the linear layers; FLOPs from the shapes):",
@@ -292,18 +333,39 @@ def markdown(report: dict) -> str:
             "| | ms | GFLOP | GFLOP/s | of the peak |",
             "|---|---:|---:|---:|---:|",
         ]
-        for side in sides:
+        for side in profiled:
             m = r["matmuls"][side]
             share = m["gflops"] / peak
             lines.append(f"| {side} | {m['ms']:.1f} | {m['gflop']:.2f} | {m['gflops']:.0f} | {share:.0%} |")
         lines += ["", "Largest matmuls by time (ms per call, summed over layers):", ""]
-        columns = [list(r["matmul_shapes_ms"][s].items())[:10] for s in sides]
-        lines += ["| " + " | ".join(f"{s} | ms" for s in sides) + " |", "|" + "---|---:|" * len(sides)]
+        columns = [list(r["matmul_shapes_ms"][s].items())[:10] for s in profiled]
+        lines += ["| " + " | ".join(f"{s} | ms" for s in profiled) + " |", "|" + "---|---:|" * len(profiled)]
         for i in range(max(len(c) for c in columns)):
             cells = [f"{c[i][0]} | {c[i][1]:.1f}" if i < len(c) else " | " for c in columns]
             lines.append("| " + " | ".join(cells) + " |")
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in r["jax_trace_by_kind_ms"].items())
         lines += ["", f"JAX thunk time by kind (ms): {kinds}.", ""]
+    names = list(LIBRARIES)
+    lines += [
+        "## One matmul, by XLA:CPU kernel library",
+        "",
+        "Median ms (ratio torch / this; > 1: JAX faster); the library fusions in the compiled HLO below "
+        "(none: XLA's own Eigen dot).",
+        "",
+        "| shape | torch | " + " | ".join(names) + " |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
+    for shape, r in report["matmul_libraries"].items():
+        torch_ms = r["time"]["torch"]["median_ms"]
+        cells = [
+            f"{r['time'][n]['median_ms']:.2f} ({torch_ms / r['time'][n]['median_ms']:.2f})" if n in r["time"] else "n/a"
+            for n in names
+        ]
+        lines.append(f"| {shape} | {torch_ms:.2f} | " + " | ".join(cells) + " |")
+    first = next(iter(report["matmul_libraries"].values()))
+    ran = ", ".join(f"{n}: {', '.join(v) or 'none'}" for n, v in first["library_fusions"].items())
+    lines += ["", f"Library fusions: {ran}.", ""]
+    lines += [f"- {n}: {e}" for n, e in first["errors"].items()]
     return "\n".join(lines)
 
 
@@ -352,6 +414,8 @@ def main(argv=None):
         print("training step ...", flush=True)
         factory = torch.compile if args.torch_compile else None
         report["workloads"]["train"] = train_workload(args, torch_model, factory, module, params)
+        print("matmuls by library ...", flush=True)
+        report["matmul_libraries"] = matmul_libraries(args)
     report["total_s"] = time.perf_counter() - started
     results_io.finish_machine(report["machine"])
     name = results_io.stem("cpu_transformer_profile", args.quick)

@@ -91,7 +91,9 @@ def test_quick_run(tmp_path):
     assert report["config"]["quick"] and "QUICK" in text
     for key in ("forward", "train"):
         r = report["workloads"][key]
-        assert set(r["time"]) == {"JAX", "torch eager"} and all(t["median_ms"] > 0 for t in r["time"].values())
+        assert set(r["time"]) == {"JAX", "JAX, YNNPACK for reductions only", "torch eager"} and all(
+            t["median_ms"] > 0 for t in r["time"].values()
+        )
         assert r["parity_rel_vs_eager"]["JAX"] < 1e-4, r["parity_rel_vs_eager"]
         for side in ("JAX", "torch eager"):
             assert r["parts_ms"][side]["dense matmuls"] > 0, (key, side)
@@ -99,3 +101,6 @@ def test_quick_run(tmp_path):
         # Both sides count the same dense-matmul work: the linear layers' FLOPs agree.
         assert r["matmuls"]["JAX"]["gflop"] == pytest.approx(r["matmuls"]["torch eager"]["gflop"], rel=1e-6), key
     assert "## training step" in text and "| dense matmuls |" in text
+    for shape in report["matmul_libraries"].values():
+        assert shape["time"]["torch"]["median_ms"] > 0 and shape["time"]["default"]["median_ms"] > 0, shape
+    assert "## One matmul, by XLA:CPU kernel library" in text
