@@ -59,7 +59,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -271,7 +271,22 @@ def split_frozen(params: dict) -> tuple[dict, Any]:
     return trainable, frozen
 
 
-def bench_train(args, torch_model, module, params) -> dict:
+class TrainSetup(NamedTuple):
+    """The benchmark's JAX training step and what it runs on: ``train_step`` (MSE against
+    ``target``, then AdamW ``tx``), ``step`` (it jitted, donating parameters and optimizer state),
+    the trainable parameters and the frozen position table, and the device batch."""
+
+    x: dict[str, np.ndarray]
+    target: np.ndarray
+    tx: Any
+    train_step: Callable
+    step: Any
+    trainable: dict
+    frozen: Any
+    batch: dict
+
+
+def jax_train_setup(args, module, params) -> TrainSetup:
     x = mmdit_inputs(args, args.batch, seed=3)
     target = np.random.RandomState(4).randn(*x["latents"].shape).astype(np.float32)
     tx = optax.adamw(ADAMW["lr"], b1=ADAMW["b1"], b2=ADAMW["b2"], eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
@@ -286,9 +301,38 @@ def bench_train(args, torch_model, module, params) -> dict:
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    batch = jax.device_put({**x, "target": target})
     trainable, frozen = split_frozen(params)
     step = jax.jit(train_step, donate_argnums=(0, 1))
+    return TrainSetup(x, target, tx, train_step, step, trainable, frozen, jax.device_put({**x, "target": target}))
+
+
+def torch_train_step(torch_model, xt: tuple, target_t: torch.Tensor, compile_it: bool):
+    """diffusers' side of the training step on a copy of ``torch_model``: MSE, backward,
+    ``torch.optim.AdamW`` with the same hyper-parameters. Returns ``(step, model, losses)``: one step
+    per call, the trained copy, and each step's loss appended to ``losses``."""
+    model = copy.deepcopy(torch_model).train()
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=ADAMW["lr"],
+        betas=(ADAMW["b1"], ADAMW["b2"]),
+        eps=ADAMW["eps"],
+        weight_decay=ADAMW["weight_decay"],
+    )
+    forward = torch.compile(model) if compile_it else model
+    losses = []
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(forward(*xt, return_dict=False)[0], target_t)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+
+    return step, model, losses
+
+
+def bench_train(args, torch_model, module, params) -> dict:
+    x, target, tx, train_step, step, trainable, frozen, batch = jax_train_setup(args, module, params)
     state = [jax.tree.map(jnp.copy, trainable), tx.init(trainable)]
     compiled, compile_times = jax_compile(step, state[0], state[1], frozen, batch)
     xla_flops = cost_analysis_flops(compiled)
@@ -310,23 +354,8 @@ def bench_train(args, torch_model, module, params) -> dict:
     target_t = nchw(target)
 
     def torch_run(model, compile_it: bool):
-        model = copy.deepcopy(model).train()
-        opt = torch.optim.AdamW(
-            model.parameters(),
-            lr=ADAMW["lr"],
-            betas=(ADAMW["b1"], ADAMW["b2"]),
-            eps=ADAMW["eps"],
-            weight_decay=ADAMW["weight_decay"],
-        )
-        run = torch.compile(model) if compile_it else model
-        t_losses, norm = [], []
-
-        def t_step():
-            opt.zero_grad(set_to_none=True)
-            loss = F.mse_loss(run(*xt, return_dict=False)[0], target_t)
-            loss.backward()
-            opt.step()
-            t_losses.append(loss.item())
+        t_step, model, t_losses = torch_train_step(model, xt, target_t, compile_it)
+        norm = []
 
         def first_grad_norm():  # the first step's gradients are still in .grad
             norm.append(math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters())))

@@ -30,7 +30,6 @@ Output: ``cpu_transformer_profile.json`` and ``.md`` in ``--out`` (``_quick`` wi
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import re
 import tempfile
@@ -39,23 +38,20 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import results_io
 import torch
-import torch.nn.functional as F
 import xla_cpu_trace
 from bench_vs_diffusers import (
-    ADAMW,
-    FROZEN,
     bench_matmul_peak,
     build_mmdit,
+    jax_train_setup,
     mmdit_inputs,
     nchw,
     nhwc,
     rel_err,
     rel_scalar,
-    split_frozen,
     torch_inputs,
+    torch_train_step,
 )
 from bench_vs_diffusers import parse_args as bench_args
 
@@ -154,24 +150,8 @@ def forward_workload(args, torch_model, compiled_model, module, params) -> dict:
     return measure(args, fns, parity, traced.as_text(), lambda: jax.block_until_ready(traced(*jargs)), grad=False)
 
 
-def train_workload(args, torch_model, compiled_factory, module, params) -> dict:
-    x = mmdit_inputs(args, args.batch, seed=3)
-    target = np.random.RandomState(4).randn(*x["latents"].shape).astype(np.float32)
-    tx = optax.adamw(ADAMW["lr"], b1=ADAMW["b1"], b2=ADAMW["b2"], eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
-
-    def loss_fn(trainable, frozen, batch):
-        merged = {**trainable, FROZEN[0]: {**trainable[FROZEN[0]], FROZEN[1]: frozen}}
-        out = module.apply({"params": merged}, batch["latents"], batch["context"], batch["pooled"], batch["timestep"])
-        return jnp.mean((out - batch["target"]) ** 2)
-
-    def train_step(trainable, opt_state, frozen, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    batch = jax.device_put({**x, "target": target})
-    trainable, frozen = split_frozen(params)
-    step = jax.jit(train_step, donate_argnums=(0, 1))
+def train_workload(args, torch_model, module, params) -> dict:
+    x, target, tx, _, step, trainable, frozen, batch = jax_train_setup(args, module, params)
 
     def jax_runner(options):
         state = [jax.tree.map(jnp.copy, trainable), tx.init(trainable)]
@@ -188,32 +168,10 @@ def train_workload(args, torch_model, compiled_factory, module, params) -> dict:
     _, alt_step, alt_losses = jax_runner(YNN_REDUCE_ONLY)
     traced, traced_step, _ = jax_runner(xla_cpu_trace.TRACE)
     xt, target_t = torch_inputs(x), nchw(target)
-
-    def torch_runner(compile_it: bool):
-        model = copy.deepcopy(torch_model).train()
-        opt = torch.optim.AdamW(
-            model.parameters(),
-            lr=ADAMW["lr"],
-            betas=(ADAMW["b1"], ADAMW["b2"]),
-            eps=ADAMW["eps"],
-            weight_decay=ADAMW["weight_decay"],
-        )
-        forward = compiled_factory(model) if compile_it else model
-        losses = []
-
-        def run():
-            opt.zero_grad(set_to_none=True)
-            loss = F.mse_loss(forward(*xt, return_dict=False)[0], target_t)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-
-        return run, losses
-
     fns, firsts = {"JAX": jax_step, ALT: alt_step}, {"JAX": jax_losses, ALT: alt_losses}
-    fns["torch eager"], firsts["torch eager"] = torch_runner(False)
-    if compiled_factory is not None:
-        fns["torch.compile"], firsts["torch.compile"] = torch_runner(True)
+    sides = {"torch eager": False, **({"torch.compile": True} if args.torch_compile else {})}
+    for name, compile_it in sides.items():
+        fns[name], _, firsts[name] = torch_train_step(torch_model, xt, target_t, compile_it)
     with torch.enable_grad():
         for fn in fns.values():  # the first step of each, from the same weights (compiles torch.compile's)
             fn()
@@ -338,11 +296,8 @@ def markdown(report: dict) -> str:
             share = m["gflops"] / peak
             lines.append(f"| {side} | {m['ms']:.1f} | {m['gflop']:.2f} | {m['gflops']:.0f} | {share:.0%} |")
         lines += ["", "Largest matmuls by time (ms per call, summed over layers):", ""]
-        columns = [list(r["matmul_shapes_ms"][s].items())[:10] for s in profiled]
-        lines += ["| " + " | ".join(f"{s} | ms" for s in profiled) + " |", "|" + "---|---:|" * len(profiled)]
-        for i in range(max(len(c) for c in columns)):
-            cells = [f"{c[i][0]} | {c[i][1]:.1f}" if i < len(c) else " | " for c in columns]
-            lines.append("| " + " | ".join(cells) + " |")
+        top = [dict(list(r["matmul_shapes_ms"][s].items())[:10]) for s in profiled]
+        lines += results_io.side_by_side(profiled, top)
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in r["jax_trace_by_kind_ms"].items())
         lines += ["", f"JAX thunk time by kind (ms): {kinds}.", ""]
     names = list(LIBRARIES)
@@ -412,8 +367,7 @@ def main(argv=None):
         compiled = torch.compile(torch_model) if args.torch_compile else None
         report["workloads"]["forward"] = forward_workload(args, torch_model, compiled, module, params)
         print("training step ...", flush=True)
-        factory = torch.compile if args.torch_compile else None
-        report["workloads"]["train"] = train_workload(args, torch_model, factory, module, params)
+        report["workloads"]["train"] = train_workload(args, torch_model, module, params)
         print("matmuls by library ...", flush=True)
         report["matmul_libraries"] = matmul_libraries(args)
     report["total_s"] = time.perf_counter() - started

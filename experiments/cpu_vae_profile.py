@@ -381,12 +381,10 @@ def markdown(report: dict) -> str:
             t = f"{torch_top[i][0]} {torch_top[i][1]:.1f}" if i < len(torch_top) else ""
             lines.append(f"| {kind} | {a:.1f} | {'' if b is None else f'{b:.1f}'} | {t} |")
         lines += ["", "Convolutions by shape (ms per call, summed over layers):", ""]
-        lines += ["| JAX current (YNN fusions) | ms | torch eager input * weight (NCHW) | ms |", "|---|---:|---|---:|"]
-        jc, tc = list(cur["conv_by_shape_ms"].items()), list(prof["torch_eager"]["conv_by_shape_ms"].items())
-        for i in range(max(len(jc), len(tc))):
-            a = f"{jc[i][0]} | {jc[i][1]:.1f}" if i < len(jc) else " | "
-            b = f"{tc[i][0]} | {tc[i][1]:.1f}" if i < len(tc) else " | "
-            lines.append(f"| {a} | {b} |")
+        lines += results_io.side_by_side(
+            ["JAX current (YNN fusions)", "torch eager input * weight (NCHW)"],
+            [cur["conv_by_shape_ms"], prof["torch_eager"]["conv_by_shape_ms"]],
+        )
         lines.append("")
     flags = report.get("xla_cpu_flags", [])
     lines += [

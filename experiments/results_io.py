@@ -111,6 +111,17 @@ def busy_warning(mach: dict, consequence: str) -> list[str]:
     return [f"**Warning: the machine was not idle (1-min load average {load:.2f} at start): {consequence}**", ""]
 
 
+def side_by_side(titles: list[str], columns: list[dict[str, float]]) -> list[str]:
+    """A markdown table of ranked lists side by side: for each title a label column and an ms
+    column, row i holding each list's i-th entry (``{label: ms}``, already in order)."""
+    rows = [list(c.items()) for c in columns]
+    lines = ["| " + " | ".join(f"{t} | ms" for t in titles) + " |", "|" + "---|---:|" * len(titles)]
+    for i in range(max((len(r) for r in rows), default=0)):
+        cells = [f"{r[i][0]} | {r[i][1]:.1f}" if i < len(r) else " | " for r in rows]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _load(values) -> str:
     return ", ".join(f"{x:.2f}" for x in values)
 

@@ -5,15 +5,13 @@ within float32 rounding). Nothing here checks a time: a quick run's numbers mean
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
+from experiment_runs import ROOT, run_quick
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 HLO = """HloModule m
@@ -82,13 +80,7 @@ def test_parts():
 @pytest.mark.parity
 def test_quick_run(tmp_path):
     pytest.importorskip("diffusers")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    cmd = [sys.executable, os.path.join("experiments", "cpu_transformer_profile.py"), "--quick", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    report = json.loads((tmp_path / "cpu_transformer_profile_quick.json").read_text())
-    text = (tmp_path / "cpu_transformer_profile_quick.md").read_text()
-    assert report["config"]["quick"] and "QUICK" in text
+    report, text = run_quick("cpu_transformer_profile", tmp_path)
     for key in ("forward", "train"):
         r = report["workloads"][key]
         assert set(r["time"]) == {"JAX", "JAX, YNNPACK for reductions only", "torch eager"} and all(

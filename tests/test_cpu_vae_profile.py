@@ -5,30 +5,17 @@ run's numbers mean nothing."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
+from experiment_runs import run_quick
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.slow, pytest.mark.parity]
 
 
 def test_quick_run(tmp_path):
     pytest.importorskip("diffusers")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    cmd = [sys.executable, os.path.join("experiments", "cpu_vae_profile.py"), "--quick", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    with open(tmp_path / "cpu_vae_profile_quick.json") as f:
-        report = json.load(f)
-    text = (tmp_path / "cpu_vae_profile_quick.md").read_text()
-    assert not (tmp_path / "cpu_vae_profile.json").exists(), "a quick run must not write the full run's file names"
-    assert report["config"]["quick"] and "QUICK" in text
-    assert {"load_average_at_start", "load_average_at_end"} <= set(report["machine"])
+    report, text = run_quick("cpu_vae_profile", tmp_path)
     assert "xla_cpu_experimental_ynn_fusion_type" in report["xla_cpu_flags"]
     for part in ("encode", "decode"):
         r = report["parts"][part]
